@@ -1,0 +1,1 @@
+"""MambaEye in JAX/Flax: image classification from causal glimpse sequences."""

@@ -65,9 +65,9 @@ def move_embedding(moves: np.ndarray) -> np.ndarray:
   return feats.reshape(*feats.shape[:-2], MOVE_DIM).astype(np.float32)
 
 
-def move_embedding_jax(positions: jax.Array,
-                       segment_ids: jax.Array | None = None) -> jax.Array:
-  """Move embedding from integer positions, inside jitted code.
+def moves_from_positions_jax(positions: jax.Array,
+                             segment_ids: jax.Array | None = None) -> jax.Array:
+  """Relative moves inside jitted code.
 
   Args:
     positions: (b, T, 2) int (row, col) top-left corners.
@@ -75,7 +75,7 @@ def move_embedding_jax(positions: jax.Array,
       move (0, 0), as the first token of a sequence does.
 
   Returns:
-    (b, T, 512) float32.
+    (b, T, 2) int32 moves.
   """
   positions = positions.astype(jnp.int32)
   prev = jnp.concatenate([positions[:, :1], positions[:, :-1]], axis=1)
@@ -83,6 +83,18 @@ def move_embedding_jax(positions: jax.Array,
   if segment_ids is not None:
     prev_seg = jnp.concatenate([segment_ids[:, :1], segment_ids[:, :-1]], axis=1)
     moves = jnp.where((segment_ids != prev_seg)[..., None], 0, moves)
+  return moves
+
+
+def move_embedding_jax(moves: jax.Array) -> jax.Array:
+  """`move_embedding` inside jitted code.
+
+  Args:
+    moves: (..., 2) int (row, col) moves.
+
+  Returns:
+    (..., 512) float32.
+  """
   # Moves are exact integers; only the product and the sines round (to ~1e-5
   # for moves of a thousand pixels, as float32 sines of large angles do).
   angles = moves.astype(jnp.float32)[..., None] * jnp.asarray(

@@ -1,0 +1,145 @@
+"""Saving and loading MambaEye weights in this project's format.
+
+A model directory holds:
+
+    config.json   the ModelConfig fields (plus a format version)
+    params/       an orbax checkpoint of the parameter tree
+                  (the structure of `nnx.state(MambaEye(config), nnx.Param)`)
+
+`load_model` also reads official PyTorch checkpoints (.pt / .safetensors)
+directly, converting them on the fly, and training work directories (the
+latest checkpoint's parameters; see `mambaeye_jax.train_lib`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from mambaeye_jax import model as model_lib
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+
+
+def config_to_dict(config: model_lib.ModelConfig) -> dict:
+  return dataclasses.asdict(config)
+
+
+def config_from_dict(fields: dict, source: str = "config") -> model_lib.ModelConfig:
+  """ModelConfig from a dict, naming any unknown field."""
+  known = {f.name for f in dataclasses.fields(model_lib.ModelConfig)}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise ValueError(f"{source}: unknown ModelConfig fields {unknown}; known: {sorted(known)}")
+  return model_lib.ModelConfig(**fields)
+
+
+def save_params(directory: str, config: model_lib.ModelConfig, params) -> None:
+  """Writes config.json and params/ into a new directory.
+
+  Args:
+    directory: must not exist yet (nothing is ever overwritten).
+    config: the model's config.
+    params: nested dict (or nnx.State) of arrays.
+  """
+  directory = os.path.abspath(directory)
+  if os.path.exists(directory):
+    raise FileExistsError(f"{directory} already exists; choose a new directory")
+  os.makedirs(directory)
+  if isinstance(params, nnx.State):
+    params = params.to_pure_dict()
+  params = jax.tree.map(np.asarray, params)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(directory, PARAMS_DIR), params)
+  with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+    json.dump({"format_version": FORMAT_VERSION, "model": config_to_dict(config)}, f, indent=2)
+
+
+def read_config(directory: str) -> model_lib.ModelConfig:
+  path = os.path.join(directory, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{directory} is not a mambaeye-jax model directory "
+                            f"(no {CONFIG_FILE})")
+  with open(path) as f:
+    meta = json.load(f)
+  if meta.get("format_version") != FORMAT_VERSION:
+    raise ValueError(f"{path}: format_version {meta.get('format_version')} is not "
+                     f"{FORMAT_VERSION}")
+  return config_from_dict(meta["model"], path)
+
+
+def abstract_model(config: model_lib.ModelConfig) -> model_lib.MambaEye:
+  """A model whose arrays are shapes only (nothing allocated)."""
+  return nnx.eval_shape(lambda: model_lib.MambaEye(config, rngs=nnx.Rngs(0)))
+
+
+def model_from_params(config: model_lib.ModelConfig, params, source: str = "params"):
+  """Builds a MambaEye holding `params` (nested dict), checking every shape.
+
+  Raises:
+    ValueError: naming the parameter whose structure or shape differs.
+  """
+  model = abstract_model(config)
+  expected = nnx.state(model, nnx.Param).to_pure_dict()
+  flat_expected = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
+  flat_given = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+  name = jax.tree_util.keystr
+  missing = sorted(name(k) for k in set(flat_expected) - set(flat_given))
+  extra = sorted(name(k) for k in set(flat_given) - set(flat_expected))
+  if missing or extra:
+    raise ValueError(f"{source}: parameters do not fit {config}: missing {missing}, "
+                     f"unexpected {extra}")
+  for key, want in flat_expected.items():
+    got = np.shape(flat_given[key])
+    if tuple(got) != tuple(want.shape):
+      raise ValueError(f"{source}: parameter {name(key)} has shape {tuple(got)}, "
+                       f"expected {tuple(want.shape)}")
+  params = jax.tree.map(lambda a, w: jax.numpy.asarray(a, w.dtype), params, expected)
+  graphdef, abstract_state = nnx.split(model)
+  state = nnx.State(abstract_state.to_pure_dict())
+  state.replace_by_pure_dict(params)
+  return nnx.merge(graphdef, state)
+
+
+def load_params(directory: str):
+  """(config, params) from a model directory written by `save_params`."""
+  config = read_config(directory)
+  path = os.path.join(os.path.abspath(directory), PARAMS_DIR)
+  with ocp.StandardCheckpointer() as ckptr:
+    params = ckptr.restore(path)
+  return config, params
+
+
+def load_model(path: str, **overrides) -> model_lib.MambaEye:
+  """Loads a MambaEye from a model directory or an official checkpoint file.
+
+  Args:
+    path: a directory from `save_params` / `python -m mambaeye_jax.convert`,
+      or an official `.pt` / `.pth` / `.safetensors` file.
+    **overrides: ModelConfig fields that do not change the parameters'
+      shapes (dtype, ssd_impl, remat, chunk_size).
+
+  Returns:
+    The model, parameters on the default device.
+  """
+  if os.path.isdir(path):
+    config, params = load_params(path)
+  else:
+    from mambaeye_jax import convert  # pylint: disable=g-import-not-at-top
+    from mambaeye_jax import torch_io  # pylint: disable=g-import-not-at-top
+    config, params = convert.state_dict_to_params(torch_io.load_state_dict(path), source=path)
+  shape_fields = {"depth", "dim", "num_classes", "d_state", "d_conv", "expand",
+                  "headdim", "ngroups"}
+  bad = sorted(set(overrides) & shape_fields)
+  if bad:
+    raise ValueError(f"cannot override {bad} when loading {path}: they fix parameter shapes")
+  config = dataclasses.replace(config, **overrides)
+  return model_from_params(config, params, source=path)

@@ -1,0 +1,185 @@
+"""The Mamba2 mixer (mamba_ssm's `Mamba2` with MambaEye's settings), in Flax NNX.
+
+Dimension letters: b batch, t time, d model dim, e d_inner = expand * d,
+h heads, p headdim, g groups, n d_state, k conv taps.
+
+Parallel form (`__call__`) for whole sequences, and a one-token recurrent
+form (`step`) whose cache is the SSM state plus the last k - 1 conv inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mambaeye_jax import layers
+from mambaeye_jax import ssd as ssd_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Mamba2Config:
+  """Sizes of one Mamba2 mixer (mamba_ssm defaults, as MambaEye uses them)."""
+  dim: int = 256
+  d_state: int = 64
+  d_conv: int = 4
+  expand: int = 2
+  headdim: int = 64
+  ngroups: int = 1
+  chunk_size: int = 256
+
+  def __post_init__(self):
+    if self.d_inner % self.headdim:
+      raise ValueError(f"d_inner={self.d_inner} must be a multiple of {self.headdim=}")
+    if self.nheads % self.ngroups:
+      raise ValueError(f"nheads={self.nheads} must be a multiple of {self.ngroups=}")
+
+  @property
+  def d_inner(self) -> int:
+    return self.expand * self.dim
+
+  @property
+  def nheads(self) -> int:
+    return self.d_inner // self.headdim
+
+  @property
+  def conv_dim(self) -> int:
+    return self.d_inner + 2 * self.ngroups * self.d_state
+
+  @property
+  def in_proj_dim(self) -> int:
+    return 2 * self.d_inner + 2 * self.ngroups * self.d_state + self.nheads
+
+
+class MixerCache(NamedTuple):
+  """Recurrent state of one mixer.
+
+  conv: (b, k - 1, conv_dim) the last conv inputs, oldest first.
+  ssm: (b, h, p, n) float32 SSM state.
+  """
+  conv: jax.Array
+  ssm: jax.Array
+
+
+def _uniform(low: float, high: float):
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, low, high)
+  return init
+
+
+class Mamba2(nnx.Module):
+  """One Mamba2 mixer: in_proj, causal conv, SSD, gated RMSNorm, out_proj."""
+
+  def __init__(self, config: Mamba2Config, *, depth: int, rngs: nnx.Rngs,
+               dtype=jnp.float32, ssd_impl: str = "auto"):
+    """Creates the parameters with mamba_ssm's initialisation.
+
+    Args:
+      config: sizes.
+      depth: number of layers in the stack (out_proj is scaled by 1/sqrt(depth)).
+      rngs: random streams.
+      dtype: compute dtype of matmuls and SSD operands (params stay float32).
+      ssd_impl: an `ssd.SSDImpl` name.
+    """
+    c = config
+    self.config = config
+    self.dtype = dtype
+    self.ssd_impl = ssd_impl
+    self.in_proj = nnx.Linear(
+        c.dim, c.in_proj_dim, use_bias=False, dtype=dtype,
+        kernel_init=layers.torch_default_init(), rngs=rngs)
+    # Conv weights stored (k, conv_dim): tap k - 1 multiplies the newest input.
+    bound = 1.0 / math.sqrt(c.d_conv)  # PyTorch Conv1d default, fan_in = 1 * k.
+    self.conv_kernel = nnx.Param(_uniform(-bound, bound)(rngs.params(), (c.d_conv, c.conv_dim)))
+    self.conv_bias = nnx.Param(_uniform(-bound, bound)(rngs.params(), (c.conv_dim,)))
+    # dt initialised log-uniform in [1e-3, 1e-1]; the bias is its inverse softplus.
+    dt = jnp.exp(_uniform(math.log(1e-3), math.log(1e-1))(rngs.params(), (c.nheads,)))
+    dt = jnp.maximum(dt, 1e-4)
+    self.dt_bias = nnx.Param(dt + jnp.log(-jnp.expm1(-dt)))
+    self.A_log = nnx.Param(jnp.log(_uniform(1.0, 16.0)(rngs.params(), (c.nheads,))))
+    self.D = nnx.Param(jnp.ones((c.nheads,), jnp.float32))
+    self.norm = layers.GatedRMSNorm(c.d_inner, c.d_inner // c.ngroups)
+    # mamba_ssm rescales out_proj by 1/sqrt(depth) (one residual per layer):
+    # the variance of the default init divided by depth.
+    out_init = jax.nn.initializers.variance_scaling(1.0 / (3.0 * depth), "fan_in", "uniform")
+    self.out_proj = nnx.Linear(c.d_inner, c.dim, use_bias=False, dtype=dtype,
+                               kernel_init=out_init, rngs=rngs)
+
+  def _split_projection(self, zxbcdt: jax.Array):
+    c = self.config
+    z, xbc, dt = jnp.split(zxbcdt, [c.d_inner, c.d_inner + c.conv_dim], axis=-1)
+    return z, xbc, dt
+
+  def _split_conv_output(self, xbc: jax.Array):
+    c = self.config
+    gn = c.ngroups * c.d_state
+    x, B, C = jnp.split(xbc, [c.d_inner, c.d_inner + gn], axis=-1)
+    shape = x.shape[:-1]
+    return (x.reshape(*shape, c.nheads, c.headdim),
+            B.reshape(*shape, c.ngroups, c.d_state),
+            C.reshape(*shape, c.ngroups, c.d_state))
+
+  def __call__(self, u: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """Parallel form.
+
+    Args:
+      u: (b, t, d) input (normalised residual stream).
+      segment_ids: (b, t) int or None; conv and SSM state reset where it changes.
+
+    Returns:
+      (b, t, d) in the compute dtype.
+    """
+    c = self.config
+    zxbcdt = self.in_proj(u.astype(self.dtype))
+    z, xbc, dt = self._split_projection(zxbcdt)
+    xbc = layers.causal_depthwise_conv(xbc, self.conv_kernel[...], self.conv_bias[...],
+                                       segment_ids=segment_ids)
+    x, B, C = self._split_conv_output(jax.nn.silu(xbc).astype(self.dtype))
+    y = ssd_lib.ssd(
+        x, dt.astype(jnp.float32), -jnp.exp(self.A_log[...]), B, C, self.D[...],
+        dt_bias=self.dt_bias[...], dt_softplus=True, segment_ids=segment_ids,
+        chunk_size=c.chunk_size, impl=self.ssd_impl)
+    y = y.reshape(*y.shape[:-2], c.d_inner)
+    y = self.norm(y, z)
+    return self.out_proj(y.astype(self.dtype))
+
+  def init_cache(self, batch: int) -> MixerCache:
+    """Zero state for `batch` sequences."""
+    c = self.config
+    return MixerCache(
+        conv=jnp.zeros((batch, c.d_conv - 1, c.conv_dim), jnp.float32),
+        ssm=jnp.zeros((batch, c.nheads, c.headdim, c.d_state), jnp.float32))
+
+  def step(self, u: jax.Array, cache: MixerCache) -> tuple[jax.Array, MixerCache]:
+    """One token of the recurrence.
+
+    Args:
+      u: (b, d) input of this step.
+      cache: the state after the previous steps.
+
+    Returns:
+      (b, d) output in the compute dtype, and the new cache.
+    """
+    c = self.config
+    zxbcdt = self.in_proj(u.astype(self.dtype))
+    z, xbc, dt = self._split_projection(zxbcdt)
+    conv_out = layers.causal_depthwise_conv(
+        xbc[:, None], self.conv_kernel[...], self.conv_bias[...], history=cache.conv)[:, 0]
+    new_conv = jnp.concatenate([cache.conv[:, 1:], xbc[:, None].astype(jnp.float32)], axis=1)
+    x, B, C = self._split_conv_output(jax.nn.silu(conv_out).astype(self.dtype))
+    x, B, C = (v.astype(jnp.float32) for v in (x, B, C))
+    dt = jax.nn.softplus(dt.astype(jnp.float32) + self.dt_bias[...])  # (b, h)
+    A = -jnp.exp(self.A_log[...])
+    heads_per_group = c.nheads // c.ngroups
+    B = jnp.repeat(B, heads_per_group, axis=1)  # (b, h, n)
+    C = jnp.repeat(C, heads_per_group, axis=1)
+    ssm = (jnp.exp(dt * A)[..., None, None] * cache.ssm
+           + (dt[..., None] * x)[..., None] * B[:, :, None, :])
+    y = jnp.einsum("bhpn,bhn->bhp", ssm, C, precision=jax.lax.Precision.HIGHEST)
+    y = y + self.D[...][:, None] * x
+    y = self.norm(y.reshape(-1, c.d_inner), z)
+    return self.out_proj(y.astype(self.dtype)), MixerCache(conv=new_conv, ssm=ssm)

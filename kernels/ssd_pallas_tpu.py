@@ -219,6 +219,16 @@ def _chunk_factors(dt_row: Array, cum_row: Array, seg_row: Optional[Array]):
               decay=decay, last=last, eye=eye)
 
 
+def _group_of(head, heads_per_group):
+  """The B/C group of a head (index maps; head >= 0).
+
+  `lax.div` (truncating) rather than `//`: jnp's floor division lowers through
+  a sign computation whose Mosaic rule asks which TPU it runs on, which fails
+  when lowering on a machine without one (export from CPU).
+  """
+  return lax.div(head, heads_per_group)
+
+
 def _precision(dtype):
   # f32 operands ask the MXU for full f32 (multi-pass); bf16 is native.
   return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
@@ -315,7 +325,7 @@ def _fwd_call(st: _Static, x_t, b_t, c_t, dtc, segrel, d, init, *,
 
   x_spec = pl.BlockSpec((None, None, q, p), lambda bi, hi, ci: (bi, hi, ci, 0))
   bc_spec = pl.BlockSpec((None, None, q, n),
-                         lambda bi, hi, ci: (bi, hi // r, ci, 0))
+                         lambda bi, hi, ci: (bi, _group_of(hi, r), ci, 0))
   dtc_spec = pl.BlockSpec((None, None, 2, q), lambda bi, hi, ci: (bi, hi, 0, ci))
   state_spec = pl.BlockSpec((None, None, p, n),
                             lambda bi, hi, ci: (bi, hi, 0, 0))
@@ -482,7 +492,7 @@ def _bwd_call(st: _Static, x_t, b_t, c_t, dtc, segrel, d, states, dy_t,
   x_spec = pl.BlockSpec((None, None, q, p),
                         lambda bi, hi, ci: (bi, hi, rev(ci), 0))
   bc_spec = pl.BlockSpec((None, None, q, n),
-                         lambda bi, hi, ci: (bi, hi // r, rev(ci), 0))
+                         lambda bi, hi, ci: (bi, _group_of(hi, r), rev(ci), 0))
   dbc_spec = pl.BlockSpec((None, None, q, n),
                           lambda bi, hi, ci: (bi, hi, rev(ci), 0))
   dtc_spec = pl.BlockSpec((None, None, 2, q),

@@ -139,6 +139,9 @@ def test_golden_stride_is_coprime():
   assert sp.golden_stride(10) == 7  # int(6.18) = 6 shares 2 with 10.
   assert sp.golden_stride(4) == 3
   assert sp.golden_stride(2) == 1
+  # Truncated, not rounded: 16 * 0.618 = 9.89 -> 9, 3 * 0.618 = 1.85 -> 1.
+  assert sp.golden_stride(16) == 9
+  assert sp.golden_stride(3) == 1
 
 
 @pytest.mark.parametrize("name", RANDOM_PATTERNS)

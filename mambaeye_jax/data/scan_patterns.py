@@ -201,9 +201,9 @@ def _finish(positions: np.ndarray, canvas_hw: Sequence[int],
             num_glimpses: int) -> np.ndarray:
   """Repeats or cuts (n, 2) corners to (T, 2) int32, clipped onto the canvas.
 
-  The official code repeats a short list whole (`ensure_positions_cover_
-  sequence`); clipping only acts on the degenerate canvases of the module
-  docstring.
+  The official code repeats a short list whole
+  (`ensure_positions_cover_sequence`); clipping only acts on the degenerate
+  canvases of the module docstring.
   """
   positions = positions[np.arange(num_glimpses) % len(positions)]
   upper = np.array([canvas_hw[0] - P, canvas_hw[1] - P])
@@ -229,6 +229,7 @@ def _grid_pattern(order: Callable[[int, int], tuple[np.ndarray, np.ndarray]]
     positions = np.stack([rows[ri], cols[ci]], axis=-1)
     return _finish(positions, canvas_hw, num_glimpses)
   pattern.__doc__ = order.__doc__
+  pattern.__name__ = order.__name__.lstrip("_") + "_pattern"
   return pattern
 
 

@@ -1,0 +1,364 @@
+"""The official training transform (DESIGN.md section 3), fast, PIL + numpy.
+
+Official order (`mambaeye/dataset.py`, `ImagenetDatasetSinusoidal`):
+
+  1. canvas side c ~ U{canvas_min..canvas_max};
+  2. aspect-resize to fit c x c: (int(w * s), int(h * s)), s = min(c/w, c/h),
+     LANCZOS when shrinking, BICUBIC otherwise;
+  3. horizontal flip p 0.5; ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.4 (the four
+     adjustments in a random order, torchvision's PIL path); grayscale p 0.2;
+     GaussianBlur p 0.2 with torchvision `GaussianBlur(kernel_size=(5, 9),
+     sigma=(0.1, 5.0))`, i.e. a 5-wide, 9-tall kernel (DESIGN.md's "kernel
+     5..9" reads this tuple as a range; torchvision takes it as (kx, ky)) and
+     sigma ~ U(0.1, 5), reflect padding;
+  4. perspective p 0.3: corners moved by U(-d, d), d = 0.5 * min(w, h) / 2,
+     output = the moved corners' bounding box, BICUBIC, black fill;
+  5. min_side = max(16, int(0.3 * min(w, h))); with p 0.8 crop a random
+     window of sides U{min_side..side - min_side}, then (always) LANCZOS
+     resize to independent U{min_side..c} width and height;
+  6. RandomErasing p 0.4 (scale 0.02..0.33, ratio 0.3..3.3, value 0);
+  7. paste centred on a zero c x c canvas.
+
+What this implementation does differently, and why it is the same data:
+
+  * Fused geometry (the common case, no blur and no perspective, ~56% of
+    samples): steps 2 and 5 are one LANCZOS resize of the decoded image
+    straight to the final size over the crop box mapped into source pixels
+    (PIL `resize(box=...)` filters at the box's scale), and the point-wise
+    colour steps (flip, jitter, grayscale) run on the final image. Flip then
+    crop equals crop at the mirrored offset then flip. Point-wise colour maps
+    commute with resampling up to 8-bit rounding; the one non-point-wise
+    input, the contrast adjustment's grayscale mean, is taken from a 64-pixel
+    thumbnail of the whole (uncropped) image with the earlier adjustments
+    applied, as the official takes it from the whole image (differs by at
+    most a gray level or so).
+  * With blur or perspective, the official chain runs step by step.
+  * JPEGs are decoded at reduced DCT scale when the fitted size is at most
+    half the stored size (never below the fitted size; see
+    `sources.decode_image`).
+  * An axis too short to crop (side < 2 * min_side: fitted sides under 32
+    pixels, e.g. very elongated images or canvas 32 on CIFAR) is kept whole;
+    the official code raises there and drops the sample.
+  * Images smaller than a patch need nothing special: step 2 upsamples every
+    image to touch the canvas, and step 5 makes both sides >= 16.
+
+Every random choice comes from the `np.random.Generator` passed in (Grain's
+per-record generator), so a (seed, record index) pair fixes the output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageStat
+from scipy import ndimage
+
+from mambaeye_jax import glimpse
+
+P = glimpse.PATCH_SIZE
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+  """Training transform parameters; defaults are the official ones."""
+  canvas_min: int = 256
+  canvas_max: int = 1024
+  flip_prob: float = 0.5
+  jitter_prob: float = 0.4
+  brightness: float = 0.4
+  contrast: float = 0.4
+  saturation: float = 0.4
+  hue: float = 0.1
+  grayscale_prob: float = 0.2
+  blur_prob: float = 0.2
+  blur_kernel: tuple[int, int] = (5, 9)  # (width, height), as torchvision.
+  blur_sigma: tuple[float, float] = (0.1, 5.0)
+  perspective_prob: float = 0.3
+  perspective_distortion: float = 0.5
+  crop_prob: float = 0.8
+  crop_min_fraction: float = 0.3
+  erase_prob: float = 0.4
+  erase_scale: tuple[float, float] = (0.02, 0.33)
+  erase_ratio: tuple[float, float] = (0.3, 3.3)
+
+  def __post_init__(self):
+    if not P <= self.canvas_min <= self.canvas_max:
+      raise ValueError(f"need {P} <= canvas_min <= canvas_max, got "
+                       f"{self.canvas_min=}, {self.canvas_max=}")
+    if any(k % 2 == 0 or k < 1 for k in self.blur_kernel):
+      raise ValueError(f"{self.blur_kernel=} must be odd and positive")
+
+
+def fit_size(width: int, height: int, canvas: int) -> tuple[int, int]:
+  """Official aspect-fit size (width, height): int(side * min(c/w, c/h))."""
+  scale = min(canvas / width, canvas / height)
+  return max(1, int(width * scale)), max(1, int(height * scale))
+
+
+# ---------------------------------------------------------------- colour
+
+
+def _jitter_plan(rng: np.random.Generator, cfg: AugmentConfig
+                 ) -> list[tuple[str, float]]:
+  """torchvision ColorJitter.get_params: a random order and four factors."""
+  factors = {
+      "brightness": rng.uniform(1 - cfg.brightness, 1 + cfg.brightness),
+      "contrast": rng.uniform(1 - cfg.contrast, 1 + cfg.contrast),
+      "saturation": rng.uniform(1 - cfg.saturation, 1 + cfg.saturation),
+      "hue": rng.uniform(-cfg.hue, cfg.hue),
+  }
+  order = ("brightness", "contrast", "saturation", "hue")
+  return [(order[i], factors[order[i]]) for i in rng.permutation(4)]
+
+
+def _gray_mean(image: Image.Image) -> int:
+  """PIL ImageEnhance.Contrast's degenerate level: rounded mean of L."""
+  return int(ImageStat.Stat(image.convert("L")).mean[0] + 0.5)
+
+
+def _adjust(image: Image.Image, op: str, factor: float,
+            mean: int | None = None) -> Image.Image:
+  """One torchvision (PIL path) colour adjustment.
+
+  Args:
+    image: RGB image.
+    op: brightness | contrast | saturation | hue.
+    factor: its factor (hue: shift in [-0.5, 0.5] of a turn).
+    mean: contrast's gray level; None computes it from `image` itself.
+
+  Returns:
+    The adjusted RGB image.
+  """
+  if op == "brightness":
+    return ImageEnhance.Brightness(image).enhance(factor)
+  if op == "contrast":
+    level = _gray_mean(image) if mean is None else mean
+    return Image.blend(Image.new("RGB", image.size, (level,) * 3), image,
+                       factor)
+  if op == "saturation":
+    return ImageEnhance.Color(image).enhance(factor)
+  if op == "hue":
+    h, s, v = image.convert("HSV").split()
+    # torchvision adds np.uint8(hue * 255) with uint8 wrap-around; int()
+    # truncates toward zero as that C cast does, % 256 wraps negatives.
+    shift = int(factor * 255) % 256
+    h = h.point(lambda x: (x + shift) % 256)
+    return Image.merge("HSV", (h, s, v)).convert("RGB")
+  raise ValueError(f"unknown colour op {op!r}")
+
+
+def _colour(image: Image.Image, jitter: list[tuple[str, float]] | None,
+            gray: bool, thumbnail: Image.Image | None = None) -> Image.Image:
+  """ColorJitter (in its drawn order) then grayscale, as the official.
+
+  Args:
+    image: RGB image to adjust.
+    jitter: the plan of `_jitter_plan`, or None (no jitter).
+    gray: convert to 3-channel grayscale at the end.
+    thumbnail: when `image` is a crop of the image the official adjusts, a
+      small copy of the whole image: the contrast mean is taken from it with
+      the adjustments drawn before contrast applied.
+
+  Returns:
+    The adjusted RGB image.
+  """
+  if jitter:
+    for op, factor in jitter:
+      mean = None
+      if op == "contrast" and thumbnail is not None:
+        mean = _gray_mean(thumbnail)
+      image = _adjust(image, op, factor, mean)
+      if thumbnail is not None:
+        thumbnail = _adjust(thumbnail, op, factor)
+  if gray:
+    image = image.convert("L").convert("RGB")
+  return image
+
+
+def _gaussian_kernel(size: int, sigma: float) -> np.ndarray:
+  """torchvision _get_gaussian_kernel1d: (size,) float32, sums to 1."""
+  x = np.linspace(-(size - 1) / 2, (size - 1) / 2, size)
+  pdf = np.exp(-0.5 * (x / sigma) ** 2)
+  return (pdf / pdf.sum()).astype(np.float32)
+
+
+def _blur(image: Image.Image, kernel_wh: tuple[int, int],
+          sigma: float) -> Image.Image:
+  """torchvision gaussian_blur on uint8: float conv, reflect pad, round."""
+  pixels = np.asarray(image)
+  kx, ky = kernel_wh
+  # torch "reflect" padding excludes the edge pixel: scipy's "mirror".
+  out = ndimage.correlate1d(pixels, _gaussian_kernel(ky, sigma), axis=0,
+                            output=np.float32, mode="mirror")
+  out = ndimage.correlate1d(out, _gaussian_kernel(kx, sigma), axis=1,
+                            output=np.float32, mode="mirror")
+  return Image.fromarray(
+      np.clip(np.rint(out), 0, 255).astype(np.uint8), "RGB")
+
+
+# ---------------------------------------------------------------- geometry
+
+
+def _perspective_plan(rng: np.random.Generator, width: int, height: int,
+                      distortion: float
+                      ) -> tuple[tuple[int, int], np.ndarray]:
+  """Official `apply_perspective` geometry.
+
+  Returns:
+    ((out_width, out_height), coeffs (8,)): PIL PERSPECTIVE coefficients
+    mapping output pixels to input pixels.
+  """
+  source = np.array([[0, 0], [width, 0], [width, height], [0, height]],
+                    np.float64)
+  delta = distortion * min(width, height) / 2
+  target = source + rng.uniform(-delta, delta, (4, 2))
+  lo, hi = target.min(axis=0), target.max(axis=0)
+  out_size = (max(1, int(np.ceil(hi[0] - lo[0]))),
+              max(1, int(np.ceil(hi[1] - lo[1]))))
+  target -= lo
+  # Solve for the homography taking target (output) points to source points.
+  a = np.zeros((8, 8))
+  for k, ((x, y), (u, v)) in enumerate(zip(target, source)):
+    a[2 * k] = [x, y, 1, 0, 0, 0, -u * x, -u * y]
+    a[2 * k + 1] = [0, 0, 0, x, y, 1, -v * x, -v * y]
+  coeffs = np.linalg.solve(a, source.reshape(-1))
+  return out_size, coeffs
+
+
+def _crop_axis(rng: np.random.Generator, side: int,
+               min_side: int) -> tuple[int, int]:
+  """Official crop extent and offset along one axis: (offset, extent).
+
+  An axis shorter than 2 * min_side cannot be cropped by the official rule
+  (it raises); it is kept whole here.
+  """
+  if side < 2 * min_side:
+    return 0, side
+  extent = int(rng.integers(min_side, side - min_side, endpoint=True))
+  offset = int(rng.integers(0, side - extent, endpoint=True))
+  return offset, extent
+
+
+def _random_erase(pixels: np.ndarray, rng: np.random.Generator,
+                  cfg: AugmentConfig) -> None:
+  """torchvision RandomErasing (value 0) in place, on (h, w, 3) uint8."""
+  height, width = pixels.shape[:2]
+  area = height * width
+  log_ratio = np.log(cfg.erase_ratio)
+  for _ in range(10):  # torchvision's attempts.
+    erase_area = area * rng.uniform(*cfg.erase_scale)
+    aspect = math.exp(rng.uniform(*log_ratio))
+    eh = int(round(math.sqrt(erase_area * aspect)))
+    ew = int(round(math.sqrt(erase_area / aspect)))
+    if not (eh < height and ew < width):
+      continue
+    top = int(rng.integers(0, height - eh, endpoint=True))
+    left = int(rng.integers(0, width - ew, endpoint=True))
+    pixels[top:top + eh, left:left + ew] = 0
+    return
+
+
+# ---------------------------------------------------------------- transform
+
+
+def plan(rng: np.random.Generator, width: int, height: int,
+         cfg: AugmentConfig) -> dict[str, Any]:
+  """Draws every random choice of one sample (before decoding the pixels).
+
+  Args:
+    rng: the record's generator.
+    width, height: the stored image size.
+    cfg: transform parameters.
+
+  Returns:
+    A dict: canvas, fit (w1, h1), flip, jitter, gray, blur_sigma,
+    perspective ((wp, hp), coeffs) or None, crop (x, y, w, h) in the
+    post-perspective image, out_size (rw, rh), erase (bool).
+  """
+  canvas = int(rng.integers(cfg.canvas_min, cfg.canvas_max, endpoint=True))
+  w1, h1 = fit_size(width, height, canvas)
+  flip = rng.random() < cfg.flip_prob
+  jitter = _jitter_plan(rng, cfg) if rng.random() < cfg.jitter_prob else None
+  gray = rng.random() < cfg.grayscale_prob
+  blur_sigma = (float(rng.uniform(*cfg.blur_sigma))
+                if rng.random() < cfg.blur_prob else None)
+  perspective = None
+  wp, hp = w1, h1
+  if rng.random() < cfg.perspective_prob:
+    perspective = _perspective_plan(rng, w1, h1, cfg.perspective_distortion)
+    wp, hp = perspective[0]
+  min_side = max(P, int(cfg.crop_min_fraction * min(wp, hp)))
+  x, cw = _crop_axis(rng, wp, min_side)
+  y, ch = _crop_axis(rng, hp, min_side)
+  if not rng.random() < cfg.crop_prob:
+    x, y, cw, ch = 0, 0, wp, hp
+  min_side = min(min_side, canvas)
+  out_size = (int(rng.integers(min_side, canvas, endpoint=True)),
+              int(rng.integers(min_side, canvas, endpoint=True)))
+  return {"canvas": canvas, "fit": (w1, h1), "flip": flip, "jitter": jitter,
+          "gray": gray, "blur_sigma": blur_sigma, "perspective": perspective,
+          "crop": (x, y, cw, ch), "out_size": out_size,
+          "erase": rng.random() < cfg.erase_prob}
+
+
+def apply(image: Image.Image, params: dict[str, Any], rng: np.random.Generator,
+          cfg: AugmentConfig) -> np.ndarray:
+  """Runs a `plan` on a decoded image.
+
+  Args:
+    image: RGB PIL image (possibly DCT-reduced; its size may exceed the plan's
+      `fit`, never fall below it).
+    params: from `plan` on the stored image size.
+    rng: the record's generator (random erasing draws from it).
+    cfg: transform parameters.
+
+  Returns:
+    (rh, rw, 3) uint8: the image to paste centred on the zero canvas.
+  """
+  w1, h1 = params["fit"]
+  x, y, cw, ch = params["crop"]
+  out_size = params["out_size"]
+  src_w, src_h = image.size
+  if params["blur_sigma"] is None and params["perspective"] is None:
+    # Fused: crop box in fitted pixels -> source pixels, one LANCZOS resize.
+    if params["flip"]:
+      x = w1 - x - cw
+    sx, sy = src_w / w1, src_h / h1
+    box = (x * sx, y * sy, (x + cw) * sx, (y + ch) * sy)
+    out = image.resize(out_size, Image.Resampling.LANCZOS, box=box)
+    if params["flip"]:
+      out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    thumbnail = None
+    if params["jitter"]:
+      thumbnail = image.resize((64, 64), Image.Resampling.BILINEAR,
+                               reducing_gap=2.0)
+    out = _colour(out, params["jitter"], params["gray"], thumbnail)
+  else:
+    shrink = w1 < src_w or h1 < src_h
+    inter = image.resize((w1, h1), Image.Resampling.LANCZOS if shrink
+                         else Image.Resampling.BICUBIC)
+    if params["flip"]:
+      inter = inter.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    inter = _colour(inter, params["jitter"], params["gray"])
+    if params["blur_sigma"] is not None:
+      inter = _blur(inter, cfg.blur_kernel, params["blur_sigma"])
+    if params["perspective"] is not None:
+      size, coeffs = params["perspective"]
+      inter = inter.transform(size, Image.Transform.PERSPECTIVE,
+                              tuple(coeffs), Image.Resampling.BICUBIC,
+                              fillcolor=(0, 0, 0))
+    out = inter.resize(out_size, Image.Resampling.LANCZOS,
+                       box=(x, y, x + cw, y + ch))
+  pixels = np.array(out, np.uint8)  # Writable copy for erasing.
+  if params["erase"]:
+    _random_erase(pixels, rng, cfg)
+  return pixels
+
+
+def centred_box(canvas: int, pixels_hw: tuple[int, int]) -> glimpse.ImageBox:
+  """Official centred paste: offsets (c - h) // 2, (c - w) // 2."""
+  h, w = pixels_hw
+  return glimpse.ImageBox((canvas - h) // 2, (canvas - w) // 2, h, w)

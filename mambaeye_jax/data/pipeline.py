@@ -1,0 +1,457 @@
+"""Grain pipelines from image datasets to batches of glimpse sequences.
+
+    it = make_train_iterator(config)          # infinite unless num_epochs
+    batch = next(it)                          # dict of numpy arrays
+    it.num_skipped                            # unreadable records so far
+
+Pipeline (per JAX process):
+
+    source -> shard (by process) -> shuffle (per epoch) -> repeat
+      -> random_map(decode, transform, glimpses)  [Grain per-record rng]
+      -> to_iter_dataset (threads) -> BatchIterDataset (pad or pack)
+      -> mp_prefetch (worker processes) -> GlimpseIterator
+
+Batch contract (b = batch_size rows, L = seq_len steps): "patches" (b, L,
+768) uint8; "positions" (b, L, 2) int32; "ratio" (b, L) float32; "labels"
+(b, L) int32; "mask" (b, L) bool; "segment_ids" (b, L) int32 (see
+batching.py). Per-example contract: see glimpses.py.
+
+Determinism: every random choice comes from Grain's per-record generator,
+seeded by (config seed, process shard) and the record's position in the
+shuffled, repeated stream. Same config, same process count and same
+`worker_count` give the same batches, also after restoring the iterator
+state (`GlimpseIterator` is a Grain `DatasetIterator`: save it with
+`grain.checkpoint.CheckpointSave(it)` / restore with `CheckpointRestore(it)`
+in an orbax `CheckpointManager`, or `get_state()` / `set_state()`). The
+worker count is part of the stream: restore with the one you saved with.
+
+Bad records (unreadable, corrupt, truncated, non-image, decompression bomb,
+unsupported pixel mode; see sources.py): with on_error="skip" (default) they
+are logged with their key and reason, left out, and counted in
+`GlimpseIterator.num_skipped` (put it in the training metrics); with
+on_error="raise" the first one stops the pipeline with a `BadImageError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Mapping
+
+import grain
+import numpy as np
+from PIL import Image
+
+from mambaeye_jax import glimpse
+from mambaeye_jax.data import augment
+from mambaeye_jax.data import batching
+from mambaeye_jax.data import eval_transforms
+from mambaeye_jax.data import glimpses
+from mambaeye_jax.data import scan_patterns
+from mambaeye_jax.data import sources
+from mambaeye_jax.data import synthetic
+
+SOURCES = ("folder", "tfds", "arrayrecord", "synthetic")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Everything a pipeline needs; build with `DataConfig.from_any`.
+
+  Attributes:
+    source: "folder" (official layout root/<class>/<image>), "tfds",
+      "arrayrecord" (shards of convert_arrayrecord) or "synthetic".
+    path: folder root, ArrayRecord shard glob, or TFDS data_dir.
+    tfds_name: TFDS dataset name (source "tfds").
+    split: TFDS split (source "tfds").
+    synthetic_size: number of generated images (source "synthetic").
+    batch_size: rows per batch on this process, b.
+    num_glimpses: glimpses per sequence, T (the maximum when min_glimpses).
+    min_glimpses: > 0 draws T per example uniformly in
+      [min_glimpses, num_glimpses]; 0 keeps T = num_glimpses.
+    seq_len: steps per batch row, L; 0 means num_glimpses.
+    packing: pack several sequences per row (segment ids) instead of one
+      padded sequence per row.
+    canvas_min, canvas_max: training canvas side range (official 256, 1024;
+      e.g. 32, 64 for CIFAR).
+    augment: AugmentConfig overrides (field -> value) for training.
+    scan_pattern: glimpse order; training default "train" (the official
+      sampler), evaluation default "random".
+    eval_canvas: evaluation canvas side S.
+    resize_mode: evaluation resize, "none" | "fit" | "full".
+    seed: the stream's seed (shuffle and per-record randomness).
+    shuffle: shuffle training records (reshuffled every epoch).
+    num_epochs: training epochs; 0 repeats forever.
+    worker_count: worker processes (grain mp_prefetch); 0 runs in process.
+    worker_buffer_size: batches buffered per worker.
+    read_threads: threads per process running the per-record transform.
+    read_buffer_size: records buffered ahead by those threads.
+    on_error: "skip" (log, count, leave out) or "raise" for bad records.
+    max_image_pixels: decompression-bomb guard.
+  """
+  source: str = "folder"
+  path: str = ""
+  tfds_name: str = ""
+  split: str = "train"
+  synthetic_size: int = 1000
+  batch_size: int = 64
+  num_glimpses: int = 1024
+  min_glimpses: int = 0
+  seq_len: int = 0
+  packing: bool = False
+  canvas_min: int = 256
+  canvas_max: int = 1024
+  augment: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  scan_pattern: str = ""
+  eval_canvas: int = 512
+  resize_mode: str = "fit"
+  seed: int = 0
+  shuffle: bool = True
+  num_epochs: int = 0
+  worker_count: int = 0
+  worker_buffer_size: int = 2
+  read_threads: int = 1
+  read_buffer_size: int = 16
+  on_error: str = "skip"
+  max_image_pixels: int = sources.DEFAULT_MAX_IMAGE_PIXELS
+
+  def __post_init__(self):
+    if self.source not in SOURCES:
+      raise ValueError(f"unknown source {self.source!r}; one of {SOURCES}")
+    if self.on_error not in ("skip", "raise"):
+      raise ValueError(f"{self.on_error=} must be 'skip' or 'raise'")
+    if not 0 <= self.min_glimpses <= self.num_glimpses or \
+        self.num_glimpses < 1:
+      raise ValueError(f"need 0 <= min_glimpses <= num_glimpses, num_glimpses"
+                       f" >= 1; got {self.min_glimpses=}, "
+                       f"{self.num_glimpses=}")
+    if self.seq_len and self.seq_len < self.num_glimpses:
+      raise ValueError(f"{self.seq_len=} must be >= {self.num_glimpses=}")
+    if self.batch_size < 1:
+      raise ValueError(f"{self.batch_size=} must be >= 1")
+    if self.scan_pattern:
+      scan_patterns.get(self.scan_pattern)  # KeyError lists known names.
+
+  @property
+  def row_length(self) -> int:
+    """L: steps per batch row."""
+    return self.seq_len or self.num_glimpses
+
+  def augment_config(self) -> augment.AugmentConfig:
+    return augment.AugmentConfig(canvas_min=self.canvas_min,
+                                 canvas_max=self.canvas_max,
+                                 **dict(self.augment))
+
+  @classmethod
+  def from_any(cls, config: Any = None, **overrides) -> "DataConfig":
+    """From a DataConfig, a mapping, an ml_collections ConfigDict or any
+    object with attributes of these names (argparse Namespace), plus
+    keyword overrides.
+
+    Raises:
+      ValueError: a mapping with keys that are not fields (typos fail
+        loudly).
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    if isinstance(config, cls):
+      values = dataclasses.asdict(config)
+    elif config is not None:
+      if hasattr(config, "to_dict"):  # ml_collections.ConfigDict
+        config = config.to_dict()
+      if isinstance(config, Mapping):
+        unknown = set(config) - names
+        if unknown:
+          raise ValueError(f"unknown data config keys {sorted(unknown)}; "
+                           f"known: {sorted(names)}")
+        values = dict(config)
+      else:
+        values = {n: getattr(config, n) for n in names if hasattr(config, n)}
+    values.update(overrides)
+    return cls(**values)
+
+
+# ---------------------------------------------------------------- sources
+
+
+def make_source(cfg: DataConfig):
+  """The random-access source named by the config (see sources.py)."""
+  if cfg.source == "folder":
+    return sources.ImageFolderSource(cfg.path)
+  if cfg.source == "arrayrecord":
+    return sources.ArrayRecordSource(cfg.path)
+  if cfg.source == "tfds":
+    return sources.TfdsSource(cfg.tfds_name, cfg.split,
+                              data_dir=cfg.path or None)
+  return synthetic.SyntheticShapes(cfg.synthetic_size, seed=cfg.seed)
+
+
+def _to_pil(record: Mapping[str, Any], key: str, cfg: DataConfig,
+            draft=None) -> Image.Image:
+  """Decoded RGB image of a record (encoded bytes or a uint8 array)."""
+  image = record["image"]
+  if isinstance(image, (bytes, bytearray, memoryview)):
+    return sources.decode_image(bytes(image), key,
+                                max_pixels=cfg.max_image_pixels,
+                                draft_size=draft)
+  if isinstance(image, Image.Image):
+    return image.convert("RGB")
+  return eval_transforms.to_rgb(np.asarray(image))
+
+
+class _Skipper:
+  """Turns BadImageError into a logged skip marker (or re-raises)."""
+
+  _LOG_FIRST = 20
+
+  def __init__(self, on_error: str):
+    self._on_error = on_error
+    self._count = 0
+
+  def __call__(self, error: sources.BadImageError) -> dict[str, str]:
+    if self._on_error == "raise":
+      raise error
+    self._count += 1
+    if self._count <= self._LOG_FIRST or self._count % 1000 == 0:
+      logging.warning("skipping bad record (%d in this process): %s",
+                      self._count, error)
+    return {batching.SKIP_KEY: str(error)}
+
+
+def _num_glimpses(rng: np.random.Generator, cfg: DataConfig) -> int:
+  if cfg.min_glimpses:
+    return int(rng.integers(cfg.min_glimpses, cfg.num_glimpses,
+                            endpoint=True))
+  return cfg.num_glimpses
+
+
+class TrainTransform(grain.transforms.RandomMap):
+  """Record -> training example (or skip marker), official transform."""
+
+  def __init__(self, cfg: DataConfig):
+    self._cfg = cfg
+    self._aug = cfg.augment_config()
+    self._pattern = scan_patterns.get(cfg.scan_pattern or "train")
+    self._skip = _Skipper(cfg.on_error)
+
+  def random_map(self, record: Mapping[str, Any],
+                 rng: np.random.Generator) -> dict[str, Any]:
+    key = record.get("key", "<record>")
+    params = {}
+
+    def draft(width: int, height: int) -> tuple[int, int]:
+      # Plan from the stored size first, so JPEGs decode at reduced scale.
+      params.update(augment.plan(rng, width, height, self._aug))
+      return params["fit"]
+
+    try:
+      image = _to_pil(record, key, self._cfg, draft)
+    except sources.BadImageError as e:
+      return self._skip(e)
+    if not params:  # Already-decoded records.
+      params = augment.plan(rng, *image.size, self._aug)
+    pixels = augment.apply(image, params, rng, self._aug)
+    canvas = params["canvas"]
+    box = augment.centred_box(canvas, pixels.shape[:2])
+    positions = self._pattern(rng, (canvas, canvas), box,
+                              _num_glimpses(rng, self._cfg))
+    return glimpses.make_example(pixels, (canvas, canvas), box, positions,
+                                 int(record["label"]))
+
+
+class EvalTransform(grain.transforms.Map):
+  """Record -> evaluation example: official resize mode and scan pattern.
+
+  Random scan patterns draw from a generator seeded by (seed, the record's
+  index in the whole source), so results do not depend on the number of
+  processes or workers. A record {"empty": True} (evening out process
+  shards) gives an example of length 0, an all-padding row.
+  """
+
+  def __init__(self, cfg: DataConfig):
+    self._cfg = cfg
+    self._pattern_name = cfg.scan_pattern or "random"
+    scan_patterns.get(self._pattern_name)
+    self._skip = _Skipper(cfg.on_error)
+
+  def map(self, record: Mapping[str, Any]) -> dict[str, Any]:
+    if record.get("empty"):
+      return glimpses.make_example(
+          np.zeros((1, 1, 3), np.uint8), (glimpse.PATCH_SIZE,) * 2,
+          glimpse.ImageBox(0, 0, 1, 1), np.zeros((0, 2), np.int32), 0)
+    key = record.get("key", "<record>")
+    try:
+      image = _to_pil(record, key, self._cfg)
+    except sources.BadImageError as e:
+      return self._skip(e)
+    rng = np.random.default_rng([self._cfg.seed, record["index"]])
+    canvas, box = eval_transforms.eval_canvas(
+        image, self._cfg.resize_mode, self._cfg.eval_canvas)
+    side = canvas.shape[0]
+    positions = scan_patterns.generate(self._pattern_name, rng, (side, side),
+                                       box, _num_glimpses(rng, self._cfg))
+    pixels = canvas[box.top:box.top + box.height,
+                    box.left:box.left + box.width]
+    return glimpses.make_example(pixels, (side, side), box, positions,
+                                 int(record["label"]))
+
+
+# ---------------------------------------------------------------- sharding
+
+
+def _shard(shard_options: grain.sharding.ShardOptions | None
+           ) -> tuple[int, int]:
+  """(index, count) of this process's shard; default: by JAX process."""
+  if shard_options is None:
+    shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
+  return shard_options.shard_index, shard_options.shard_count
+
+
+def _seeds(seed: int, shard_index: int) -> tuple[int, int]:
+  """Independent (shuffle, transform) seeds per process shard, so that
+  record k of every shard does not share its augmentation."""
+  state = np.random.SeedSequence([seed, shard_index]).generate_state(2)
+  return int(state[0]), int(state[1])
+
+
+class _EvenShard:
+  """Records index, index + count, ... of a source, padded with empty
+  records so every process gets ceil(n / count) and the same number of
+  batches (multi-host evaluation must not desynchronise)."""
+
+  def __init__(self, source, shard_index: int, shard_count: int):
+    self._source = source
+    self._shard_index = shard_index
+    self._shard_count = shard_count
+    self._length = -(-len(source) // shard_count)
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index: int) -> Mapping[str, Any]:
+    global_index = index * self._shard_count + self._shard_index
+    if global_index >= len(self._source):
+      return {"empty": True}
+    return {**self._source[global_index], "index": global_index}
+
+
+# ---------------------------------------------------------------- iterators
+
+
+class GlimpseIterator(grain.DatasetIterator):
+  """The batches, plus the count of skipped bad records; checkpointable.
+
+  Attributes:
+    num_skipped: bad records left out so far on this process (restored with
+      the state).
+  """
+
+  def __init__(self, parent: grain.DatasetIterator):
+    super().__init__(parent)
+    self.num_skipped = 0
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self._parent)
+    self.num_skipped += int(batch.pop(batching.NUM_SKIPPED_KEY))
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    return {"pipeline": self._parent.get_state(),
+            "num_skipped": self.num_skipped}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state["pipeline"])
+    self.num_skipped = int(state["num_skipped"])
+
+  def close(self) -> None:
+    self._parent.close()
+
+
+def _finish(ds: grain.MapDataset, cfg: DataConfig,
+            drop_remainder: bool) -> grain.IterDataset:
+  ds = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_buffer_size))
+  ds = batching.BatchIterDataset(ds, batch_size=cfg.batch_size,
+                                 seq_len=cfg.row_length, packing=cfg.packing,
+                                 drop_remainder=drop_remainder)
+  if cfg.worker_count > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=cfg.worker_count,
+        per_worker_buffer_size=cfg.worker_buffer_size))
+  return ds
+
+
+def make_train_dataset(config: Any = None, *, source=None,
+                       shard_options: grain.sharding.ShardOptions | None = None,
+                       **overrides) -> grain.IterDataset:
+  """The training IterDataset (see `make_train_iterator` for the args)."""
+  cfg = DataConfig.from_any(config, **overrides)
+  source = make_source(cfg) if source is None else source
+  shard_index, shard_count = _shard(shard_options)
+  ds = grain.MapDataset.source(source)
+  # Equal shards (drop the remainder) keep processes in lockstep.
+  per_shard = len(ds) // shard_count
+  if per_shard < 1:
+    raise ValueError(f"{len(ds)} records cannot feed {shard_count} "
+                     "processes")
+  ds = ds[:per_shard * shard_count][shard_index::shard_count]
+  shuffle_seed, map_seed = _seeds(cfg.seed, shard_index)
+  if cfg.shuffle:
+    ds = ds.shuffle(seed=shuffle_seed)
+  ds = ds.repeat(cfg.num_epochs or None)
+  ds = ds.random_map(TrainTransform(cfg), seed=map_seed)
+  return _finish(ds, cfg, drop_remainder=True)
+
+
+def make_train_iterator(config: Any = None, *, source=None,
+                        shard_options: grain.sharding.ShardOptions | None = None,
+                        **overrides) -> GlimpseIterator:
+  """Training batches for this JAX process.
+
+  Args:
+    config: DataConfig fields as a DataConfig, mapping, ConfigDict or
+      attribute object (see `DataConfig`); keyword `overrides` win.
+    source: a random-access source to use instead of the configured one
+      (records {"image": bytes | uint8 array, "label": int, "key": str}).
+    shard_options: grain ShardOptions; default ShardByJaxProcess (each
+      process reads a disjoint, equal share of the records).
+    **overrides: DataConfig fields.
+
+  Returns:
+    A GlimpseIterator of batch dicts (module docstring); infinite unless
+    num_epochs > 0, when the last partial batch is dropped.
+  """
+  return GlimpseIterator(iter(make_train_dataset(
+      config, source=source, shard_options=shard_options, **overrides)))
+
+
+def make_eval_dataset(config: Any = None, *, source=None,
+                      shard_options: grain.sharding.ShardOptions | None = None,
+                      **overrides) -> grain.IterDataset:
+  """The evaluation IterDataset (see `make_eval_iterator` for the args)."""
+  cfg = DataConfig.from_any(config, **overrides)
+  source = make_source(cfg) if source is None else source
+  shard_index, shard_count = _shard(shard_options)
+  ds = grain.MapDataset.source(_EvenShard(source, shard_index, shard_count))
+  ds = ds.map(EvalTransform(cfg))
+  return _finish(ds, cfg, drop_remainder=False)
+
+
+def make_eval_iterator(config: Any = None, *, source=None,
+                       shard_options: grain.sharding.ShardOptions | None = None,
+                       **overrides) -> GlimpseIterator:
+  """One pass of evaluation batches for this JAX process.
+
+  Each record appears exactly once over all processes, in source order (no
+  shuffle, no augmentation): the official evaluation canvas (`resize_mode`,
+  `eval_canvas`) and scan pattern (`scan_pattern`, default "random", seeded
+  by `seed`). Every process yields the same number of batches; rows beyond
+  the data are all padding (mask False).
+
+  Args: as `make_train_iterator`.
+
+  Returns:
+    A finite GlimpseIterator of batch dicts.
+  """
+  return GlimpseIterator(iter(make_eval_dataset(
+      config, source=source, shard_options=shard_options, **overrides)))

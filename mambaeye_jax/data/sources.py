@@ -1,0 +1,350 @@
+"""Record sources and image decoding.
+
+Every source is a Grain random-access data source (`__len__`, `__getitem__`)
+whose records are dicts
+
+    {"image": bytes (an encoded image file), "label": int, "key": str}
+
+`key` names the record in error messages (a file path, "tfds:name/split[i]",
+"array_record:path[i]"). Images stay encoded until a worker decodes them with
+`decode_image`, so sources are cheap to pickle into worker processes.
+
+Sources:
+  * `ImageFolderSource`: the official layout `root/<class>/<image>`, classes
+    sorted by name (label = index in that order), images sorted per class,
+    extensions .png .jpg .jpeg .webp (case-insensitive) as in the official
+    `dataset.py`.
+  * `TfdsSource`: any TFDS image-classification dataset through
+    `tfds.data_source`, images kept encoded (`tfds.decode.SkipDecoding`).
+  * `ArrayRecordSource`: ArrayRecord shards written by `convert_arrayrecord`;
+    each record is `encode_record(...)` below.
+
+Bad input (see `decode_image` for the per-image cases):
+  * missing root / no class folders: `FileNotFoundError` / `ValueError` at
+    construction, naming the path.
+  * empty class folder: kept (its label index stays reserved, as in the
+    official code, so labels do not shift), logged, counted in
+    `stats["empty_classes"]`.
+  * files with another extension: not images by the official rule; ignored,
+    logged once, counted in `stats["ignored_files"]`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import struct
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+
+# Default decompression-bomb guard: 64 megapixels (an 8k x 8k photo). Larger
+# files are rejected before their pixels are decoded.
+DEFAULT_MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+
+
+class BadImageError(ValueError):
+  """An input record that cannot become an RGB image; names it and why."""
+
+  def __init__(self, key: str, reason: str):
+    super().__init__(f"{key}: {reason}")
+    self.key = key
+    self.reason = reason
+
+
+def _to_uint8_rgb(image: Image.Image, key: str) -> Image.Image:
+  """Converts any PIL mode to 8-bit RGB without silently clipping.
+
+  8-bit modes (L, P, RGBA, LA, PA, CMYK, YCbCr, 1, ...) use PIL's `convert`,
+  as the official `Image.open(p).convert("RGB")` does (alpha is dropped, CMYK
+  uses PIL's naive inversion). High-bit-depth grayscale would be clipped at
+  255 by `convert` (a 16-bit PNG turns almost white), so it is rescaled
+  instead: I;16* by 255/65535; I by 255/65535 when its values fit 16 bits
+  (PNG 16-bit) and kept when they fit 8 bits; F when its values lie in [0, 1]
+  by 255. Anything else is an error.
+  """
+  mode = image.mode
+  if mode == "RGB":
+    return image
+  if mode.startswith("I;16") or mode in ("I", "F"):
+    values = np.asarray(image, np.float64)
+    hi = float(values.max()) if values.size else 0.0
+    lo = float(values.min()) if values.size else 0.0
+    if mode.startswith("I;16"):
+      scale = 255.0 / 65535.0
+    elif mode == "I" and lo >= 0 and hi <= 255:
+      scale = 1.0
+    elif mode == "I" and lo >= 0 and hi <= 65535:
+      scale = 255.0 / 65535.0
+    elif mode == "F" and lo >= 0.0 and hi <= 1.0:
+      scale = 255.0
+    else:
+      raise BadImageError(
+          key, f"unsupported {mode} image with values in [{lo}, {hi}]")
+    gray = np.rint(values * scale).astype(np.uint8)
+    return Image.fromarray(gray, "L").convert("RGB")
+  return image.convert("RGB")
+
+
+def decode_image(data: bytes, key: str = "<bytes>", *,
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                 draft_size: (tuple[int, int] | Callable[[int, int],
+                              tuple[int, int]] | None) = None
+                 ) -> Image.Image:
+  """Decodes an encoded image into an 8-bit RGB PIL image.
+
+  Args:
+    data: the file's bytes.
+    key: names the record in errors.
+    max_pixels: decompression-bomb guard; a larger image is rejected from its
+      header, before decoding.
+    draft_size: (width, height) the caller will shrink the image to at most;
+      JPEGs may then be decoded at 1/2, 1/4 or 1/8 scale (never below this
+      size) by the decoder's DCT scaling, which is much faster than decoding
+      in full and resampling down. A callable gets the stored (width,
+      height) and returns that size (or None). None decodes at full size.
+
+  Returns:
+    A loaded PIL image of mode RGB (width, height >= 1).
+
+  Raises:
+    BadImageError: empty, unreadable, truncated or corrupt data, a non-image
+      file, too many pixels, a zero-sized image or an unsupported pixel mode;
+      the message names `key`.
+  """
+  if not data:
+    raise BadImageError(key, "empty file")
+  try:
+    image = Image.open(io.BytesIO(data))
+  except Image.DecompressionBombError as e:
+    raise BadImageError(key, f"decompression bomb: {e}") from e
+  except Exception as e:  # PIL raises several types for non-images.
+    raise BadImageError(key, f"not a readable image ({e})") from e
+  width, height = image.size
+  if width < 1 or height < 1:
+    raise BadImageError(key, f"image has no pixels ({width}x{height})")
+  if width * height > max_pixels:
+    raise BadImageError(
+        key, f"{width}x{height} = {width * height} pixels exceeds the "
+        f"decompression-bomb guard of {max_pixels}")
+  if callable(draft_size):
+    draft_size = draft_size(width, height)
+  if draft_size is not None and image.format == "JPEG":
+    image.draft("RGB", tuple(max(1, int(s)) for s in draft_size))
+  try:
+    image.load()
+  except Exception as e:  # Truncated or corrupt data.
+    raise BadImageError(key, f"cannot decode ({e})") from e
+  return _to_uint8_rgb(image, key)
+
+
+# ---------------------------------------------------------------- folder
+
+
+class ImageFolderSource:
+  """Images in the official layout `root/<class>/<image>`.
+
+  Attributes:
+    root: the dataset directory.
+    class_names: sorted class folder names; label = index.
+    stats: {"empty_classes": int, "ignored_files": int} found at listing.
+  """
+
+  def __init__(self, root: str | os.PathLike,
+               extensions: Sequence[str] = IMAGE_EXTENSIONS):
+    """Lists the dataset (no image is opened).
+
+    Args:
+      root: dataset directory holding one folder per class.
+      extensions: lower-case file extensions taken as images.
+
+    Raises:
+      FileNotFoundError: `root` does not exist or is not a directory.
+      ValueError: `root` holds no class folder, or no image at all.
+    """
+    self.root = os.fspath(root)
+    if not os.path.isdir(self.root):
+      raise FileNotFoundError(f"image folder {self.root!r} does not exist or "
+                              "is not a directory")
+    self.class_names = sorted(
+        d for d in os.listdir(self.root)
+        if os.path.isdir(os.path.join(self.root, d)))
+    if not self.class_names:
+      raise ValueError(f"image folder {self.root!r} has no class "
+                       "sub-directories (expected root/<class>/<image>)")
+    extensions = tuple(e.lower() for e in extensions)
+    self._items: list[tuple[str, int]] = []
+    self.stats = {"empty_classes": 0, "ignored_files": 0}
+    for label, name in enumerate(self.class_names):
+      folder = os.path.join(self.root, name)
+      files = sorted(os.listdir(folder))
+      images = [f for f in files if f.lower().endswith(extensions)
+                and os.path.isfile(os.path.join(folder, f))]
+      ignored = len(files) - len(images)
+      if ignored:
+        self.stats["ignored_files"] += ignored
+        logging.warning("%s: ignored %d non-image entries (extensions %s)",
+                        folder, ignored, extensions)
+      if not images:
+        self.stats["empty_classes"] += 1
+        logging.warning("%s: class %d (%r) has no images; its label stays "
+                        "reserved", folder, label, name)
+      self._items.extend((os.path.join(folder, f), label) for f in images)
+    if not self._items:
+      raise ValueError(f"image folder {self.root!r} has no images with "
+                       f"extensions {extensions}")
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  def __len__(self) -> int:
+    return len(self._items)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    path, label = self._items[index]
+    try:
+      with open(path, "rb") as f:
+        data = f.read()
+    except OSError as e:
+      # Deleted or unreadable since listing: an empty payload makes
+      # decode_image report it as a bad record naming the path.
+      logging.warning("%s: cannot read (%s)", path, e)
+      data = b""
+    return {"image": data, "label": label, "key": path}
+
+  def __repr__(self) -> str:
+    return (f"ImageFolderSource({self.root!r}, {len(self)} images, "
+            f"{self.num_classes} classes)")
+
+
+# ---------------------------------------------------------------- TFDS
+
+
+class TfdsSource:
+  """A TFDS image-classification split, images left encoded.
+
+  Uses `tfds.data_source` (random access over the prepared ArrayRecord
+  files; the dataset must already be prepared in `data_dir`, or `download`
+  must be True).
+  """
+
+  def __init__(self, name: str, split: str, *, data_dir: str | None = None,
+               image_key: str = "image", label_key: str = "label",
+               download: bool = False):
+    """Opens the split.
+
+    Args:
+      name: TFDS name, e.g. "imagenet2012" or "cifar10".
+      split: e.g. "train", "validation[:1000]".
+      data_dir: TFDS data directory (None: TFDS's default).
+      image_key, label_key: feature names of the image and the class label.
+      download: let TFDS download and prepare the dataset if missing.
+    """
+    import tensorflow_datasets as tfds  # Heavy; only when used.
+    self.name, self.split = name, split
+    self._image_key, self._label_key = image_key, label_key
+    self._source = tfds.data_source(
+        name, split=split, data_dir=data_dir, download=download,
+        decoders={image_key: tfds.decode.SkipDecoding()})
+    label_feature = self._source.dataset_info.features[label_key]
+    self.num_classes = getattr(label_feature, "num_classes", None)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    record = self._source[index]
+    return {"image": bytes(record[self._image_key]),
+            "label": int(record[self._label_key]),
+            "key": f"tfds:{self.name}/{self.split}[{index}]"}
+
+  def __repr__(self) -> str:
+    return f"TfdsSource({self.name!r}, {self.split!r}, {len(self)} records)"
+
+
+# ---------------------------------------------------------------- ArrayRecord
+
+_HEADER = struct.Struct("<I")  # Length of the JSON metadata that follows.
+
+
+def encode_record(image: bytes, label: int, key: str) -> bytes:
+  """Serialises one example: u32 metadata length, JSON metadata, image bytes.
+
+  Args:
+    image: the encoded image file, stored unchanged.
+    label: class index.
+    key: the record's name (e.g. its original path).
+
+  Returns:
+    The record's bytes.
+  """
+  meta = json.dumps({"label": int(label), "key": key}).encode()
+  return _HEADER.pack(len(meta)) + meta + image
+
+
+def decode_record(record: bytes) -> dict[str, Any]:
+  """Inverse of `encode_record` -> {"image", "label", "key"}."""
+  (n,) = _HEADER.unpack_from(record)
+  meta = json.loads(record[_HEADER.size:_HEADER.size + n])
+  return {"image": bytes(record[_HEADER.size + n:]), "label": meta["label"],
+          "key": meta["key"]}
+
+
+class ArrayRecordSource:
+  """Examples from ArrayRecord shards written by `convert_arrayrecord`."""
+
+  def __init__(self, paths: str | Sequence[str]):
+    """Opens the shards.
+
+    Args:
+      paths: shard file paths, or one glob pattern (e.g. "out/train-*").
+
+    Raises:
+      FileNotFoundError: when no shard matches.
+    """
+    import glob
+    import grain
+    if isinstance(paths, str):
+      paths = sorted(glob.glob(paths)) if any(c in paths for c in "*?[") \
+          else [paths]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if not paths or missing:
+      raise FileNotFoundError(f"ArrayRecord shards not found: "
+                              f"{missing or paths}")
+    self.paths = list(paths)
+    self._source = grain.sources.ArrayRecordDataSource(self.paths)
+    meta_path = _metadata_path(self.paths[0])
+    self.num_classes = None
+    if os.path.isfile(meta_path):
+      with open(meta_path) as f:
+        self.num_classes = json.load(f).get("num_classes")
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return decode_record(self._source[index])
+
+  def __repr__(self) -> str:
+    return f"ArrayRecordSource({len(self.paths)} shards, {len(self)} records)"
+
+
+_SHARD_SUFFIX = re.compile(r"-\d{5}-of-\d{5}\.array_record$")
+
+
+def shard_paths(prefix: str, num_shards: int) -> list[str]:
+  """Shard file names for `prefix`: PREFIX-00000-of-00004.array_record ..."""
+  return [f"{prefix}-{i:05d}-of-{num_shards:05d}.array_record"
+          for i in range(num_shards)]
+
+
+def _metadata_path(shard_path: str) -> str:
+  """Sidecar JSON (class names) written next to the shards: PREFIX.json."""
+  return _SHARD_SUFFIX.sub("", shard_path) + ".json"

@@ -1,0 +1,150 @@
+"""Evaluation canvases: the official resize modes "none", "fit" and "full".
+
+An evaluation image becomes a square canvas (S, S, 3) uint8, zero outside the
+image, with the image pasted centred, and the `glimpse.ImageBox` saying where
+it lies. This reproduces the official `InferenceDataset` (`mambaeye/dataset.py`
+of github usingcolor/MambaEye, commit 8d7d643), which the official `eval.py`
+uses to validate on a dataset:
+
+1. The image is converted to RGB by PIL (`.convert("RGB")`: grayscale is
+   replicated, alpha dropped without compositing, palettes expanded).
+2. An image wider or taller than the canvas is first shrunk to fit it:
+   `ratio = min(S / w, S / h)`, new sides `int(w * ratio)`, `int(h * ratio)`
+   (Python float, truncated: the longer side can come out one pixel short;
+   `augment.fit_size`, which keeps sides >= 1 where the official code would
+   fail on a needle-thin image), LANCZOS.
+3. Then per mode: "none" keeps it; "fit" applies the same ratio formula again
+   (so small images are enlarged until the longer side is S), LANCZOS;
+   "full" stretches to S x S, LANCZOS.
+4. Paste at `top = (S - h) // 2`, `left = (S - w) // 2` on a zero canvas.
+
+`eval.py`'s single-image mode differs in two ways, both available here:
+with "none" the canvas is the image's longer side (`canvas_size=None`), and
+"fit"/"full" resize the original directly without step 2
+(`shrink_first=False`; "full" then differs for images larger than S, which
+the dataset path stretches from the shrunk copy).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from mambaeye_jax import glimpse
+from mambaeye_jax.data import augment
+
+RESIZE_MODES = ("none", "fit", "full")
+
+_RESAMPLE = Image.Resampling.LANCZOS  # The official filter for every resize.
+
+
+def to_rgb(image: Image.Image | np.ndarray) -> Image.Image:
+  """An RGB PIL image from a PIL image of any mode or a uint8 array.
+
+  Args:
+    image: PIL image, or uint8 array (h, w), (h, w, 1), (h, w, 3) or
+      (h, w, 4) (RGBA).
+
+  Returns:
+    PIL image in mode "RGB".
+
+  Raises:
+    TypeError: for arrays that are not uint8.
+    ValueError: for arrays of another shape.
+  """
+  if isinstance(image, Image.Image):
+    return image if image.mode == "RGB" else image.convert("RGB")
+  array = np.asarray(image)
+  if array.dtype != np.uint8:
+    raise TypeError(f"image arrays must be uint8, got {array.dtype}")
+  if array.ndim == 3 and array.shape[-1] == 1:
+    array = array[..., 0]
+  if array.ndim not in (2, 3) or (array.ndim == 3
+                                  and array.shape[-1] not in (3, 4)):
+    raise ValueError(f"image array of shape {array.shape} is not (h, w), "
+                     "(h, w, 1), (h, w, 3) or (h, w, 4)")
+  return Image.fromarray(array).convert("RGB")
+
+
+def _resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+  # PIL returns a copy for a same-size resize; spelt out so it is certain.
+  return image if image.size == size else image.resize(size, _RESAMPLE)
+
+
+def paste_centred(image: np.ndarray, canvas_size: int
+                  ) -> tuple[np.ndarray, glimpse.ImageBox]:
+  """Pastes an image centred on a zero square canvas (official rounding).
+
+  Args:
+    image: (h, w, 3) uint8 with h, w <= canvas_size.
+    canvas_size: S.
+
+  Returns:
+    (canvas (S, S, 3) uint8, box) with box.top = (S - h) // 2 and
+    box.left = (S - w) // 2.
+  """
+  height, width = image.shape[:2]
+  if height > canvas_size or width > canvas_size:
+    raise ValueError(f"image {height}x{width} does not fit a {canvas_size}"
+                     f"x{canvas_size} canvas")
+  box = augment.centred_box(canvas_size, (height, width))
+  canvas = np.zeros((canvas_size, canvas_size, 3), np.uint8)
+  canvas[box.top:box.top + height, box.left:box.left + width] = image
+  return canvas, box
+
+
+def eval_canvas(image: Image.Image | np.ndarray, mode: str = "none",
+                canvas_size: int | None = None, *, shrink_first: bool = True
+                ) -> tuple[np.ndarray, glimpse.ImageBox]:
+  """The official evaluation canvas of one image.
+
+  Args:
+    image: PIL image of any mode, or uint8 array as `to_rgb` takes.
+    mode: "none" (no resampling unless the image exceeds the canvas), "fit"
+      (aspect-resize so the longer side is the canvas side) or "full"
+      (stretch to the canvas).
+    canvas_size: canvas side S (>= 16). None, allowed with "none" only,
+      makes the canvas the image's longer side (official single-image mode).
+    shrink_first: shrink images larger than the canvas before the mode's own
+      resize, as the official dataset evaluation does; False matches the
+      official single-image mode for "fit" and "full".
+
+  Returns:
+    (canvas (S, S, 3) uint8, zero outside the image; box, the image's place
+    on it).
+
+  Raises:
+    ValueError: for an unknown mode, a canvas side below 16, or
+      canvas_size=None with "fit"/"full".
+  """
+  if mode not in RESIZE_MODES:
+    raise ValueError(f"unknown resize mode {mode!r}; known modes: "
+                     f"{', '.join(RESIZE_MODES)}")
+  pil = to_rgb(image)
+  width, height = pil.size
+  if canvas_size is None:
+    if mode != "none":
+      raise ValueError(f"resize mode {mode!r} needs a canvas_size")
+    canvas_size = max(width, height)
+    if canvas_size < glimpse.PATCH_SIZE:
+      raise ValueError(
+          f"image {height}x{width} is smaller than one {glimpse.PATCH_SIZE}x"
+          f"{glimpse.PATCH_SIZE} patch; give a canvas_size >= "
+          f"{glimpse.PATCH_SIZE}")
+  canvas_size = int(canvas_size)
+  if canvas_size < glimpse.PATCH_SIZE:
+    raise ValueError(f"{canvas_size=} is smaller than one "
+                     f"{glimpse.PATCH_SIZE}x{glimpse.PATCH_SIZE} patch")
+
+  if shrink_first and (width > canvas_size or height > canvas_size):
+    pil = _resize(pil, augment.fit_size(width, height, canvas_size))
+  if mode == "fit":
+    pil = _resize(pil, augment.fit_size(*pil.size, canvas_size))
+  elif mode == "full":
+    pil = _resize(pil, (canvas_size, canvas_size))
+  elif pil.size[0] > canvas_size or pil.size[1] > canvas_size:
+    # "none" without the shrink: nothing official to match; fail clearly.
+    raise ValueError(f"image {pil.size[1]}x{pil.size[0]} exceeds the "
+                     f"{canvas_size}x{canvas_size} canvas with resize mode "
+                     "'none' and shrink_first=False")
+  return paste_centred(np.asarray(pil), canvas_size)

@@ -21,18 +21,24 @@ Official order (`mambaeye/dataset.py`, `ImagenetDatasetSinusoidal`):
 
 What this implementation does differently, and why it is the same data:
 
-  * Fused geometry (the common case, no blur and no perspective, ~56% of
-    samples): steps 2 and 5 are one LANCZOS resize of the decoded image
-    straight to the final size over the crop box mapped into source pixels
-    (PIL `resize(box=...)` filters at the box's scale), and the point-wise
-    colour steps (flip, jitter, grayscale) run on the final image. Flip then
-    crop equals crop at the mirrored offset then flip. Point-wise colour maps
-    commute with resampling up to 8-bit rounding; the one non-point-wise
-    input, the contrast adjustment's grayscale mean, is taken from a 64-pixel
-    thumbnail of the whole (uncropped) image with the earlier adjustments
-    applied, as the official takes it from the whole image (differs by at
-    most a gray level or so).
-  * With blur or perspective, the official chain runs step by step.
+  * Fused geometry: flip, perspective, crop and the final resize compose
+    into one map from output pixels to input pixels, applied as one
+    resampling (LANCZOS `resize(box=...)` without perspective; one BICUBIC
+    perspective `transform`, black fill, otherwise). Flip then crop equals
+    crop at the mirrored offset then flip. The input is the decoded image
+    when the fit enlarges it (an enlargement adds no detail) and the fitted
+    image, built as the official builds it, when the fit shrinks it or blur
+    needs it. Resampling once instead of twice or three times changes pixels
+    by ~1-2 gray levels on average (tests/test_data_augment.py bounds it
+    against `apply_reference`, the step-by-step chain).
+  * Point-wise colour steps (jitter, grayscale) run on the smallest image
+    where the official order allows: before the geometry (the official
+    order), or after it when there is no perspective (whose black fill the
+    official never colours). Point-wise maps commute with resampling up to
+    8-bit rounding; the one non-point-wise input, the contrast adjustment's
+    grayscale mean, is then taken from a 64-pixel thumbnail of the whole
+    (uncropped) image with the earlier adjustments applied, as the official
+    takes it from the whole image.
   * JPEGs are decoded at reduced DCT scale when the fitted size is at most
     half the stored size (never below the fitted size; see
     `sources.decode_image`).
@@ -304,9 +310,58 @@ def plan(rng: np.random.Generator, width: int, height: int,
           "erase": rng.random() < cfg.erase_prob}
 
 
+def _homography(params: dict[str, Any], base_size: tuple[int, int],
+                base_is_fitted: bool) -> np.ndarray:
+  """Output pixel -> base pixel map of the whole official geometry.
+
+  Composes, in PIL's continuous pixel coordinates (pixel i spans [i, i+1)):
+  final resize + crop (A), perspective (H), flip (F) and fitted -> base
+  scaling (S). Returns M (3, 3) with [x_base, y_base, 1] ~ M @ [u, v, 1].
+  """
+  w1, h1 = params["fit"]
+  x, y, cw, ch = params["crop"]
+  rw, rh = params["out_size"]
+  a = np.array([[cw / rw, 0, x], [0, ch / rh, y], [0, 0, 1]], np.float64)
+  h = np.eye(3)
+  if params["perspective"] is not None:
+    h = np.append(params["perspective"][1], 1.0).reshape(3, 3)
+  f = np.eye(3)
+  if params["flip"]:
+    f = np.array([[-1, 0, w1], [0, 1, 0], [0, 0, 1]], np.float64)
+  s = np.eye(3)
+  if not base_is_fitted:
+    s = np.diag([base_size[0] / w1, base_size[1] / h1, 1.0])
+  return s @ f @ h @ a
+
+
+def _footprint(m: np.ndarray, out_size: tuple[int, int]
+               ) -> tuple[float, float]:
+  """Base pixels per output pixel along x and y, over the output box."""
+  rw, rh = out_size
+  corners = np.array([[0, 0, 1], [rw, 0, 1], [rw, rh, 1], [0, rh, 1]],
+                     np.float64).T
+  mapped = m @ corners
+  mapped = mapped[:2] / mapped[2]
+  extent = mapped.max(axis=1) - mapped.min(axis=1)
+  return float(extent[0] / rw), float(extent[1] / rh)
+
+
 def apply(image: Image.Image, params: dict[str, Any], rng: np.random.Generator,
           cfg: AugmentConfig) -> np.ndarray:
   """Runs a `plan` on a decoded image.
+
+  The geometry (flip, perspective, crop, final resize) is one resampling: a
+  LANCZOS `resize(box=...)` without perspective, else one BICUBIC perspective
+  `transform` with black fill (after an integer box `reduce` when the output
+  is more than 2x smaller, so the transform does not alias). It reads the
+  decoded image directly when the fit enlarges it (the official BICUBIC
+  enlargement adds no detail), and the fitted image, built as the official
+  does, when the fit shrinks it or blur needs its pixel grid. The point-wise
+  colour steps run on whichever image is smallest among those where the
+  official order allows them: before the geometry always (the official order;
+  the contrast mean is then the whole image's), after it only without
+  perspective (whose black fill the official never colours), with the
+  contrast mean from a thumbnail of the whole image.
 
   Args:
     image: RGB PIL image (possibly DCT-reduced; its size may exceed the plan's
@@ -319,40 +374,91 @@ def apply(image: Image.Image, params: dict[str, Any], rng: np.random.Generator,
     (rh, rw, 3) uint8: the image to paste centred on the zero canvas.
   """
   w1, h1 = params["fit"]
-  x, y, cw, ch = params["crop"]
   out_size = params["out_size"]
-  src_w, src_h = image.size
-  if params["blur_sigma"] is None and params["perspective"] is None:
-    # Fused: crop box in fitted pixels -> source pixels, one LANCZOS resize.
-    if params["flip"]:
-      x = w1 - x - cw
-    sx, sy = src_w / w1, src_h / h1
-    box = (x * sx, y * sy, (x + cw) * sx, (y + ch) * sy)
-    out = image.resize(out_size, Image.Resampling.LANCZOS, box=box)
-    if params["flip"]:
-      out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    thumbnail = None
-    if params["jitter"]:
-      thumbnail = image.resize((64, 64), Image.Resampling.BILINEAR,
-                               reducing_gap=2.0)
-    out = _colour(out, params["jitter"], params["gray"], thumbnail)
+  rw, rh = out_size
+  colour = params["jitter"] is not None or params["gray"]
+  base, base_is_fitted = image, False
+  shrink = w1 < image.size[0] or h1 < image.size[1]
+  if shrink or params["blur_sigma"] is not None:
+    # The fitted image is built when it holds less detail than the decoded
+    # one (shrinking: later steps must not see detail the official drops)
+    # or when blur needs its pixel grid.
+    if colour and image.size[0] * image.size[1] <= w1 * h1:
+      base, colour = _colour(base, params["jitter"], params["gray"]), False
+    base = base.resize((w1, h1), Image.Resampling.LANCZOS if shrink
+                       else Image.Resampling.BICUBIC)
+    base_is_fitted = True
+  if params["blur_sigma"] is not None:
+    if colour:
+      base, colour = _colour(base, params["jitter"], params["gray"]), False
+    base = _blur(base, cfg.blur_kernel, params["blur_sigma"])
+  m = _homography(params, base.size, base_is_fitted)
+  if params["perspective"] is not None:
+    fx, fy = (max(1, int(f)) for f in _footprint(m, out_size))
+    if fx > 1 or fy > 1:
+      base = base.reduce((fx, fy))
+      m = np.diag([1 / fx, 1 / fy, 1.0]) @ m
+    if colour:
+      base, colour = _colour(base, params["jitter"], params["gray"]), False
+    m = m / m[2, 2]
+    out = base.transform(out_size, Image.Transform.PERSPECTIVE,
+                         tuple(m.reshape(-1)[:8]), Image.Resampling.BICUBIC,
+                         fillcolor=(0, 0, 0))
   else:
-    shrink = w1 < src_w or h1 < src_h
-    inter = image.resize((w1, h1), Image.Resampling.LANCZOS if shrink
-                         else Image.Resampling.BICUBIC)
-    if params["flip"]:
-      inter = inter.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    inter = _colour(inter, params["jitter"], params["gray"])
-    if params["blur_sigma"] is not None:
-      inter = _blur(inter, cfg.blur_kernel, params["blur_sigma"])
-    if params["perspective"] is not None:
-      size, coeffs = params["perspective"]
-      inter = inter.transform(size, Image.Transform.PERSPECTIVE,
-                              tuple(coeffs), Image.Resampling.BICUBIC,
-                              fillcolor=(0, 0, 0))
-    out = inter.resize(out_size, Image.Resampling.LANCZOS,
-                       box=(x, y, x + cw, y + ch))
+    if colour and base.size[0] * base.size[1] <= rw * rh:
+      base, colour = _colour(base, params["jitter"], params["gray"]), False
+    # Without perspective the map is axis-aligned: a crop box, mirrored
+    # when flipped (flip then crop = crop the mirrored window then flip).
+    x0, y0 = m[0, 2], m[1, 2]
+    x1, y1 = m[0, 0] * rw + x0, m[1, 1] * rh + y0
+    flip = x1 < x0
+    bw, bh = base.size  # Clamp float round-off at the image edges.
+    box = (max(min(x0, x1), 0.0), max(y0, 0.0), min(max(x0, x1), bw),
+           min(y1, bh))
+    out = base.resize(out_size, Image.Resampling.LANCZOS, box=box)
+    if flip:
+      out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if colour:
+      thumbnail = base.resize((64, 64), Image.Resampling.BILINEAR,
+                              reducing_gap=2.0)
+      out = _colour(out, params["jitter"], params["gray"], thumbnail)
   pixels = np.array(out, np.uint8)  # Writable copy for erasing.
+  if params["erase"]:
+    _random_erase(pixels, rng, cfg)
+  return pixels
+
+
+def apply_reference(image: Image.Image, params: dict[str, Any],
+                    rng: np.random.Generator, cfg: AugmentConfig
+                    ) -> np.ndarray:
+  """The same `plan`, run step by step in the official order and sizes.
+
+  Slow (every step at the fitted size, the perspective at its full bounding
+  box); a reference for tests and the benchmark. `apply` agrees with it up
+  to resampling differences.
+
+  Args: as `apply`.
+
+  Returns:
+    (rh, rw, 3) uint8.
+  """
+  w1, h1 = params["fit"]
+  x, y, cw, ch = params["crop"]
+  shrink = w1 < image.size[0] or h1 < image.size[1]
+  inter = image.resize((w1, h1), Image.Resampling.LANCZOS if shrink
+                       else Image.Resampling.BICUBIC)
+  if params["flip"]:
+    inter = inter.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+  inter = _colour(inter, params["jitter"], params["gray"])
+  if params["blur_sigma"] is not None:
+    inter = _blur(inter, cfg.blur_kernel, params["blur_sigma"])
+  if params["perspective"] is not None:
+    size, coeffs = params["perspective"]
+    inter = inter.transform(size, Image.Transform.PERSPECTIVE, tuple(coeffs),
+                            Image.Resampling.BICUBIC, fillcolor=(0, 0, 0))
+  out = inter.resize(params["out_size"], Image.Resampling.LANCZOS,
+                     box=(x, y, x + cw, y + ch))
+  pixels = np.array(out, np.uint8)
   if params["erase"]:
     _random_erase(pixels, rng, cfg)
   return pixels

@@ -25,9 +25,10 @@ from mambaeye_jax import glimpse
 P = glimpse.PATCH_SIZE
 
 # Above this many image pixels the Python-loop painter of glimpse.py (cost
-# ~T slices, independent of the area) beats the sliding-minimum below (cost
-# ~10 passes over the area). Measured crossover on one core: ~0.5 megapixel.
-_MIN_FILTER_MAX_AREA = 500_000
+# ~T slices plus one pass over the area) beats the sliding minimum below
+# (~10 passes over the area). Measured crossover on one core at T = 1024:
+# ~0.8 to 1 megapixel.
+_MIN_FILTER_MAX_AREA = 800_000
 
 
 def _check(canvas_hw: tuple[int, int], box: glimpse.ImageBox,

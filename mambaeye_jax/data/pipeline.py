@@ -381,12 +381,12 @@ def _finish(ds: grain.MapDataset, cfg: DataConfig,
   return ds
 
 
-def make_train_dataset(config: Any = None, *, source=None,
+def make_train_dataset(config: Any = None, *, data_source=None,
                        shard_options: grain.sharding.ShardOptions | None = None,
                        **overrides) -> grain.IterDataset:
   """The training IterDataset (see `make_train_iterator` for the args)."""
   cfg = DataConfig.from_any(config, **overrides)
-  source = make_source(cfg) if source is None else source
+  source = make_source(cfg) if data_source is None else data_source
   shard_index, shard_count = _shard(shard_options)
   ds = grain.MapDataset.source(source)
   # Equal shards (drop the remainder) keep processes in lockstep.
@@ -403,7 +403,7 @@ def make_train_dataset(config: Any = None, *, source=None,
   return _finish(ds, cfg, drop_remainder=True)
 
 
-def make_train_iterator(config: Any = None, *, source=None,
+def make_train_iterator(config: Any = None, *, data_source=None,
                         shard_options: grain.sharding.ShardOptions | None = None,
                         **overrides) -> GlimpseIterator:
   """Training batches for this JAX process.
@@ -411,7 +411,7 @@ def make_train_iterator(config: Any = None, *, source=None,
   Args:
     config: DataConfig fields as a DataConfig, mapping, ConfigDict or
       attribute object (see `DataConfig`); keyword `overrides` win.
-    source: a random-access source to use instead of the configured one
+    data_source: a random-access source to use instead of the configured one
       (records {"image": bytes | uint8 array, "label": int, "key": str}).
     shard_options: grain ShardOptions; default ShardByJaxProcess (each
       process reads a disjoint, equal share of the records).
@@ -422,22 +422,23 @@ def make_train_iterator(config: Any = None, *, source=None,
     num_epochs > 0, when the last partial batch is dropped.
   """
   return GlimpseIterator(iter(make_train_dataset(
-      config, source=source, shard_options=shard_options, **overrides)))
+      config, data_source=data_source, shard_options=shard_options,
+      **overrides)))
 
 
-def make_eval_dataset(config: Any = None, *, source=None,
+def make_eval_dataset(config: Any = None, *, data_source=None,
                       shard_options: grain.sharding.ShardOptions | None = None,
                       **overrides) -> grain.IterDataset:
   """The evaluation IterDataset (see `make_eval_iterator` for the args)."""
   cfg = DataConfig.from_any(config, **overrides)
-  source = make_source(cfg) if source is None else source
+  source = make_source(cfg) if data_source is None else data_source
   shard_index, shard_count = _shard(shard_options)
   ds = grain.MapDataset.source(_EvenShard(source, shard_index, shard_count))
   ds = ds.map(EvalTransform(cfg))
   return _finish(ds, cfg, drop_remainder=False)
 
 
-def make_eval_iterator(config: Any = None, *, source=None,
+def make_eval_iterator(config: Any = None, *, data_source=None,
                        shard_options: grain.sharding.ShardOptions | None = None,
                        **overrides) -> GlimpseIterator:
   """One pass of evaluation batches for this JAX process.
@@ -454,4 +455,5 @@ def make_eval_iterator(config: Any = None, *, source=None,
     A finite GlimpseIterator of batch dicts.
   """
   return GlimpseIterator(iter(make_eval_dataset(
-      config, source=source, shard_options=shard_options, **overrides)))
+      config, data_source=data_source, shard_options=shard_options,
+      **overrides)))

@@ -1,0 +1,190 @@
+"""Benchmark of the training transform: per-core throughput and stage times.
+
+    python -m mambaeye_jax.data.bench --images ../shared/data/imagenet_sample_100.tar.gz
+
+Extracts the archive (or reads a directory) into a temporary directory,
+pins the process to one CPU core, and runs the full official training
+transform (T = 1024, canvas 256..1024 by default) over the images:
+
+  1. stage by stage (file read, header + plan, decode, transform, positions,
+     patch gather, information ratio), timing each;
+  2. end to end through the Grain pipeline (`make_train_iterator`,
+     in-process, one thread), batches included.
+
+Prints ms/sample and samples/s for one core. Nothing is written outside the
+temporary directory. Times are CPU time of this process (see `_clock`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import tarfile
+import tempfile
+import time
+
+import numpy as np
+
+from mambaeye_jax.data import augment
+from mambaeye_jax.data import glimpses
+from mambaeye_jax.data import pipeline
+from mambaeye_jax.data import scan_patterns
+from mambaeye_jax.data import sources
+
+
+def _clock() -> float:
+  # CPU time, not wall time: "ms of one core" per sample, and robust to
+  # other processes sharing the machine. Counts every thread of the process
+  # (the Grain pipeline's reader thread included).
+  return time.process_time()
+
+
+def _image_files(root: str) -> list[str]:
+  files = []
+  for folder, _, names in os.walk(root):
+    files.extend(os.path.join(folder, n) for n in names
+                 if n.lower().endswith(sources.IMAGE_EXTENSIONS))
+  return sorted(files)
+
+
+class _ListSource:
+  """Records of image files (label 0: labels do not affect the cost)."""
+
+  def __init__(self, files):
+    self._files = files
+
+  def __len__(self):
+    return len(self._files)
+
+  def __getitem__(self, index):
+    with open(self._files[index], "rb") as f:
+      return {"image": f.read(), "label": 0, "key": self._files[index]}
+
+
+def bench_stages(files, cfg: pipeline.DataConfig, samples: int, seed: int):
+  """Times each stage of TrainTransform on `samples` records.
+
+  Returns:
+    (totals: stage -> seconds, path_times: path -> list of transform
+    seconds, n).
+  """
+  aug = cfg.augment_config()
+  pattern = scan_patterns.get("train")
+  totals = collections.defaultdict(float)
+  paths = collections.defaultdict(list)
+  for i in range(samples):
+    rng = np.random.default_rng([seed, i])
+    path = files[i % len(files)]
+    t0 = _clock()
+    with open(path, "rb") as f:
+      data = f.read()
+    t1 = _clock()
+    params = {}
+    marks = {}
+
+    def draft(width, height):
+      marks["plan0"] = _clock()
+      params.update(augment.plan(rng, width, height, aug))
+      marks["plan1"] = _clock()
+      return params["fit"]
+
+    image = sources.decode_image(data, path, draft_size=draft)
+    t2 = _clock()
+    pixels = augment.apply(image, params, rng, aug)
+    t3 = _clock()
+    canvas = params["canvas"]
+    box = augment.centred_box(canvas, pixels.shape[:2])
+    positions = pattern(rng, (canvas, canvas), box, cfg.num_glimpses)
+    t4 = _clock()
+    glimpses.gather_patches(pixels, (canvas, canvas), box, positions)
+    t5 = _clock()
+    glimpses.information_ratio(positions, box)
+    t6 = _clock()
+    plan_s = marks["plan1"] - marks["plan0"]
+    totals["read file"] += t1 - t0
+    totals["header + plan"] += plan_s
+    totals["decode"] += t2 - t1 - plan_s
+    totals["transform"] += t3 - t2
+    totals["positions"] += t4 - t3
+    totals["patch gather"] += t5 - t4
+    totals["information ratio"] += t6 - t5
+    fused = params["blur_sigma"] is None and params["perspective"] is None
+    paths["fused (no blur/perspective)" if fused
+          else "step by step (blur or perspective)"].append(t3 - t2)
+    if params["perspective"] is not None:
+      paths["  of which perspective"].append(t3 - t2)
+    if params["jitter"] is not None:
+      paths["  any with colour jitter"].append(t3 - t2)
+  return totals, paths, samples
+
+
+def bench_pipeline(root_files, cfg: pipeline.DataConfig, batches: int):
+  """Seconds per sample through the Grain iterator (after one warm batch)."""
+  it = pipeline.make_train_iterator(cfg,
+                                   data_source=_ListSource(root_files))
+  next(it)
+  t0 = _clock()
+  for _ in range(batches):
+    next(it)
+  elapsed = _clock() - t0
+  it.close()
+  return elapsed / (batches * cfg.batch_size)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--images", required=True,
+                      help="a .tar.gz of images or a directory")
+  parser.add_argument("--samples", type=int, default=400)
+  parser.add_argument("--num_glimpses", type=int, default=1024)
+  parser.add_argument("--canvas_min", type=int, default=256)
+  parser.add_argument("--canvas_max", type=int, default=1024)
+  parser.add_argument("--batch_size", type=int, default=16)
+  parser.add_argument("--pipeline_batches", type=int, default=10)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--all_cores", action="store_true",
+                      help="do not pin the process to one core")
+  args = parser.parse_args(argv)
+
+  if not args.all_cores and hasattr(os, "sched_setaffinity"):
+    core = min(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {core})
+    print(f"pinned to CPU core {core}")
+  cfg = pipeline.DataConfig(
+      num_glimpses=args.num_glimpses, canvas_min=args.canvas_min,
+      canvas_max=args.canvas_max, batch_size=args.batch_size, seed=args.seed,
+      read_threads=1, read_buffer_size=1)
+  with tempfile.TemporaryDirectory() as tmp:
+    if os.path.isdir(args.images):
+      root = args.images
+    else:
+      with tarfile.open(args.images) as tar:
+        tar.extractall(tmp, filter="data")
+      root = tmp
+    files = _image_files(root)
+    if not files:
+      raise SystemExit(f"no images in {args.images}")
+    print(f"{len(files)} images; T={args.num_glimpses}, canvas "
+          f"{args.canvas_min}..{args.canvas_max}, full training transform")
+    bench_stages(files, cfg, min(20, args.samples), args.seed + 1)  # Warm.
+    totals, paths, n = bench_stages(files, cfg, args.samples, args.seed)
+    total = sum(totals.values())
+    print(f"\nstage by stage, {n} samples, one core:")
+    for stage, seconds in totals.items():
+      print(f"  {stage:<22} {seconds / n * 1e3:7.2f} ms/sample "
+            f"({seconds / total:5.1%})")
+    print(f"  {'total':<22} {total / n * 1e3:7.2f} ms/sample = "
+          f"{n / total:6.1f} samples/s per core")
+    print("transform by path (mean ms, share of samples):")
+    for path, times in paths.items():
+      print(f"  {path:<36} {np.mean(times) * 1e3:7.2f} ms "
+            f"({len(times) / n:5.1%})")
+    per_sample = bench_pipeline(files, cfg, args.pipeline_batches)
+    print(f"\nGrain pipeline end to end (batch {args.batch_size}, in-process,"
+          f" 1 thread): {per_sample * 1e3:.2f} ms/sample = "
+          f"{1 / per_sample:.1f} samples/s per core")
+
+
+if __name__ == "__main__":
+  main()

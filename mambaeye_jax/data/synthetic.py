@@ -173,16 +173,16 @@ class SyntheticShapes:
   `len(ds)` examples; `ds[i]` is {"image": (h, w, 3) uint8, "label": int}
   with h, w in [min_side, max_side], deterministic in (seed, i). Works as a
   `grain.MapDataset.source(...)` and pickles (for worker processes).
+
+  Args:
+    num_examples: dataset length (>= 0).
+    seed: selects the dataset; same seed, same images.
+    min_side: smallest height/width in pixels (>= 1).
+    max_side: largest height/width in pixels (>= min_side).
   """
 
   def __init__(self, num_examples: int, seed: int = 0, min_side: int = 24,
                max_side: int = 160):
-    """Args:
-      num_examples: dataset length (>= 0).
-      seed: selects the dataset; same seed, same images.
-      min_side: smallest height/width in pixels (>= 1).
-      max_side: largest height/width in pixels (>= min_side).
-    """
     if num_examples < 0:
       raise ValueError(f"{num_examples=} must be >= 0")
     if not 1 <= min_side <= max_side:

@@ -1,0 +1,1243 @@
+"""Multi-resolution evaluation of a MambaEye checkpoint (the library of eval.py).
+
+Dimension letters: N examples, b batch, S canvas side, t / T glimpses,
+K classes.
+
+One evaluation *setting* is (canvas side S, resize mode, scan pattern, T).
+For each setting every image becomes
+
+    canvas (S, S, 3) uint8 + positions (T, 2) int32 + label
+
+on the host, in a pool of worker processes (decode, resize, scan order)
+that write straight into shared-memory batch slots. The device receives
+only those uint8 canvases and int corners, gathers the 16 x 16 patches
+itself (`glimpse.extract_patches_jax`), runs the jitted forward and reduces
+the logits to per-step correct counts: only (T,) counts and (b,) last-step
+predictions ever come back to the host. Batches have one fixed shape (the
+last is padded and masked), so the step compiles once per canvas size, and
+the next batch is transferred while the current one computes.
+
+Glimpse counts are read off one run of the longest: the model is causal, so
+the logits after g glimpses of a T-glimpse sequence are those of a
+g-glimpse sequence with the same first g corners. Grid patterns (and
+`random_fixed_grid`) give exactly those corners; for `random` the corners of
+a shorter run would be other independent uniform draws, the same
+distribution.
+
+Datasets (`open_source`): an image folder `root/<class>/<image>`; a folder of
+loose photos named `<synset>_<name>.<ext>` (ImageNet class from the synset);
+a `.tar.gz` / `.tgz` / `.tar` of either; `tfds:NAME[:SPLIT]`;
+`synthetic[:N]` (`data.synthetic.SyntheticShapes`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import concurrent.futures
+import dataclasses
+import functools
+import importlib.util
+import json
+import logging
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+from multiprocessing import shared_memory
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from PIL import Image
+
+from mambaeye_jax import glimpse
+from mambaeye_jax import loss
+from mambaeye_jax.data import eval_transforms
+from mambaeye_jax.data import scan_patterns
+from mambaeye_jax.data import sources
+from mambaeye_jax.data import synthetic
+
+# The official evaluation's defaults (its eval.py): T = 4096 glimpses,
+# random scan, resize "fit"; 512 is the canvas of the headline numbers.
+DEFAULT_CANVAS_SIZES = (512,)
+DEFAULT_RESIZE_MODES = ("fit",)
+DEFAULT_SCAN_PATTERNS = ("random",)
+DEFAULT_GLIMPSE_COUNTS = (256, 1024, 4096)
+
+# Loose photos and folder names carrying an ImageNet synset id.
+_SYNSET = re.compile(r"^(n\d{8})(?:[_\-. ](.*))?$")
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif",
+                   ".tiff")
+
+
+class EvalError(Exception):
+  """A failure the command line reports as one clear sentence."""
+
+
+class CheckpointError(EvalError):
+  """The checkpoint is missing or is not a MambaEye."""
+
+
+class DataError(EvalError):
+  """The dataset cannot be read or does not fit the model."""
+
+
+# ------------------------------------------------------------------ classes
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassMap:
+  """Class index -> key (a synset or folder name) and a readable name.
+
+  Attributes:
+    keys: (K,) keys in class-index order.
+    names: (K,) readable names ("" where unknown).
+  """
+  keys: tuple[str, ...]
+  names: tuple[str, ...]
+
+  def __post_init__(self):
+    if len(self.keys) != len(self.names):
+      raise ValueError("ClassMap keys and names differ in length")
+    if len(set(self.keys)) != len(self.keys):
+      dup = sorted(k for k, n in collections.Counter(self.keys).items() if n > 1)
+      raise ValueError(f"class map repeats keys {dup[:5]}")
+
+  def index(self) -> dict[str, int]:
+    return {k: i for i, k in enumerate(self.keys)}
+
+  def name(self, index: int) -> str:
+    """Readable name of a class index (its key when no name is known)."""
+    if 0 <= index < len(self.keys):
+      return self.names[index] or self.keys[index]
+    return str(index)
+
+
+def read_class_map(path: str) -> ClassMap:
+  """Reads a class-map file.
+
+  Formats: a text file with one class per line in index order,
+  `KEY [readable name]` (KEY a synset such as n01440764 or a folder name;
+  blank lines and `#` comments skipped); or JSON, either a list of keys, or
+  an object {KEY: index} / {KEY: [index, name]}.
+
+  Raises:
+    DataError: missing file or a malformed map.
+  """
+  if not os.path.isfile(path):
+    raise DataError(f"class map {path} does not exist")
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  try:
+    if path.endswith(".json"):
+      data = json.loads(text)
+      if isinstance(data, list):
+        return ClassMap(tuple(map(str, data)), ("",) * len(data))
+      entries = sorted(
+          (int(v[0]) if isinstance(v, list) else int(v), str(k),
+           str(v[1]) if isinstance(v, list) and len(v) > 1 else "")
+          for k, v in data.items())
+      if [e[0] for e in entries] != list(range(len(entries))):
+        raise ValueError("indices must be 0..K-1, each once")
+      return ClassMap(tuple(e[1] for e in entries), tuple(e[2] for e in entries))
+    keys, names = [], []
+    for line in text.splitlines():
+      line = line.strip()
+      if not line or line.startswith("#"):
+        continue
+      key, _, name = line.partition(" ")
+      keys.append(key.strip())
+      names.append(name.strip())
+    return ClassMap(tuple(keys), tuple(names))
+  except (ValueError, TypeError, KeyError) as e:
+    raise DataError(f"class map {path} is malformed: {e}") from e
+
+
+def builtin_imagenet_classes() -> ClassMap | None:
+  """The 1000 ImageNet-1K synsets in class-index order, if available offline.
+
+  The standard class index of ImageNet-1K (torchvision's ImageFolder over
+  the train folders, the official code's labels) is the position of the
+  synset in the sorted list of the 1000 synsets. That list ships with
+  tensorflow-datasets (`datasets/imagenet2012/labels.txt`, a dependency of
+  this package); it is read as a file, without importing TFDS. Readable
+  names are left empty (the dataset may supply them).
+
+  Returns:
+    The map, or None when tensorflow-datasets is not installed.
+  """
+  spec = importlib.util.find_spec("tensorflow_datasets")
+  if spec is None or not spec.submodule_search_locations:
+    return None
+  for root in spec.submodule_search_locations:
+    path = os.path.join(root, "datasets", "imagenet2012", "labels.txt")
+    if os.path.isfile(path):
+      with open(path) as f:
+        keys = tuple(line.strip() for line in f if line.strip())
+      if len(keys) == 1000 and list(keys) == sorted(keys):
+        return ClassMap(keys, ("",) * len(keys))
+  return None
+
+
+def _readable(name: str) -> str:
+  return name.replace("_", " ").strip()
+
+
+# ------------------------------------------------------------------ sources
+
+
+class FileListSource:
+  """Images given as (path, label) pairs; records as `data.sources` has them.
+
+  Records are {"image": bytes, "label": int, "key": path}; images are
+  decoded in the workers.
+  """
+
+  def __init__(self, items: Sequence[tuple[str, int]], class_map: ClassMap,
+               description: str):
+    self._items = list(items)
+    self.class_map = class_map
+    self.num_classes = len(class_map.keys)
+    self.description = description
+
+  def __len__(self) -> int:
+    return len(self._items)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    path, label = self._items[index]
+    try:
+      with open(path, "rb") as f:
+        data = f.read()
+    except OSError:
+      data = b""  # decode_image then names the file as unreadable.
+    return {"image": data, "label": label, "key": path}
+
+
+class RepeatSource:
+  """A source seen `times` times in a row (benchmarks on a small sample)."""
+
+  def __init__(self, source, times: int):
+    self._source = source
+    self._times = int(times)
+    self.class_map = getattr(source, "class_map", None)
+    self.num_classes = getattr(source, "num_classes", None)
+    self.description = f"{getattr(source, 'description', source)} x{times}"
+
+  def __len__(self) -> int:
+    return len(self._source) * self._times
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return self._source[index % len(self._source)]
+
+
+class _Described:
+  """Wraps a `data.sources` / `data.synthetic` source with a class map."""
+
+  def __init__(self, source, class_map: ClassMap | None, description: str):
+    self._source = source
+    self.class_map = class_map
+    self.num_classes = (len(class_map.keys) if class_map is not None
+                        else getattr(source, "num_classes", None))
+    self.description = description
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return self._source[index]
+
+
+def _list_images(folder: str) -> list[str]:
+  return sorted(f for f in os.listdir(folder)
+                if f.lower().endswith(_IMAGE_SUFFIXES)
+                and os.path.isfile(os.path.join(folder, f)))
+
+
+def _extract_archive(path: str, extract_dir: str | None) -> str:
+  """Unpacks a tar archive; returns the directory holding its content.
+
+  A single top-level folder is descended into. The archive is unpacked with
+  the "data" filter (no absolute paths, links out of the tree or devices).
+  """
+  if extract_dir is None:
+    extract_dir = tempfile.mkdtemp(prefix="mambaeye_eval_")
+    atexit.register(shutil.rmtree, extract_dir, ignore_errors=True)
+  try:
+    with tarfile.open(path) as tar:
+      tar.extractall(extract_dir, filter="data")
+  except (tarfile.TarError, OSError, EOFError) as e:
+    raise DataError(f"cannot unpack {path}: {e}") from e
+  root = extract_dir
+  while True:
+    entries = [e for e in os.listdir(root) if not e.startswith(".")]
+    if len(entries) == 1 and os.path.isdir(os.path.join(root, entries[0])):
+      root = os.path.join(root, entries[0])
+    else:
+      return root
+
+
+def _loose_photos(root: str, files: Sequence[str],
+                  class_map: ClassMap | None, unknown_synsets: str):
+  """Loose photos named `<synset>_<name>.<ext>` -> FileListSource."""
+  parsed = []
+  for f in files:
+    match = _SYNSET.match(os.path.splitext(f)[0])
+    if not match:
+      raise DataError(
+          f"{os.path.join(root, f)}: loose photos must be named "
+          "<synset>_<name>.<ext> (e.g. n01440764_tench.JPEG); put them in "
+          "class folders root/<class>/<image> otherwise")
+    parsed.append((f, match.group(1), _readable(match.group(2) or "")))
+  given = class_map is not None
+  class_map = class_map or builtin_imagenet_classes()
+  if class_map is None:
+    if unknown_synsets != "sorted":
+      raise DataError(
+          "the class index of an ImageNet synset needs the sorted list of the "
+          "1000 ImageNet synsets: install tensorflow-datasets (it ships that "
+          "list) or pass --class-map FILE (one synset per line, in class "
+          "order)")
+    keys = tuple(sorted({s for _, s, _ in parsed}))
+    logging.warning("no ImageNet synset list: %d synsets numbered in sorted "
+                    "order of those present (accuracies against a 1000-class "
+                    "model are meaningless)", len(keys))
+    class_map = ClassMap(keys, ("",) * len(keys))
+  index = class_map.index()
+  missing = sorted({s for _, s, _ in parsed if s not in index})
+  if missing:
+    raise DataError(f"synsets {missing[:5]} of {root} are not in the "
+                    f"{'given' if given else 'ImageNet'} class map")
+  # Readable names from the file names where the map has none.
+  names = list(class_map.names)
+  for _, synset, name in parsed:
+    if name and not names[index[synset]]:
+      names[index[synset]] = name
+  class_map = ClassMap(class_map.keys, tuple(names))
+  items = [(os.path.join(root, f), index[s]) for f, s, _ in parsed]
+  return FileListSource(items, class_map, f"{root} ({len(items)} photos)")
+
+
+def _class_folders(root: str, class_map: ClassMap | None):
+  """`root/<class>/<image>` -> a source with a class map.
+
+  Without a class map, folders named by ImageNet synsets are numbered by the
+  ImageNet list (right for any subset of the 1000 classes); other folders
+  by their sorted names, as the official code (torchvision ImageFolder).
+  """
+  folders = sorted(d for d in os.listdir(root)
+                   if os.path.isdir(os.path.join(root, d)))
+  if class_map is None and folders and all(_SYNSET.match(d) for d in folders):
+    class_map = builtin_imagenet_classes()
+  if class_map is None:
+    src = sources.ImageFolderSource(root)
+    cmap = ClassMap(tuple(src.class_names),
+                    tuple(_readable(n) for n in src.class_names))
+    return _Described(src, cmap, f"{root} ({len(src)} images, "
+                      f"{src.num_classes} classes)")
+  index = class_map.index()
+  missing = [d for d in folders if d not in index]
+  if missing:
+    raise DataError(f"class folders {missing[:5]} of {root} are not in the "
+                    "class map")
+  items = []
+  for d in folders:
+    items += [(os.path.join(root, d, f), index[d])
+              for f in _list_images(os.path.join(root, d))]
+  if not items:
+    raise DataError(f"{root} holds no images")
+  return FileListSource(items, class_map, f"{root} ({len(items)} images)")
+
+
+def open_source(spec: str, *, class_map: str | ClassMap | None = None,
+                extract_dir: str | None = None, tfds_data_dir: str | None = None,
+                unknown_synsets: str = "error"):
+  """Opens a dataset for evaluation.
+
+  Args:
+    spec: an image folder (class folders, or loose `<synset>_<name>` photos),
+      a `.tar.gz` / `.tgz` / `.tar` of one, `tfds:NAME[:SPLIT]` (split
+      "validation" by default) or `synthetic[:N]` (N = 100 by default).
+    class_map: a `ClassMap` or a path for `read_class_map`.
+    extract_dir: where archives are unpacked (a temporary folder, removed at
+      exit, by default).
+    tfds_data_dir: TFDS data directory.
+    unknown_synsets: "error", or "sorted" to number the synsets present in
+      sorted order when no ImageNet list is available (benchmarks only).
+
+  Returns:
+    A random-access source: `len`, `[i]` -> {"image": bytes or (h, w, 3)
+    uint8, "label": int, "key": str}, plus `class_map` (or None),
+    `num_classes` and `description`.
+
+  Raises:
+    DataError: for anything that cannot be read as a dataset.
+  """
+  if isinstance(class_map, str):
+    class_map = read_class_map(class_map)
+  if spec.startswith("synthetic"):
+    _, _, count = spec.partition(":")
+    try:
+      num = int(count) if count else 100
+    except ValueError:
+      raise DataError(f"bad synthetic dataset {spec!r}; use synthetic[:N]") from None
+    src = synthetic.SyntheticShapes(num)
+    names = tuple(synthetic.CLASS_NAMES)
+    return _Described(src, ClassMap(names, names), f"synthetic shapes ({num})")
+  if spec.startswith("tfds:"):
+    parts = spec.split(":")
+    name = parts[1]
+    split = parts[2] if len(parts) > 2 and parts[2] else "validation"
+    try:
+      src = sources.TfdsSource(name, split, data_dir=tfds_data_dir)
+    except Exception as e:  # TFDS raises many types for a missing dataset.
+      raise DataError(f"cannot open TFDS dataset {name} split {split}: {e}") from e
+    if class_map is None:
+      feature = src._source.dataset_info.features["label"]  # pylint: disable=protected-access
+      label_names = tuple(getattr(feature, "names", None) or ())
+      if label_names:
+        class_map = ClassMap(label_names, tuple(map(_readable, label_names)))
+    return _Described(src, class_map, f"tfds {name}/{split} ({len(src)})")
+  if not os.path.exists(spec):
+    raise DataError(f"dataset {spec} does not exist (give an image folder, a "
+                    ".tar.gz of one, tfds:NAME[:SPLIT] or synthetic[:N])")
+  root = spec
+  if os.path.isfile(spec):
+    if not tarfile.is_tarfile(spec):
+      raise DataError(f"{spec} is neither a folder nor a tar archive")
+    root = _extract_archive(spec, extract_dir)
+  files = _list_images(root)
+  folders = [d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))]
+  try:
+    if files and not folders:
+      return _loose_photos(root, files, class_map, unknown_synsets)
+    if folders:
+      return _class_folders(root, class_map)
+  except (FileNotFoundError, ValueError) as e:
+    if isinstance(e, EvalError):
+      raise
+    raise DataError(str(e)) from e
+  raise DataError(f"{spec} holds no images")
+
+
+# ------------------------------------------------------------------ model
+
+
+def _backend_dtype(dtype: str) -> str:
+  """"auto" -> bfloat16 on accelerators, float32 on CPU (where XLA's bf16
+  matmuls are emulated and slower)."""
+  if dtype != "auto":
+    return dtype
+  return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def _restore_from_workdir(workdir: str, **overrides):
+  """The latest model of a training work directory (`train_lib`), or the
+  model directory `workdir/model` where no train_lib is installed."""
+  try:
+    from mambaeye_jax import train_lib  # pylint: disable=g-import-not-at-top
+  except ModuleNotFoundError as e:
+    if e.name != "mambaeye_jax.train_lib":
+      raise
+    from mambaeye_jax import checkpoint  # pylint: disable=g-import-not-at-top
+    return checkpoint.load_model(os.path.join(workdir, "model"), **overrides)
+  return train_lib.restore_model(workdir, **overrides)
+
+
+def load_eval_model(*, checkpoint_path: str | None = None,
+                    workdir: str | None = None, dtype: str = "auto",
+                    ssd_impl: str | None = None,
+                    chunk_size: int | None = None):
+  """Loads the model to evaluate, with compute overrides.
+
+  Args:
+    checkpoint_path: a model directory or an official .pt / .safetensors.
+    workdir: a training work directory (exactly one of the two).
+    dtype: "float32", "bfloat16" or "auto" (bf16 on GPU/TPU, f32 on CPU).
+    ssd_impl: SSD implementation override (None keeps the config's).
+    chunk_size: SSD chunk override (None keeps the config's).
+
+  Returns:
+    The `MambaEye`, parameters float32, compute in `dtype`.
+
+  Raises:
+    CheckpointError: missing path, or a file or directory that is not a
+      MambaEye checkpoint; the message names the path.
+  """
+  from mambaeye_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  if (checkpoint_path is None) == (workdir is None):
+    raise CheckpointError("give exactly one of a checkpoint or a work directory")
+  path = checkpoint_path or workdir
+  if not os.path.exists(path):
+    kind = "checkpoint" if checkpoint_path else "work directory"
+    raise CheckpointError(f"{kind} {path} does not exist")
+  overrides = {"dtype": _backend_dtype(dtype)}
+  if ssd_impl:
+    overrides["ssd_impl"] = ssd_impl
+  if chunk_size:
+    overrides["chunk_size"] = int(chunk_size)
+  try:
+    if checkpoint_path:
+      return checkpoint.load_model(checkpoint_path, **overrides)
+    return _restore_from_workdir(workdir, **overrides)
+  except EvalError:
+    raise
+  except Exception as e:  # Loaders raise many types; one clear message.
+    raise CheckpointError(f"cannot load a MambaEye from {path}: "
+                          f"{type(e).__name__}: {e}") from e
+
+
+# ------------------------------------------------------------------ settings
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """One evaluation setting; every example of it has the same shapes."""
+  canvas_size: int
+  resize: str
+  scan: str
+  num_glimpses: int
+
+  def label(self) -> str:
+    return f"{self.scan}/{self.resize}/{self.canvas_size}"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """What to evaluate and how.
+
+  Attributes:
+    canvas_sizes: canvas sides S.
+    resize_modes: "none", "fit", "full".
+    scan_patterns: names registered in `data.scan_patterns`.
+    glimpse_counts: accuracies reported after these many glimpses; the run
+      uses T = max(glimpse_counts) (see the module docstring).
+    batch_size: images per device step (the last batch is padded).
+    num_workers: host worker processes (0: decode in this process).
+    seed: random scan orders are a function of (seed, example index).
+    max_examples: evaluate only the first examples (None: all).
+    skip_bad_images: leave unreadable images out (counted) instead of
+      stopping.
+    slots: batch buffers in flight (prefetch depth + 1).
+  """
+  canvas_sizes: tuple[int, ...] = DEFAULT_CANVAS_SIZES
+  resize_modes: tuple[str, ...] = DEFAULT_RESIZE_MODES
+  scan_patterns: tuple[str, ...] = DEFAULT_SCAN_PATTERNS
+  glimpse_counts: tuple[int, ...] = DEFAULT_GLIMPSE_COUNTS
+  batch_size: int = 64
+  num_workers: int = 0
+  seed: int = 0
+  max_examples: int | None = None
+  skip_bad_images: bool = False
+  slots: int = 4
+
+  def __post_init__(self):
+    for name in ("canvas_sizes", "resize_modes", "scan_patterns",
+                 "glimpse_counts"):
+      if not getattr(self, name):
+        raise ValueError(f"EvalConfig.{name} is empty")
+    for s in self.canvas_sizes:
+      if s < glimpse.PATCH_SIZE:
+        raise ValueError(f"canvas size {s} is smaller than one "
+                         f"{glimpse.PATCH_SIZE}x{glimpse.PATCH_SIZE} patch")
+    for mode in self.resize_modes:
+      if mode not in eval_transforms.RESIZE_MODES:
+        raise ValueError(f"unknown resize mode {mode!r}; known modes: "
+                         f"{', '.join(eval_transforms.RESIZE_MODES)}")
+    for name in self.scan_patterns:
+      try:
+        scan_patterns.get(name)
+      except KeyError as e:
+        raise ValueError(e.args[0]) from None
+    if min(self.glimpse_counts) < 1:
+      raise ValueError(f"glimpse counts {self.glimpse_counts} must be >= 1")
+    if self.batch_size < 1 or self.num_workers < 0 or self.slots < 2:
+      raise ValueError(f"need batch_size >= 1, num_workers >= 0, slots >= 2; "
+                       f"got {self.batch_size}, {self.num_workers}, {self.slots}")
+
+  @property
+  def num_glimpses(self) -> int:
+    return max(self.glimpse_counts)
+
+  def settings(self) -> list[Setting]:
+    """Every (canvas, resize, scan) combination, canvas sizes outermost."""
+    return [Setting(s, r, p, self.num_glimpses) for s in self.canvas_sizes
+            for r in self.resize_modes for p in self.scan_patterns]
+
+
+# ------------------------------------------------------------------ host side
+
+
+def example_rng(seed: int, index: int) -> np.random.Generator:
+  """The scan pattern's randomness for one example: independent of the batch
+  size, the worker and the order in which examples are prepared."""
+  return np.random.default_rng([seed, index])
+
+
+def to_pil(record: Mapping[str, Any]) -> Image.Image:
+  """A record's image as an RGB PIL image (encoded bytes or a uint8 array).
+
+  Raises:
+    sources.BadImageError: corrupt or unreadable data, naming the record.
+  """
+  image = record["image"]
+  key = record.get("key", "<image>")
+  if isinstance(image, (bytes, bytearray, memoryview)):
+    return sources.decode_image(bytes(image), key)
+  try:
+    return eval_transforms.to_rgb(np.asarray(image))
+  except (TypeError, ValueError) as e:
+    raise sources.BadImageError(key, str(e)) from e
+
+
+def prepare_example(record: Mapping[str, Any], setting: Setting, seed: int,
+                    index: int) -> tuple[np.ndarray, np.ndarray, glimpse.ImageBox]:
+  """One record -> (canvas (S, S, 3) uint8, positions (T, 2) int32, box)."""
+  canvas, box = eval_transforms.eval_canvas(to_pil(record), setting.resize,
+                                            setting.canvas_size)
+  positions = scan_patterns.generate(setting.scan, example_rng(seed, index),
+                                     canvas.shape[:2], box,
+                                     setting.num_glimpses)
+  return canvas, positions, box
+
+
+@dataclasses.dataclass
+class _HostBatches:
+  """`slots` batch buffers: canvases (n, b, S, S, 3) u8, positions
+  (n, b, T, 2) i32, labels (n, b) i32, ok (n, b) u8. In shared memory when
+  workers fill them, plain arrays otherwise."""
+  canvases: np.ndarray
+  positions: np.ndarray
+  labels: np.ndarray
+  ok: np.ndarray
+  shms: list
+
+  @classmethod
+  def create(cls, slots: int, batch: int, setting: Setting, shared: bool):
+    shapes = [((slots, batch, setting.canvas_size, setting.canvas_size, 3), np.uint8),
+              ((slots, batch, setting.num_glimpses, 2), np.int32),
+              ((slots, batch), np.int32), ((slots, batch), np.uint8)]
+    arrays, shms = [], []
+    for shape, dtype in shapes:
+      if shared:
+        nbytes = max(int(np.prod(shape)) * np.dtype(dtype).itemsize, 1)
+        shm = shared_memory.SharedMemory(create=True, size=nbytes)
+        shms.append(shm)
+        arrays.append(np.ndarray(shape, dtype, buffer=shm.buf))
+      else:
+        arrays.append(np.zeros(shape, dtype))
+    return cls(*arrays, shms=shms)
+
+  def spec(self) -> tuple:
+    """What a worker needs to attach: ((name, shape, dtype str), ...)."""
+    arrays = (self.canvases, self.positions, self.labels, self.ok)
+    return tuple((shm.name, a.shape, a.dtype.str) for shm, a in zip(self.shms, arrays))
+
+  def close(self):
+    arrays = ("canvases", "positions", "labels", "ok")
+    for name in arrays:
+      setattr(self, name, None)  # Views must go before the buffers close.
+    for shm in self.shms:
+      shm.close()
+      shm.unlink()
+    self.shms = []
+
+
+def _fill(source, arrays, setting: Setting, seed: int, slot: int,
+          offset: int, indices: Sequence[int], skip_bad: bool) -> int:
+  """Prepares examples `indices` into rows offset.. of batch slot `slot`.
+
+  Returns:
+    How many were unreadable and skipped (their `ok` is 0).
+
+  Raises:
+    sources.BadImageError: an unreadable image when not `skip_bad`.
+  """
+  canvases, positions, labels, ok = arrays
+  bad = 0
+  for row, index in enumerate(indices, start=offset):
+    record = source[index]
+    try:
+      canvas, pos, _ = prepare_example(record, setting, seed, index)
+    except sources.BadImageError:
+      if not skip_bad:
+        raise
+      logging.warning("skipping unreadable image %s", record.get("key"))
+      canvases[slot, row] = 0
+      positions[slot, row] = 0
+      labels[slot, row] = 0
+      ok[slot, row] = 0
+      bad += 1
+      continue
+    canvases[slot, row] = canvas
+    positions[slot, row] = pos
+    labels[slot, row] = int(record["label"])
+    ok[slot, row] = 1
+  return bad
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(source):
+  # Workers only prepare numpy data: keep JAX (imported by the glimpse
+  # module) off the accelerator should anything initialise a backend.
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  _WORKER["source"] = source
+  _WORKER["spec"] = None
+
+
+def _worker_fill(spec, setting, seed, slot, offset, indices, skip_bad) -> int:
+  """Runs `_fill` in a worker on the shared-memory slots named by `spec`."""
+  if _WORKER["spec"] != spec:
+    for shm in _WORKER.get("shms", []):
+      shm.close()
+    shms = [shared_memory.SharedMemory(name=name) for name, _, _ in spec]
+    _WORKER["arrays"] = [np.ndarray(shape, np.dtype(dt), buffer=shm.buf)
+                         for shm, (_, shape, dt) in zip(shms, spec)]
+    _WORKER["shms"] = shms
+    _WORKER["spec"] = spec
+  return _fill(_WORKER["source"], _WORKER["arrays"], setting, seed, slot,
+               offset, indices, skip_bad)
+
+
+class WorkerPool:
+  """Worker processes that decode and resize into shared memory.
+
+  Started with "spawn": the parent has already started JAX's threads, which
+  a fork would copy in an undefined state.
+  """
+
+  def __init__(self, source, num_workers: int):
+    self.num_workers = num_workers
+    self._pool = None
+    if num_workers > 0:
+      self._pool = concurrent.futures.ProcessPoolExecutor(
+          max_workers=num_workers, mp_context=multiprocessing.get_context("spawn"),
+          initializer=_worker_init, initargs=(source,))
+    self._source = source
+
+  def submit(self, batches: _HostBatches, setting: Setting, seed: int,
+             slot: int, indices: Sequence[int], skip_bad: bool) -> list:
+    """Starts filling batch slot `slot` with `indices`; returns futures."""
+    if self._pool is None:
+      arrays = (batches.canvases, batches.positions, batches.labels, batches.ok)
+      done = concurrent.futures.Future()
+      try:
+        done.set_result(_fill(self._source, arrays, setting, seed, slot, 0,
+                              indices, skip_bad))
+      except Exception as e:  # Re-raised by .result(), as from a worker.
+        done.set_exception(e)
+      return [done]
+    # Chunks small enough that every worker takes part in each batch.
+    chunk = max(1, min(16, -(-len(indices) // (2 * self.num_workers))))
+    spec = batches.spec()
+    return [self._pool.submit(_worker_fill, spec, setting, seed, slot, start,
+                              list(indices[start:start + chunk]), skip_bad)
+            for start in range(0, len(indices), chunk)]
+
+  def close(self):
+    if self._pool is not None:
+      self._pool.shutdown(wait=True, cancel_futures=True)
+      self._pool = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+# ------------------------------------------------------------------ device side
+
+
+def score_logits(logits: jax.Array, labels: jax.Array,
+                 valid: jax.Array) -> dict[str, jax.Array]:
+  """Reduces logits to what leaves the device.
+
+  Args:
+    logits: (b, T, K).
+    labels: (b,) int.
+    valid: (b,) bool, False on padding and skipped images.
+
+  Returns:
+    top1: (T,) int32, the valid examples whose argmax at step t is the
+      label (ties: the first maximum, as `jnp.argmax`).
+    top5: (T,) int32, the valid examples whose label has fewer than 5
+      strictly larger logits at step t.
+    last_pred: (b,) int32 top-1 class after the last glimpse.
+  """
+  labels = labels.astype(jnp.int32)
+  correct1 = loss.correct_at_steps(logits, labels)  # (b, T)
+  label_logit = jnp.take_along_axis(
+      logits, jnp.broadcast_to(labels[:, None, None], (*logits.shape[:2], 1)),
+      axis=-1)
+  rank = jnp.sum(logits > label_logit, axis=-1)  # (b, T)
+  weight = valid[:, None]
+  return {
+      "top1": jnp.sum(correct1 & weight, axis=0, dtype=jnp.int32),
+      "top5": jnp.sum((rank < 5) & weight, axis=0, dtype=jnp.int32),
+      "last_pred": jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32),
+  }
+
+
+def _eval_step(graphdef, state, canvases, positions, labels, valid):
+  """canvases (b, S, S, 3) u8, positions (b, T, 2) i32, labels (b,) i32,
+  valid (b,) bool -> `score_logits` of the model's logits."""
+  model = nnx.merge(graphdef, state)
+  patches = glimpse.extract_patches_jax(canvases, positions)  # (b, T, 768) u8
+  logits = model(patches, positions)
+  return score_logits(logits, labels, valid)
+
+
+class DeviceRunner:
+  """The jitted evaluation step, data-parallel over the local devices.
+
+  Works with any nnx module `model(patches (b, T, 768) uint8, positions
+  (b, T, 2) int32) -> logits (b, T, K)`.
+  """
+
+  def __init__(self, model: nnx.Module, batch_size: int,
+               num_classes: int | None = None):
+    self.num_classes = num_classes  # Labels are checked against it.
+    devices = jax.local_devices()
+    count = len(devices) if batch_size % len(devices) == 0 else 1
+    if count < len(devices):
+      logging.warning("batch size %d does not divide over %d devices: "
+                      "using one", batch_size, len(devices))
+    self.mesh = jax.sharding.Mesh(np.array(devices[:count]), ("data",))
+    spec = jax.sharding.PartitionSpec
+    self.batch_sharding = jax.sharding.NamedSharding(self.mesh, spec("data"))
+    replicated = jax.sharding.NamedSharding(self.mesh, spec())
+    graphdef, state = nnx.split(model)
+    self.state = jax.device_put(state, replicated)
+    self.batch_size = batch_size
+    self._copy_host = devices[0].platform == "cpu"
+    self._step = jax.jit(functools.partial(_eval_step, graphdef),
+                         out_shardings=replicated)
+
+  def put(self, canvases, positions, labels, valid) -> tuple:
+    """Host arrays -> device arrays; returns once the copy is done, so the
+    host buffers may be reused."""
+    if self._copy_host:
+      # The CPU backend may alias host memory instead of copying it.
+      canvases, positions = np.array(canvases), np.array(positions)
+    arrays = jax.device_put((canvases, positions, np.asarray(labels),
+                             np.asarray(valid)), self.batch_sharding)
+    jax.block_until_ready(arrays)
+    return arrays
+
+  def run(self, arrays) -> dict[str, jax.Array]:
+    """Dispatches one step (asynchronous)."""
+    return self._step(self.state, *arrays)
+
+  def warm_up(self, setting: Setting) -> float:
+    """Compiles the step for a setting's shapes; returns seconds taken."""
+    start = time.perf_counter()
+    b, s, t = self.batch_size, setting.canvas_size, setting.num_glimpses
+    arrays = self.put(np.zeros((b, s, s, 3), np.uint8), np.zeros((b, t, 2), np.int32),
+                      np.zeros((b,), np.int32), np.zeros((b,), bool))
+    jax.block_until_ready(self.run(arrays))
+    return time.perf_counter() - start
+
+
+# ------------------------------------------------------------------ results
+
+
+@dataclasses.dataclass
+class SettingResult:
+  """Accuracy of one setting.
+
+  Attributes:
+    setting: what was evaluated.
+    num_examples: images counted.
+    num_skipped: unreadable images left out.
+    top1_curve: (T,) float accuracy after t + 1 glimpses.
+    top5_curve: (T,) float.
+    predictions: (N,) int32 top-1 class after the last glimpse (-1 where
+      skipped), in dataset order.
+    labels: (N,) int32.
+    seconds: wall time of the setting, compilation included.
+    images_per_second: after the first batch (compilation excluded).
+  """
+  setting: Setting
+  num_examples: int
+  num_skipped: int
+  top1_curve: np.ndarray
+  top5_curve: np.ndarray
+  predictions: np.ndarray
+  labels: np.ndarray
+  seconds: float
+  images_per_second: float
+
+  def top1_at(self, glimpses: int) -> float:
+    return float(self.top1_curve[glimpses - 1])
+
+  def top5_at(self, glimpses: int) -> float:
+    return float(self.top5_curve[glimpses - 1])
+
+
+class Progress:
+  """One status line with throughput and ETA, rewritten in place on a
+  terminal and printed every `interval` seconds otherwise."""
+
+  def __init__(self, total_images: int, stream=None, interval: float = 10.0):
+    self.total = total_images
+    self.stream = stream if stream is not None else sys.stderr
+    self.interval = interval
+    self.done = 0
+    self.start = time.perf_counter()
+    self._last = 0.0
+    self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+    self._window = collections.deque(maxlen=20)  # (time, done) for the rate.
+
+  def update(self, count: int, label: str, setting_done: int,
+             setting_total: int, force: bool = False):
+    now = time.perf_counter()
+    self.done += count
+    self._window.append((now, self.done))
+    if not force and now - self._last < (0.5 if self._tty else self.interval):
+      return
+    self._last = now
+    (t0, d0), (t1, d1) = self._window[0], self._window[-1]
+    rate = (d1 - d0) / (t1 - t0) if t1 > t0 and d1 > d0 else 0.0
+    eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+    line = (f"[{label}] {setting_done}/{setting_total} images, "
+            f"{self.done}/{self.total} total, {rate:.1f} img/s, "
+            f"ETA {format_seconds(eta)}")
+    if self._tty:
+      self.stream.write("\r" + line.ljust(100))
+    else:
+      self.stream.write(line + "\n")
+    self.stream.flush()
+
+  def finish(self):
+    if self._tty:
+      self.stream.write("\n")
+    self.stream.flush()
+
+
+def format_seconds(seconds: float) -> str:
+  """"1:02:03" / "2:03"; "?" when unknown."""
+  if not np.isfinite(seconds):
+    return "?"
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  minutes, secs = divmod(rest, 60)
+  return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def _check_labels(source, num_classes: int):
+  known = getattr(source, "num_classes", None)
+  if known is not None and known > num_classes:
+    raise DataError(f"the dataset has {known} classes but the model only "
+                    f"{num_classes}")
+
+
+def evaluate_setting(runner: DeviceRunner, pool: WorkerPool, source,
+                     setting: Setting, config: EvalConfig,
+                     progress: Progress | None = None) -> SettingResult:
+  """Evaluates one setting over the whole source.
+
+  Pipeline: worker slots filled `config.slots - 1` batches ahead; each
+  ready batch is copied to the device (overlapping the previous batch's
+  compute), its step dispatched, then the previous step's small outputs
+  read back.
+
+  Raises:
+    DataError: an unreadable image (unless skipped) or a label out of range.
+  """
+  start = time.perf_counter()
+  num = len(source) if config.max_examples is None else min(
+      len(source), config.max_examples)
+  b = config.batch_size
+  num_batches = -(-num // b)
+  T = setting.num_glimpses
+  top1 = np.zeros(T, np.int64)
+  top5 = np.zeros(T, np.int64)
+  predictions = np.full(num, -1, np.int32)
+  labels = np.full(num, -1, np.int32)
+  num_counted = 0
+  num_bad = 0
+  first_done = None
+  batches = _HostBatches.create(config.slots, b, setting,
+                                shared=pool.num_workers > 0)
+  pending: collections.deque = collections.deque()
+
+  def submit(batch_index):
+    lo = batch_index * b
+    indices = range(lo, min(lo + b, num))
+    slot = batch_index % config.slots
+    pending.append((batch_index, slot, len(indices),
+                    pool.submit(batches, setting, config.seed, slot, indices,
+                                config.skip_bad_images)))
+
+  def collect(item):
+    nonlocal num_counted, first_done
+    batch_index, count, valid_host, labels_host, out = item
+    out = jax.device_get(out)
+    top1[:] += out["top1"]
+    top5[:] += out["top5"]
+    lo = batch_index * b
+    pred = np.where(valid_host[:count], out["last_pred"][:count], -1)
+    predictions[lo:lo + count] = pred
+    labels[lo:lo + count] = labels_host[:count]
+    num_counted += int(valid_host[:count].sum())
+    if first_done is None:
+      first_done = (time.perf_counter(), lo + count)
+    if progress is not None:
+      progress.update(count, setting.label(), lo + count, num,
+                      force=batch_index == num_batches - 1)
+
+  try:
+    next_batch = 0
+    while next_batch < min(config.slots - 1, num_batches):
+      submit(next_batch)
+      next_batch += 1
+    in_flight = None
+    while pending:
+      batch_index, slot, count, futures = pending.popleft()
+      try:
+        num_bad += sum(f.result() for f in futures)
+      except sources.BadImageError as e:
+        raise DataError(f"unreadable image {e} (pass --skip-bad-images to "
+                        "leave such images out)") from e
+      except concurrent.futures.process.BrokenProcessPool as e:
+        raise EvalError("a data worker process died (out of memory? see its "
+                        "error above)") from e
+      valid = batches.ok[slot].astype(bool)
+      valid[count:] = False  # Padding rows keep stale data; mask them.
+      labels_host = batches.labels[slot].copy()
+      if runner.num_classes is not None and valid.any() and (
+          labels_host[valid].max() >= runner.num_classes):
+        raise DataError(f"label {labels_host[valid].max()} is out of range "
+                        f"for a model of {runner.num_classes} classes")
+      arrays = runner.put(batches.canvases[slot], batches.positions[slot],
+                          labels_host, valid)
+      # The slot is free again once its data is on the device.
+      if next_batch < num_batches:
+        submit(next_batch)
+        next_batch += 1
+      out = runner.run(arrays)
+      if in_flight is not None:
+        collect(in_flight)
+      in_flight = (batch_index, count, valid, labels_host, out)
+    if in_flight is not None:
+      collect(in_flight)
+  finally:
+    for *_, futures in pending:
+      for f in futures:
+        f.cancel()
+    for *_, futures in pending:
+      concurrent.futures.wait(futures)
+    batches.close()
+  end = time.perf_counter()
+  rate = 0.0
+  if first_done is not None and num - first_done[1] > 0 and end > first_done[0]:
+    rate = (num - first_done[1]) / (end - first_done[0])
+  denom = max(num_counted, 1)
+  return SettingResult(
+      setting=setting, num_examples=num_counted, num_skipped=num_bad,
+      top1_curve=top1 / denom, top5_curve=top5 / denom,
+      predictions=predictions, labels=labels, seconds=end - start,
+      images_per_second=rate)
+
+
+def evaluate(model: nnx.Module, source, config: EvalConfig,
+             progress_stream=None) -> list[SettingResult]:
+  """Evaluates every setting of `config` on `source`.
+
+  Args:
+    model: `model(patches (b, T, 768) u8, positions (b, T, 2)) -> (b, T, K)`.
+    source: from `open_source` (or any `len` / `[i]` record source).
+    config: the settings and the pipeline's sizes.
+    progress_stream: where the progress line goes (stderr by default;
+      False for none).
+
+  Returns:
+    One `SettingResult` per `config.settings()`, in that order.
+  """
+  num_classes = getattr(getattr(model, "config", None), "num_classes", None)
+  if num_classes is not None:
+    _check_labels(source, num_classes)
+  num = len(source) if config.max_examples is None else min(
+      len(source), config.max_examples)
+  if num == 0:
+    raise DataError("the dataset is empty")
+  runner = DeviceRunner(model, config.batch_size, num_classes)
+  settings = config.settings()
+  progress = None
+  if progress_stream is not False:
+    progress = Progress(num * len(settings), progress_stream)
+  results = []
+  with WorkerPool(source, config.num_workers) as pool:
+    for setting in settings:
+      results.append(evaluate_setting(runner, pool, source, setting, config,
+                                      progress))
+  if progress is not None:
+    progress.finish()
+  return results
+
+
+# ------------------------------------------------------------------ reports
+
+
+def results_to_json(results: Sequence[SettingResult], config: EvalConfig,
+                    meta: Mapping[str, Any]) -> dict[str, Any]:
+  """A JSON-ready report.
+
+  Layout: {"meta": {...}, "config": {...}, "results": [{"canvas_size",
+  "resize", "scan", "num_glimpses", "num_examples", "num_skipped",
+  "top1": {g: acc}, "top5": {g: acc}, "top1_curve": [T floats],
+  "top5_curve": [...], "seconds", "images_per_second"}]}; accuracies are
+  fractions in [0, 1], keys of "top1"/"top5" the glimpse counts as strings.
+  """
+  counts = sorted(set(config.glimpse_counts))
+  out = []
+  for r in results:
+    out.append({
+        **dataclasses.asdict(r.setting),
+        "num_examples": r.num_examples,
+        "num_skipped": r.num_skipped,
+        "top1": {str(g): round(r.top1_at(g), 6) for g in counts},
+        "top5": {str(g): round(r.top5_at(g), 6) for g in counts},
+        "top1_curve": [round(float(x), 6) for x in r.top1_curve],
+        "top5_curve": [round(float(x), 6) for x in r.top5_curve],
+        "seconds": round(r.seconds, 3),
+        "images_per_second": round(r.images_per_second, 2),
+    })
+  cfg = dataclasses.asdict(config)
+  return {"meta": dict(meta), "config": cfg, "results": out}
+
+
+def markdown_report(report: Mapping[str, Any]) -> str:
+  """Markdown tables from `results_to_json`'s report: top-1 / top-5 (%) per
+  (scan, resize, glimpses) row and canvas-size column, as the paper's."""
+  meta, results = report["meta"], report["results"]
+  sizes = sorted({r["canvas_size"] for r in results})
+  lines = ["# MambaEye evaluation", ""]
+  for key, value in meta.items():
+    lines.append(f"- {key}: {value}")
+  lines.append("")
+  for metric in ("top1", "top5"):
+    lines += [f"## {'Top-1' if metric == 'top1' else 'Top-5'} accuracy (%)", "",
+              "| scan | resize | glimpses | " + " | ".join(map(str, sizes)) + " |",
+              "|---|---|---|" + "---|" * len(sizes)]
+    rows = {}
+    for r in results:
+      for g, acc in r[metric].items():
+        rows.setdefault((r["scan"], r["resize"], int(g)), {})[r["canvas_size"]] = acc
+    for (scan, resize, g), by_size in rows.items():
+      cells = [f"{100 * by_size[s]:.2f}" if s in by_size else "" for s in sizes]
+      lines.append(f"| {scan} | {resize} | {g} | " + " | ".join(cells) + " |")
+    lines.append("")
+  lines += ["## Runs", "", "| scan | resize | canvas | images | skipped | "
+            "seconds | images/s |", "|---|---|---|---|---|---|---|"]
+  for r in results:
+    lines.append(f"| {r['scan']} | {r['resize']} | {r['canvas_size']} | "
+                 f"{r['num_examples']} | {r['num_skipped']} | {r['seconds']:.1f} | "
+                 f"{r['images_per_second']:.1f} |")
+  return "\n".join(lines) + "\n"
+
+
+def write_reports(results: Sequence[SettingResult], config: EvalConfig,
+                  meta: Mapping[str, Any], output_dir: str,
+                  plots: bool = True) -> dict[str, str]:
+  """Writes results.json, results.md and the PNG plots into output_dir.
+
+  Returns:
+    {"json": path, "markdown": path, "resolution_plot": path,
+    "glimpses_plot": path} (plots left out when `plots` is False).
+  """
+  os.makedirs(output_dir, exist_ok=True)
+  report = results_to_json(results, config, meta)
+  paths = {"json": os.path.join(output_dir, "results.json"),
+           "markdown": os.path.join(output_dir, "results.md")}
+  with open(paths["json"], "w") as f:
+    json.dump(report, f, indent=1)
+  with open(paths["markdown"], "w") as f:
+    f.write(markdown_report(report))
+  if plots:
+    from mambaeye_jax import plots as plots_lib  # pylint: disable=g-import-not-at-top
+    paths["resolution_plot"] = plots_lib.accuracy_vs_resolution(
+        report, os.path.join(output_dir, "accuracy_vs_resolution.png"))
+    paths["glimpses_plot"] = plots_lib.accuracy_vs_glimpses(
+        report, os.path.join(output_dir, "accuracy_vs_glimpses.png"))
+  return paths
+
+
+# ------------------------------------------------------------------ one image
+
+
+@dataclasses.dataclass
+class ImagePrediction:
+  """Single-image result.
+
+  Attributes:
+    top: [(class index, name, probability)] after the last glimpse, best
+      first.
+    confidence: (T,) probability of the final top-1 class at every step.
+    canvas: (S, S, 3) uint8.
+    positions: (T, 2) int32.
+    label: the true class when the file name says it (synset), else None.
+  """
+  top: list[tuple[int, str, float]]
+  confidence: np.ndarray
+  canvas: np.ndarray
+  positions: np.ndarray
+  label: int | None
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _image_logits(graphdef, state, canvas, positions):
+  """canvas (1, S, S, 3) u8, positions (1, T, 2) -> probs (1, T, K) f32."""
+  model = nnx.merge(graphdef, state)
+  logits = model(glimpse.extract_patches_jax(canvas, positions), positions)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+def classify_image(model: nnx.Module, path: str, *, canvas_size: int | None = 512,
+                   resize: str = "fit", scan: str = "random",
+                   num_glimpses: int = 4096, seed: int = 0,
+                   class_map: ClassMap | None = None,
+                   top_k: int = 5) -> ImagePrediction:
+  """Classifies one image file as the official single-image mode does.
+
+  With resize "none" the canvas is the image's longer side (canvas_size is
+  ignored); "fit" / "full" resize the original straight to the canvas.
+
+  Raises:
+    DataError: missing or unreadable image.
+    ValueError: unknown scan pattern or resize mode.
+  """
+  scan_patterns.get(scan)
+  if not os.path.isfile(path):
+    raise DataError(f"image {path} does not exist")
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    pil = sources.decode_image(data, path)
+  except sources.BadImageError as e:
+    raise DataError(f"unreadable image {e}") from e
+  canvas, box = eval_transforms.eval_canvas(
+      pil, resize, None if resize == "none" else canvas_size, shrink_first=False)
+  positions = scan_patterns.generate(scan, example_rng(seed, 0), canvas.shape[:2],
+                                     box, num_glimpses)
+  graphdef, state = nnx.split(model)
+  probs = np.asarray(_image_logits(graphdef, state, canvas[None], positions[None]))[0]
+  final = probs[-1]
+  order = np.argsort(-final, kind="stable")[:top_k]
+  names = class_map.name if class_map is not None else str
+  top = [(int(k), names(int(k)), float(final[k])) for k in order]
+  label = None
+  match = _SYNSET.match(os.path.splitext(os.path.basename(path))[0])
+  if match and class_map is not None:
+    label = class_map.index().get(match.group(1))
+  return ImagePrediction(top=top, confidence=probs[:, order[0]],
+                         canvas=canvas, positions=positions, label=label)

@@ -1,0 +1,146 @@
+"""Multi-resolution evaluation of a MambaEye checkpoint.
+
+Dataset mode (accuracy table, JSON, markdown and PNG plots):
+
+    python eval.py --checkpoint tiny.safetensors --data /data/imagenet/val \
+        --canvas-sizes 224,384,512,768,1024,1536 --output out/eval_tiny
+
+Single-image mode (top-5 and a picture of the glimpse path):
+
+    python eval.py --checkpoint tiny.pt --image n01440764_tench.JPEG
+
+Defaults follow the official eval.py: T = 4096 glimpses, random scan, resize
+"fit", canvas 512. The library is `mambaeye_jax.eval_lib`; docs in
+docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def _ints(text: str) -> tuple[int, ...]:
+  try:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def _names(text: str) -> tuple[str, ...]:
+  return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--checkpoint", help="model directory or official .pt / .safetensors")
+  src.add_argument("--workdir", help="training work directory (latest checkpoint)")
+  what = p.add_mutually_exclusive_group(required=True)
+  what.add_argument("--data", help="image folder root/<class>/<image>, a folder of "
+                    "<synset>_<name>.JPEG photos, a .tar.gz of either, tfds:NAME[:SPLIT] "
+                    "or synthetic[:N]")
+  what.add_argument("--image", help="classify one image file")
+  p.add_argument("--class-map", help="class list: one 'KEY [name]' per line in class "
+                 "order (KEY a synset or folder name), or JSON")
+  p.add_argument("--canvas-sizes", type=_ints, default=(512,), help="canvas sides")
+  p.add_argument("--resize", type=_names, default=("fit",), help="resize modes: none,fit,full")
+  p.add_argument("--scan", type=_names, default=("random",), help="scan patterns")
+  p.add_argument("--glimpses", type=_ints, default=(256, 1024, 4096),
+                 help="glimpse counts reported (T = the largest)")
+  p.add_argument("--batch-size", type=int, default=64)
+  p.add_argument("--workers", type=int, default=max((os.cpu_count() or 2) - 1, 1),
+                 help="decode/resize worker processes (0: in the main process)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--max-examples", type=int, default=None)
+  p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                 help="compute dtype (auto: bf16 on GPU/TPU, f32 on CPU)")
+  p.add_argument("--ssd-impl", default=None, help="SSD implementation override")
+  p.add_argument("--chunk-size", type=int, default=None, help="SSD chunk override")
+  p.add_argument("--skip-bad-images", action="store_true",
+                 help="leave unreadable images out (counted) instead of stopping")
+  p.add_argument("--tfds-data-dir", default=None)
+  p.add_argument("--output", default=None,
+                 help="output folder (default: WORKDIR/eval, or out/eval)")
+  p.add_argument("--no-plots", action="store_true")
+  return p
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  from mambaeye_jax import eval_lib  # pylint: disable=g-import-not-at-top
+  output = args.output or (os.path.join(args.workdir, "eval") if args.workdir
+                           else os.path.join("out", "eval"))
+  try:
+    if args.image is None:
+      config = eval_lib.EvalConfig(
+          canvas_sizes=args.canvas_sizes, resize_modes=args.resize,
+          scan_patterns=args.scan, glimpse_counts=args.glimpses,
+          batch_size=args.batch_size, num_workers=args.workers, seed=args.seed,
+          max_examples=args.max_examples, skip_bad_images=args.skip_bad_images)
+      # The data first: a bad dataset should fail before the model loads.
+      source = eval_lib.open_source(args.data, class_map=args.class_map,
+                                    tfds_data_dir=args.tfds_data_dir)
+    else:
+      if len(args.scan) != 1 or len(args.resize) != 1:
+        raise ValueError("--image takes one --scan and one --resize")
+      eval_lib.EvalConfig(resize_modes=args.resize, scan_patterns=args.scan)
+    model = eval_lib.load_eval_model(
+        checkpoint_path=args.checkpoint, workdir=args.workdir, dtype=args.dtype,
+        ssd_impl=args.ssd_impl, chunk_size=args.chunk_size)
+    if args.image is not None:
+      return _single_image(args, model, output, eval_lib)
+    print(f"evaluating {args.checkpoint or args.workdir} ({model.config.dtype}) on "
+          f"{source.description}: {len(config.settings())} settings, "
+          f"T={config.num_glimpses}", file=sys.stderr)
+    start = time.time()
+    results = eval_lib.evaluate(model, source, config)
+    meta = {"checkpoint": args.checkpoint or args.workdir, "data": args.data,
+            "dtype": model.config.dtype, "depth": model.config.depth,
+            "num_glimpses": config.num_glimpses, "seed": config.seed,
+            "seconds": round(time.time() - start, 1)}
+    paths = eval_lib.write_reports(results, config, meta, output,
+                                   plots=not args.no_plots)
+  except (eval_lib.EvalError, ValueError, KeyError, FileNotFoundError) as e:
+    message = e.args[0] if isinstance(e, KeyError) and e.args else e
+    print(f"eval.py: error: {message}", file=sys.stderr)
+    return 2
+  with open(paths["markdown"]) as f:
+    print(f.read())
+  for kind, path in paths.items():
+    print(f"{kind}: {path}")
+  return 0
+
+
+def _single_image(args, model, output, eval_lib) -> int:
+  """Prints the top-5 classes and saves the glimpse-path picture."""
+  class_map = None
+  if args.class_map:
+    class_map = eval_lib.read_class_map(args.class_map)
+  elif model.config.num_classes == 1000:
+    class_map = eval_lib.builtin_imagenet_classes()
+  result = eval_lib.classify_image(
+      model, args.image, canvas_size=args.canvas_sizes[0], resize=args.resize[0],
+      scan=args.scan[0], num_glimpses=max(args.glimpses), seed=args.seed,
+      class_map=class_map)
+  print(f"{args.image}: top-5 after {len(result.positions)} glimpses "
+        f"(canvas {result.canvas.shape[0]}, {args.resize[0]}, {args.scan[0]})")
+  for rank, (index, name, prob) in enumerate(result.top, start=1):
+    mark = "  <- label" if result.label == index else ""
+    print(f"  {rank}. {index:4d} {name:30s} {100 * prob:6.2f}%{mark}")
+  from mambaeye_jax.data import scan_patterns  # pylint: disable=g-import-not-at-top
+  os.makedirs(output, exist_ok=True)
+  stem = os.path.splitext(os.path.basename(args.image))[0]
+  path = scan_patterns.plot_glimpse_path(
+      result.canvas, result.positions, result.confidence,
+      path=os.path.join(output, f"{stem}_glimpses.png"),
+      title=f"{stem}: {result.top[0][1]} ({100 * result.top[0][2]:.1f}%)")
+  print(f"glimpse path: {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

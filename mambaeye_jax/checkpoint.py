@@ -55,7 +55,7 @@ def save_params(directory: str, config: model_lib.ModelConfig, params) -> None:
     raise FileExistsError(f"{directory} already exists; choose a new directory")
   os.makedirs(directory)
   if isinstance(params, nnx.State):
-    params = params.to_pure_dict()
+    params = nnx.to_pure_dict(params)
   params = jax.tree.map(np.asarray, params)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(directory, PARAMS_DIR), params)
@@ -88,7 +88,7 @@ def model_from_params(config: model_lib.ModelConfig, params, source: str = "para
     ValueError: naming the parameter whose structure or shape differs.
   """
   model = abstract_model(config)
-  expected = nnx.state(model, nnx.Param).to_pure_dict()
+  expected = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   flat_expected = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
   flat_given = dict(jax.tree_util.tree_flatten_with_path(params)[0])
   name = jax.tree_util.keystr
@@ -103,9 +103,8 @@ def model_from_params(config: model_lib.ModelConfig, params, source: str = "para
       raise ValueError(f"{source}: parameter {name(key)} has shape {tuple(got)}, "
                        f"expected {tuple(want.shape)}")
   params = jax.tree.map(lambda a, w: jax.numpy.asarray(a, w.dtype), params, expected)
-  graphdef, abstract_state = nnx.split(model)
-  state = nnx.State(abstract_state.to_pure_dict())
-  state.replace_by_pure_dict(params)
+  graphdef, state = nnx.split(model)
+  nnx.replace_by_pure_dict(state, params)
   return nnx.merge(graphdef, state)
 
 

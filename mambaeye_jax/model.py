@@ -61,6 +61,7 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.dtype={self.dtype!r}; choose one of {sorted(_DTYPES)}")
     if self.depth < 1:
       raise ValueError(f"ModelConfig.depth={self.depth} must be >= 1")
+    _ = self.mixer  # Validates the mixer's sizes now, not at first use.
 
   @property
   def mixer(self) -> mamba2.Mamba2Config:

@@ -1,0 +1,35 @@
+"""Shared test fixtures: where the official golden outputs live."""
+
+import glob
+import os
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def golden_dir() -> str:
+  """MAMBAEYE_GOLDEN_DIR, or ../shared/golden beside the repository."""
+  return os.environ.get("MAMBAEYE_GOLDEN_DIR",
+                        os.path.join(REPO_ROOT, "..", "shared", "golden"))
+
+
+def golden_pairs():
+  """[(name, state_dict path, io npz path)] for every official_<name>.pt."""
+  pairs = []
+  for pt in sorted(glob.glob(os.path.join(golden_dir(), "official_*.pt"))):
+    name = os.path.basename(pt)[len("official_"):-len(".pt")]
+    npz = os.path.join(golden_dir(), f"official_{name}_io.npz")
+    if os.path.exists(npz):
+      pairs.append((name, pt, npz))
+  return pairs
+
+
+@pytest.fixture(params=golden_pairs() or [None],
+                ids=lambda p: p[0] if p else "no-golden")
+def golden(request):
+  """One (name, .pt path, npz path) golden pair; skips when none exist."""
+  if request.param is None:
+    pytest.skip(f"no official_<name>.pt + _io.npz pairs in {golden_dir()} "
+                "(set MAMBAEYE_GOLDEN_DIR)")
+  return request.param

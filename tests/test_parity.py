@@ -8,6 +8,7 @@ canvas, the logits of the converted weights and the step-wise loss.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from mambaeye_jax import checkpoint
 from mambaeye_jax import glimpse
@@ -41,15 +42,21 @@ def test_glimpse_tensors_match(golden):
   np.testing.assert_allclose(np.asarray(in_jit), data["move_embedding"], rtol=0, atol=1e-4)
 
 
-def test_logits_and_loss_match(golden):
+# The whole model through the plain-XLA SSD and through the Pallas kernel
+# (compiled on an accelerator, the kernel's own logic interpreted on the CPU).
+_KERNEL_IMPL = "pallas_interpret" if jax.default_backend() == "cpu" else "pallas"
+
+
+@pytest.mark.parametrize("ssd_impl", ["chunked", _KERNEL_IMPL])
+def test_logits_and_loss_match(golden, ssd_impl):
   _, pt, npz = golden
   data, positions, _ = _sample(npz)
-  model = checkpoint.load_model(pt, ssd_impl="chunked")
+  model = checkpoint.load_model(pt, ssd_impl=ssd_impl)
   with jax.default_matmul_precision("highest"):
     logits = jax.jit(lambda m, p, q: m(p, q))(
         model, jnp.asarray(data["img_sequence"])[None], jnp.asarray(positions)[None])
   err = float(jnp.max(jnp.abs(logits - data["logits"])))
-  print(f"golden {golden[0]}: logits max abs error {err:.2e}")
+  print(f"golden {golden[0]} via {ssd_impl}: logits max abs error {err:.2e}")
   assert err < 2e-3
   loss = loss_lib.stepwise_loss(logits, jnp.asarray(data["label"]),
                                 jnp.asarray(data["information_ratio"])[None])

@@ -334,26 +334,15 @@ def _homography(params: dict[str, Any], base_size: tuple[int, int],
   return s @ f @ h @ a
 
 
-def _footprint(m: np.ndarray, out_size: tuple[int, int]
-               ) -> tuple[float, float]:
-  """Base pixels per output pixel along x and y, over the output box."""
-  rw, rh = out_size
-  corners = np.array([[0, 0, 1], [rw, 0, 1], [rw, rh, 1], [0, rh, 1]],
-                     np.float64).T
-  mapped = m @ corners
-  mapped = mapped[:2] / mapped[2]
-  extent = mapped.max(axis=1) - mapped.min(axis=1)
-  return float(extent[0] / rw), float(extent[1] / rh)
-
-
 def apply(image: Image.Image, params: dict[str, Any], rng: np.random.Generator,
           cfg: AugmentConfig) -> np.ndarray:
   """Runs a `plan` on a decoded image.
 
   The geometry (flip, perspective, crop, final resize) is one resampling: a
   LANCZOS `resize(box=...)` without perspective, else one BICUBIC perspective
-  `transform` with black fill (after an integer box `reduce` when the output
-  is more than 2x smaller, so the transform does not alias). It reads the
+  `transform` with black fill (after a LANCZOS shrink of its input to the
+  output's scale when the output is smaller, so the transform does not
+  alias). It reads the
   decoded image directly when the fit enlarges it (the official BICUBIC
   enlargement adds no detail), and the fitted image, built as the official
   does, when the fit shrinks it or blur needs its pixel grid. The point-wise
@@ -394,10 +383,17 @@ def apply(image: Image.Image, params: dict[str, Any], rng: np.random.Generator,
     base = _blur(base, cfg.blur_kernel, params["blur_sigma"])
   m = _homography(params, base.size, base_is_fitted)
   if params["perspective"] is not None:
-    fx, fy = (max(1, int(f)) for f in _footprint(m, out_size))
-    if fx > 1 or fy > 1:
-      base = base.reduce((fx, fy))
-      m = np.diag([1 / fx, 1 / fy, 1.0]) @ m
+    # The official final resize low-passes by the crop -> output scale
+    # (the perspective itself never does); the transform does not, so the
+    # input is shrunk by that scale first, with LANCZOS, as the official.
+    bw, bh = base.size
+    _, _, cw, ch = params["crop"]
+    fx = max(1.0, cw / rw * (1 if base_is_fitted else bw / w1))
+    fy = max(1.0, ch / rh * (1 if base_is_fitted else bh / h1))
+    if max(fx, fy) > 1.25:
+      size = (max(1, round(bw / fx)), max(1, round(bh / fy)))
+      base = base.resize(size, Image.Resampling.LANCZOS)
+      m = np.diag([size[0] / bw, size[1] / bh, 1.0]) @ m
     if colour:
       base, colour = _colour(base, params["jitter"], params["gray"]), False
     m = m / m[2, 2]

@@ -1,0 +1,241 @@
+"""The official training transform: ranges, determinism, colour/blur ops,
+and the one-resampling geometry against the step-by-step reference."""
+
+import numpy as np
+import pytest
+from PIL import Image, ImageEnhance
+
+from mambaeye_jax import glimpse
+from mambaeye_jax.data import augment
+from mambaeye_jax.data import synthetic
+
+
+def _photo(seed: int, height: int, width: int) -> Image.Image:
+  """A deterministic image with a smooth half and a textured half.
+
+  The texture is rendered at a third of the size and enlarged, so that its
+  finest detail is a few pixels wide as in photographs: stripes at the
+  pixel pitch alias differently under any two resamplers.
+  """
+  rng = np.random.default_rng(seed)
+  texture = synthetic.render(seed % synthetic.NUM_CLASSES,
+                             max(1, height // 3), max(1, width // 3), rng)
+  texture = np.asarray(Image.fromarray(texture).resize(
+      (width, height), Image.Resampling.BICUBIC))
+  yy, xx = np.mgrid[0:height, 0:width]
+  ramp = np.stack([xx * 255 // max(width - 1, 1),
+                   yy * 255 // max(height - 1, 1),
+                   (xx + yy) * 127 // max(height + width - 2, 1)], -1)
+  mixed = np.where((xx < width // 2)[..., None], texture, ramp)
+  return Image.fromarray(mixed.astype(np.uint8), "RGB")
+
+
+SMALL = augment.AugmentConfig(canvas_min=48, canvas_max=160)
+
+
+def _run(image, seed, cfg=SMALL, reference=False):
+  rng = np.random.default_rng(seed)
+  params = augment.plan(rng, *image.size, cfg)
+  fn = augment.apply_reference if reference else augment.apply
+  return params, fn(image, params, rng, cfg)
+
+
+def test_output_ranges_and_determinism():
+  image = _photo(0, 90, 130)
+  for seed in range(40):
+    params, pixels = _run(image, seed)
+    canvas = params["canvas"]
+    assert SMALL.canvas_min <= canvas <= SMALL.canvas_max
+    rh, rw = pixels.shape[:2]
+    assert pixels.dtype == np.uint8 and pixels.shape[2] == 3
+    assert (rw, rh) == params["out_size"]
+    assert glimpse.PATCH_SIZE <= rh <= canvas
+    assert glimpse.PATCH_SIZE <= rw <= canvas
+    _, again = _run(image, seed)
+    np.testing.assert_array_equal(pixels, again)
+  # Different seeds give different outputs (the transform is random).
+  assert not np.array_equal(_run(image, 1)[1], _run(image, 2)[1])
+
+
+def test_plan_probabilities_match_official():
+  # 2000 plans: every Bernoulli step fires at its official rate (+-4 sigma).
+  cfg = augment.AugmentConfig()
+  counts = {"flip": 0, "jitter": 0, "gray": 0, "blur": 0, "persp": 0,
+            "erase": 0, "crop": 0}
+  n = 2000
+  for seed in range(n):
+    p = augment.plan(np.random.default_rng(seed), 500, 375, cfg)
+    counts["flip"] += p["flip"]
+    counts["jitter"] += p["jitter"] is not None
+    counts["gray"] += p["gray"]
+    counts["blur"] += p["blur_sigma"] is not None
+    counts["persp"] += p["perspective"] is not None
+    counts["erase"] += p["erase"]
+    wp, hp = (p["perspective"][0] if p["perspective"] is not None
+              else p["fit"])
+    counts["crop"] += p["crop"] != (0, 0, wp, hp)
+  rates = {"flip": 0.5, "jitter": 0.4, "gray": 0.2, "blur": 0.2,
+           "persp": 0.3, "erase": 0.4, "crop": 0.8}
+  for name, rate in rates.items():
+    sigma = np.sqrt(rate * (1 - rate) / n)
+    assert abs(counts[name] / n - rate) < 4 * sigma, (name, counts[name])
+
+
+def test_fit_size_is_official():
+  assert augment.fit_size(500, 375, 256) == (256, 192)
+  assert augment.fit_size(375, 500, 1000) == (750, 1000)
+  assert augment.fit_size(1, 1000, 256) == (1, 256)  # Kept >= 1.
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 2), (1, 700), (900, 4)])
+def test_tiny_and_needle_images_work(size):
+  image = _photo(1, size[1], size[0])
+  for seed in range(10):
+    params, pixels = _run(image, seed)
+    assert min(pixels.shape[:2]) >= glimpse.PATCH_SIZE
+
+
+def test_matches_step_by_step_reference():
+  """One resampling instead of two or three: close to the official chain.
+
+  Per sample the mean absolute difference stays within a few gray levels
+  (resampling kernels differ); averaged over samples, about one.
+  """
+  diffs = []
+  for seed in range(60):
+    image = _photo(seed, 70 + seed, 120 - seed // 2)
+    _, fast = _run(image, seed)
+    _, ref = _run(image, seed, reference=True)
+    assert fast.shape == ref.shape
+    diffs.append(np.abs(fast.astype(np.int16) - ref).mean())
+  # Measured: mean ~1.0; max ~8.6 (a small output with a perspective edge
+  # across it, where the black fill's border is resampled differently).
+  assert np.mean(diffs) < 1.5, np.mean(diffs)
+  assert np.max(diffs) < 12.0, np.max(diffs)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_composed_perspective_exact_at_unit_scale(seed):
+  # Fit = stored size and output = crop size: the official chain resamples
+  # only in the perspective, so the composed map (perspective, flip, crop)
+  # must give the same pixels up to float round-off in the composed
+  # coefficients (off-by-one levels, and a few pixels on the fill's edge).
+  image = _photo(seed, 64, 80)
+  rng = np.random.default_rng(seed)
+  params = augment.plan(rng, 80, 64, SMALL)
+  (wp, hp), coeffs = augment._perspective_plan(rng, 80, 64, 0.5)
+  x, y = 3, 5
+  params.update(fit=(80, 64), flip=seed % 2 == 0, jitter=None, gray=False,
+                blur_sigma=None, perspective=((wp, hp), coeffs),
+                crop=(x, y, wp - 2 * x, hp - 2 * y),
+                out_size=(wp - 2 * x, hp - 2 * y), erase=False)
+  fast = augment.apply(image, params, rng, SMALL).astype(np.int16)
+  ref = augment.apply_reference(image, params, rng, SMALL)
+  diff = np.abs(fast - ref)
+  assert diff.mean() < 0.5 and np.percentile(diff, 99) <= 2, diff.mean()
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_composed_perspective_geometry_on_a_ramp(flip):
+  # Interpolation reproduces a linear ramp exactly, so with an identity
+  # perspective the composed map (enlarging fit, flip, crop, shrinking
+  # resize: one source pixel per output pixel) must reproduce the
+  # step-by-step chain exactly away from the borders. A half-pixel slip in
+  # any composed factor would show here.
+  yy, xx = np.mgrid[0:60, 0:90]
+  ramp = Image.fromarray(np.stack([xx * 2, yy * 3, xx + yy], -1)
+                         .astype(np.uint8))
+  cfg = augment.AugmentConfig(canvas_min=96, canvas_max=200)
+  identity = np.array([1, 0, 0, 0, 1, 0, 0, 0], np.float64)
+  params = {"canvas": 200, "fit": (180, 120), "flip": flip, "jitter": None,
+            "gray": False, "blur_sigma": None,
+            "perspective": ((180, 120), identity),
+            "crop": (20, 10, 100, 80), "out_size": (50, 40), "erase": False}
+  rng = np.random.default_rng(0)
+  fast = augment.apply(ramp, params, rng, cfg)
+  ref = augment.apply_reference(ramp, params, rng, cfg)
+  np.testing.assert_array_equal(fast[3:-3, 3:-3], ref[3:-3, 3:-3])
+
+
+def test_flip_crop_geometry_exact_without_resampling():
+  # Identity-scale plan: fitted = stored size, crop output = crop size, so
+  # both paths copy pixels; flip + crop must then agree exactly.
+  image = _photo(5, 64, 96)
+  cfg = augment.AugmentConfig(canvas_min=96, canvas_max=96)
+  params = {"canvas": 96, "fit": (96, 64), "flip": True, "jitter": None,
+            "gray": False, "blur_sigma": None, "perspective": None,
+            "crop": (10, 7, 40, 30), "out_size": (40, 30), "erase": False}
+  rng = np.random.default_rng(0)
+  fast = augment.apply(image, params, rng, cfg)
+  ref = augment.apply_reference(image, params, rng, cfg)
+  want = np.asarray(image)[:, ::-1][7:37, 10:50]
+  np.testing.assert_array_equal(ref, want)
+  np.testing.assert_array_equal(fast, want)
+
+
+def test_colour_ops_are_torchvision_pil_path():
+  image = _photo(2, 40, 50)
+  np.testing.assert_array_equal(
+      np.asarray(augment._adjust(image, "brightness", 1.3)),
+      np.asarray(ImageEnhance.Brightness(image).enhance(1.3)))
+  np.testing.assert_array_equal(
+      np.asarray(augment._adjust(image, "contrast", 0.7)),
+      np.asarray(ImageEnhance.Contrast(image).enhance(0.7)))
+  np.testing.assert_array_equal(
+      np.asarray(augment._adjust(image, "saturation", 1.2)),
+      np.asarray(ImageEnhance.Color(image).enhance(1.2)))
+  red = Image.new("RGB", (2, 2), (255, 0, 0))
+  # A third of a turn: PIL HSV hue 0 -> 85, i.e. pure green.
+  assert augment._adjust(red, "hue", 1 / 3).getpixel((0, 0)) == (0, 255, 0)
+  # Negative shifts wrap like torchvision's uint8 addition: -1/3 -> hue
+  # 256 - 85 = 171, i.e. blue with PIL's 6 / 255 rounding of the sector.
+  assert augment._adjust(red, "hue", -1 / 3).getpixel((0, 0)) == (6, 0, 255)
+
+
+def test_blur_is_5_wide_9_tall_gaussian():
+  kernel = augment._gaussian_kernel(5, 1.0)
+  want = np.exp(-0.5 * np.arange(-2, 3) ** 2)
+  np.testing.assert_allclose(kernel, want / want.sum(), rtol=1e-6)
+  impulse = np.zeros((31, 31, 3), np.uint8)
+  impulse[15, 15] = 255
+  out = np.asarray(augment._blur(Image.fromarray(impulse), (5, 9), 5.0))
+  rows, cols = np.nonzero(out[..., 0])
+  assert (rows.min(), rows.max()) == (11, 19)  # 9 tall.
+  assert (cols.min(), cols.max()) == (13, 17)  # 5 wide.
+  flat = Image.new("RGB", (20, 20), (90, 120, 200))
+  assert np.array_equal(np.asarray(augment._blur(flat, (5, 9), 3.0)),
+                        np.asarray(flat))
+
+
+def test_perspective_fills_black_outside_the_quad():
+  image = Image.new("RGB", (80, 60), (200, 150, 100))
+  rng = np.random.default_rng(0)
+  (w, h), coeffs = augment._perspective_plan(rng, 80, 60, 0.5)
+  out = np.asarray(image.transform((w, h), Image.Transform.PERSPECTIVE,
+                                   tuple(coeffs), Image.Resampling.BICUBIC,
+                                   fillcolor=(0, 0, 0)))
+  corners = [out[0, 0], out[0, -1], out[-1, 0], out[-1, -1]]
+  # The moved corners span the bounding box, so some box corner is outside
+  # the quad (black) and its centre is inside (the colour).
+  assert any((c == 0).all() for c in corners)
+  np.testing.assert_array_equal(out[h // 2, w // 2], [200, 150, 100])
+
+
+def test_random_erase_zeroes_one_rectangle():
+  cfg = augment.AugmentConfig()
+  for seed in range(20):
+    pixels = np.full((50, 70, 3), 7, np.uint8)
+    augment._random_erase(pixels, np.random.default_rng(seed), cfg)
+    zero = (pixels == 0).all(-1)
+    rows, cols = np.nonzero(zero)
+    if rows.size:  # One axis-aligned rectangle of 2%..33% of the area.
+      block = zero[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+      assert block.all()
+      assert 0.02 * 3500 - 150 <= block.size <= 0.33 * 3500 + 150
+
+
+def test_canvas_config_validated():
+  with pytest.raises(ValueError, match="canvas_min"):
+    augment.AugmentConfig(canvas_min=8, canvas_max=64)
+  with pytest.raises(ValueError, match="canvas_min"):
+    augment.AugmentConfig(canvas_min=64, canvas_max=32)

@@ -391,16 +391,19 @@ def open_source(spec: str, *, class_map: str | ClassMap | None = None,
     names = tuple(synthetic.CLASS_NAMES)
     return _Described(src, ClassMap(names, names), f"synthetic shapes ({num})")
   if spec.startswith("tfds:"):
-    parts = spec.split(":")
-    name = parts[1]
-    split = parts[2] if len(parts) > 2 and parts[2] else "validation"
+    # Splits may hold colons themselves ("validation[:1000]").
+    name, _, split = spec[len("tfds:"):].partition(":")
+    split = split or "validation"
     try:
       src = sources.TfdsSource(name, split, data_dir=tfds_data_dir)
     except Exception as e:  # TFDS raises many types for a missing dataset.
       raise DataError(f"cannot open TFDS dataset {name} split {split}: {e}") from e
     if class_map is None:
-      feature = src._source.dataset_info.features["label"]  # pylint: disable=protected-access
-      label_names = tuple(getattr(feature, "names", None) or ())
+      try:
+        info = src._source.dataset_info  # pylint: disable=protected-access
+        label_names = tuple(getattr(info.features["label"], "names", None) or ())
+      except (AttributeError, KeyError):
+        label_names = ()
       if label_names:
         class_map = ClassMap(label_names, tuple(map(_readable, label_names)))
     return _Described(src, class_map, f"tfds {name}/{split} ({len(src)})")
@@ -438,16 +441,23 @@ def _backend_dtype(dtype: str) -> str:
 
 
 def _restore_from_workdir(workdir: str, **overrides):
-  """The latest model of a training work directory (`train_lib`), or the
-  model directory `workdir/model` where no train_lib is installed."""
+  """The latest model of a training work directory (`train_lib`); a work
+  directory holding only a model directory `model/` (the layout before
+  train_lib existed) loads that."""
+  from mambaeye_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  model_dir = os.path.join(workdir, "model")
   try:
     from mambaeye_jax import train_lib  # pylint: disable=g-import-not-at-top
   except ModuleNotFoundError as e:
     if e.name != "mambaeye_jax.train_lib":
       raise
-    from mambaeye_jax import checkpoint  # pylint: disable=g-import-not-at-top
-    return checkpoint.load_model(os.path.join(workdir, "model"), **overrides)
-  return train_lib.restore_model(workdir, **overrides)
+    return checkpoint.load_model(model_dir, **overrides)
+  try:
+    return train_lib.restore_model(workdir, **overrides)
+  except FileNotFoundError:
+    if os.path.isfile(os.path.join(model_dir, checkpoint.CONFIG_FILE)):
+      return checkpoint.load_model(model_dir, **overrides)
+    raise
 
 
 def load_eval_model(*, checkpoint_path: str | None = None,
@@ -796,6 +806,13 @@ def _eval_step(graphdef, state, canvases, positions, labels, valid):
   return score_logits(logits, labels, valid)
 
 
+@functools.lru_cache(maxsize=8)
+def _jitted_step(graphdef, out_sharding):
+  # One jitted step per model structure, so that runners of equal models
+  # (several evaluations in one process) share compilations.
+  return jax.jit(functools.partial(_eval_step, graphdef), out_shardings=out_sharding)
+
+
 class DeviceRunner:
   """The jitted evaluation step, data-parallel over the local devices.
 
@@ -819,8 +836,7 @@ class DeviceRunner:
     self.state = jax.device_put(state, replicated)
     self.batch_size = batch_size
     self._copy_host = devices[0].platform == "cpu"
-    self._step = jax.jit(functools.partial(_eval_step, graphdef),
-                         out_shardings=replicated)
+    self._step = _jitted_step(graphdef, replicated)
 
   def put(self, canvases, positions, labels, valid) -> tuple:
     """Host arrays -> device arrays; returns once the copy is done, so the

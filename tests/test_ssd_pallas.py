@@ -1,0 +1,211 @@
+"""Tests of the Pallas SSD kernels against the sequential oracle.
+
+One test class, run twice: compiled on a GPU (skipped without one) and with
+`interpret=True`, which runs the same kernel logic on the CPU. The CPU run is
+kept small (blocks of 16 tokens so that short sequences still span several
+chunks and splits); the whole file takes well under a minute there.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from kernels import ssd_pallas as ssd_pallas_mod
+from kernels import ssd_pallas_gpu
+from kernels.ssd_reference import ssd_sequential
+
+SSDGpuConfig = ssd_pallas_gpu.SSDGpuConfig
+_HAS_GPU = jax.default_backend() == "gpu"
+
+# Relative L2 error bounds (||out - ref|| / ||ref||). float32 kernels use IEEE
+# float32 products and agree to ~1e-6; bf16 operands round inputs of the
+# products to 8 bits (~4e-3 per rounding).
+_TOL = {jnp.float32: 2e-5, jnp.bfloat16: 1.5e-2}
+_NAMES = ("x", "dt", "A", "B", "C", "D", "dt_bias", "initial_state")
+
+
+def _rel(a, b):
+  a = np.asarray(a, np.float64)
+  b = np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-30))
+
+
+def _inputs(seed, b, l, h, p, g, n, dtype, *, seg, init):
+  """Random SSD inputs; dt before the bias / softplus."""
+  ks = jax.random.split(jax.random.PRNGKey(seed), 9)
+  x = jax.random.normal(ks[0], (b, l, h, p)).astype(dtype)
+  dt = jax.random.normal(ks[1], (b, l, h)) * 0.5 - 1.0
+  A = -jnp.exp(jax.random.uniform(ks[2], (h,), minval=-1.0, maxval=1.5))
+  B = jax.random.normal(ks[3], (b, l, g, n)).astype(dtype)
+  C = jax.random.normal(ks[4], (b, l, g, n)).astype(dtype)
+  D = jax.random.normal(ks[5], (h,))
+  dt_bias = jax.random.normal(ks[6], (h,)) * 0.3
+  s0 = jax.random.normal(ks[7], (b, h, p, n)) if init else None
+  sid = None
+  if seg:
+    # A few resets per row, one of them right at a chunk start (token 16).
+    flips = jax.random.bernoulli(ks[8], 0.06, (b, l)).at[:, 16].set(True)
+    sid = jnp.cumsum(flips.astype(jnp.int32), axis=1) * 7 - 3
+  return (x, dt, A, B, C, D, dt_bias, s0), sid
+
+
+class _SSDPallasCases:
+  """The test cases; subclasses choose compiled or interpreted kernels."""
+
+  interpret: bool
+  small_cfg = SSDGpuConfig(block_q=16, bwd_block_q=16)
+
+  def _fns(self, sid, final, cfg):
+    kw = dict(dt_softplus=True, segment_ids=sid, return_final_state=final)
+
+    def kernel(x, dt, A, B, C, D, dt_bias, s0):
+      return ssd_pallas_mod.ssd_pallas(
+          x, dt, A, B, C, D, dt_bias=dt_bias, initial_state=s0, **kw,
+          interpret=self.interpret, config=cfg)
+
+    def oracle(x, dt, A, B, C, D, dt_bias, s0):
+      return ssd_sequential(x, dt, A, B, C, D, dt_bias=dt_bias,
+                            initial_state=s0, **kw)
+
+    return kernel, oracle
+
+  def _check_forward(self, shape, dtype, *, seg, init, final, cfg, seed=0):
+    args, sid = _inputs(seed, *shape, dtype, seg=seg, init=init)
+    kernel, oracle = self._fns(sid, final, cfg)
+    out = jax.jit(kernel)(*args)
+    ref = oracle(*args)
+    out_l, ref_l = jax.tree.leaves(out), jax.tree.leaves(ref)
+    assert len(out_l) == len(ref_l) == (2 if final else 1)
+    assert out_l[0].dtype == args[0].dtype and out_l[0].shape == args[0].shape
+    for o, r in zip(out_l, ref_l):
+      assert np.all(np.isfinite(np.asarray(o, np.float32)))
+      assert _rel(o, r) < _TOL[dtype], _rel(o, r)
+    if final:
+      assert out_l[1].dtype == jnp.float32
+
+  def _check_grads(self, shape, dtype, *, seg, init, final, cfg, seed=1):
+    args, sid = _inputs(seed, *shape, dtype, seg=seg, init=init)
+    kernel, oracle = self._fns(sid, final, cfg)
+    ref, ref_vjp = jax.vjp(oracle, *args)
+    cot = jax.tree.map(
+        lambda o: jax.random.normal(jax.random.PRNGKey(seed + 7), o.shape,
+                                    o.dtype), ref)
+
+    @jax.jit
+    def run(*a):
+      out, vjp = jax.vjp(kernel, *a)
+      return out, vjp(cot)
+
+    out, grads = run(*args)
+    ref_grads = ref_vjp(cot)
+    for o, r in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+      assert _rel(o, r) < _TOL[dtype]
+    for name, g, r in zip(_NAMES, grads, ref_grads):
+      if r is None:
+        assert g is None, name
+        continue
+      assert g.shape == r.shape and g.dtype == r.dtype, name
+      assert np.all(np.isfinite(np.asarray(g, np.float32))), name
+      # A zero gradient would pass a loose bound against a tiny reference.
+      assert np.linalg.norm(np.asarray(r, np.float32)) > 0, name
+      err = _rel(g, r)
+      assert err < _TOL[dtype], f"d{name}: rel err {err:.2e}"
+
+  # ---- forward ------------------------------------------------------------
+
+  def test_forward_odd_length_f32(self):
+    self._check_forward((2, 37, 2, 16, 1, 16), jnp.float32, seg=False,
+                        init=False, final=False, cfg=self.small_cfg)
+
+  def test_forward_split_groups_segments_bf16(self):
+    cfg = SSDGpuConfig(block_q=16, bwd_block_q=16, split_chunks=2)
+    self._check_forward((2, 100, 4, 16, 2, 32), jnp.bfloat16, seg=True,
+                        init=True, final=True, cfg=cfg)
+
+  def test_forward_unpadded_dims_f32(self):
+    # headdim 24 and d_state 8 are padded inside to 32 and 16.
+    self._check_forward((1, 33, 2, 24, 1, 8), jnp.float32, seg=False,
+                        init=True, final=True, cfg=self.small_cfg)
+
+  # ---- gradients w.r.t. every input --------------------------------------
+
+  def test_grads_segments_final_f32(self):
+    self._check_grads((1, 70, 2, 32, 1, 16), jnp.float32, seg=True,
+                      init=False, final=True, cfg=self.small_cfg)
+
+  def test_grads_split_groups_initial_f32(self):
+    cfg = SSDGpuConfig(block_q=16, bwd_block_q=16, split_chunks=1)
+    self._check_grads((2, 53, 4, 16, 2, 16), jnp.float32, seg=True,
+                      init=True, final=True, cfg=cfg)
+
+  def test_grads_bf16(self):
+    cfg = SSDGpuConfig(block_q=32, bwd_block_q=16, split_chunks=1)
+    self._check_grads((1, 75, 2, 16, 1, 32), jnp.bfloat16, seg=False,
+                      init=True, final=False, cfg=cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _HAS_GPU, reason="needs a GPU")
+class TestSSDPallasCompiled(_SSDPallasCases):
+  """The kernels compiled by Triton on the GPU."""
+
+  interpret = False
+
+  def test_default_config_mambaeye_like(self):
+    # Default tiles (64-token chunks), MambaEye head sizes, several chunks.
+    self._check_grads((2, 300, 8, 64, 1, 64), jnp.bfloat16, seg=True,
+                      init=True, final=True, cfg=SSDGpuConfig())
+
+  def test_default_config_long_split_f32(self):
+    self._check_forward((1, 2000, 2, 64, 1, 128), jnp.float32, seg=False,
+                        init=False, final=True, cfg=SSDGpuConfig())
+
+
+class TestSSDPallasInterpret(_SSDPallasCases):
+  """The same kernel logic through the Pallas interpreter (CPU)."""
+
+  interpret = True
+
+
+# ---- configuration and dispatch (no kernels run) ---------------------------
+
+
+def test_config_validation_messages():
+  with pytest.raises(ValueError, match="block_q=48"):
+    SSDGpuConfig(block_q=48)
+  with pytest.raises(ValueError, match="num_warps=3"):
+    SSDGpuConfig(num_warps=3)
+  with pytest.raises(ValueError, match="split_chunks=0"):
+    SSDGpuConfig(split_chunks=0)
+
+
+def test_split_plan_by_shape():
+  cfg = SSDGpuConfig()
+  # Many sequences: one split. Few long ones: split until ~2 programs per SM.
+  assert ssd_pallas_gpu.split_plan(256, 8, 256, cfg) == (1, 256)
+  s, n = ssd_pallas_gpu.split_plan(4, 8, 16384, cfg)
+  assert s > 1 and 4 * 8 * s >= cfg.min_programs and s * n >= 16384
+  s, n = ssd_pallas_gpu.split_plan(1, 1, 1000, cfg)
+  assert s * n >= 1000 and n % 64 == 0
+
+
+def test_cpu_without_interpret_raises():
+  if jax.default_backend() != "cpu":
+    pytest.skip("checks the CPU dispatch")
+  args, _ = _inputs(0, 1, 8, 1, 16, 1, 16, jnp.float32, seg=False, init=False)
+  with pytest.raises(ValueError, match="interpret=True"):
+    ssd_pallas_mod.ssd_pallas(*args[:6])
+
+
+def test_tpu_dispatch_without_tpu_module(monkeypatch):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  if importlib.util.find_spec("kernels.ssd_pallas_tpu") is not None:
+    pytest.skip("kernels/ssd_pallas_tpu.py exists")
+  monkeypatch.setattr(ssd_pallas_mod.jax, "default_backend", lambda: "tpu")
+  args, _ = _inputs(0, 1, 8, 1, 16, 1, 16, jnp.float32, seg=False, init=False)
+  with pytest.raises(NotImplementedError, match="ssd_pallas_tpu"):
+    ssd_pallas_mod.ssd_pallas(*args[:6])

@@ -14,9 +14,14 @@ Output batch (b rows of L steps):
 
 Padded mode puts one example per row. Packed mode fills rows greedily in
 stream order: an example that does not fit the rest of the row starts the
-next row (and, past the last row, the next batch). That carried example is
-the only state besides the input's: the iterator's state is the input's
-state just before the carried example was read, so a restore re-reads it.
+next row (and, past the last row, the next batch).
+
+After a batch is full the batcher reads one example ahead, so that skip
+markers up to the next example (or up to the end of a finite input) count in
+this batch. That carried example is the only state besides the input's: the
+iterator's state is the input's state just before the carried example was
+read, so a restore re-reads it. Skips inside a final partial batch that
+drop_remainder drops are not counted (its records are not seen either).
 """
 
 from __future__ import annotations
@@ -131,16 +136,16 @@ class _BatchIterator(grain.DatasetIterator):
     self._carry_state: dict[str, Any] | None = None
     self._exhausted = False
 
-  def _pull(self) -> tuple[Example | None, dict[str, Any], int]:
+  def _pull(self) -> tuple[Example | None, dict[str, Any] | None, int]:
     """Next real example (None at the end), the input state before it, and
     the number of skip markers read on the way."""
     skipped = 0
     while True:
-      state = self._parent.get_state() if self._packing else None
+      state = self._parent.get_state()
       try:
         ex = next(self._parent)
       except StopIteration:
-        return None, state, skipped
+        return None, None, skipped
       if SKIP_KEY in ex:
         skipped += 1
         continue
@@ -155,22 +160,21 @@ class _BatchIterator(grain.DatasetIterator):
     if self._exhausted:
       raise StopIteration
     rows: list[list[Example]] = []
-    row: list[Example] = []
+    row: list[Example] = []  # Packing: the row being filled.
     used = 0
     num_skipped = 0
+    pending = None
     if self._carry is not None:
-      row, used = [self._carry], int(self._carry["length"])
+      pending = (self._carry, self._carry_state)
       self._carry = self._carry_state = None
-    while True:
-      ex, state, skipped = self._pull()
-      num_skipped += skipped
+    while len(rows) < self._batch_size and self._carry is None:
+      if pending is not None:
+        (ex, state), pending = pending, None
+      else:
+        ex, state, skipped = self._pull()
+        num_skipped += skipped
       if ex is None:
         self._exhausted = True
-        if row:
-          rows.append(row)
-        if not rows or (self._drop_remainder
-                        and len(rows) < self._batch_size):
-          raise StopIteration
         break
       n = int(ex["length"])
       if not self._packing:
@@ -178,14 +182,27 @@ class _BatchIterator(grain.DatasetIterator):
       elif used + n <= self._seq_len:
         row.append(ex)
         used += n
-        continue
       else:
         rows.append(row)
         row, used = [ex], n
-      if len(rows) == self._batch_size:
-        if row and self._packing:
-          self._carry, self._carry_state = row[0], state
-        break
+        if len(rows) == self._batch_size:
+          # The example that opened a row past the batch starts the next.
+          self._carry, self._carry_state = ex, state
+          row = []
+    if row:  # Packing ran out of input with a row half full.
+      rows.append(row)
+    if not self._exhausted and self._carry is None:
+      # Read one example ahead, so that skip markers between this batch and
+      # the next count in this one (and those before the end of a finite
+      # input are not lost with it); that example starts the next batch.
+      ex, state, skipped = self._pull()
+      num_skipped += skipped
+      if ex is None:
+        self._exhausted = True
+      else:
+        self._carry, self._carry_state = ex, state
+    if not rows or (self._drop_remainder and len(rows) < self._batch_size):
+      raise StopIteration
     batch = rows_to_batch(rows, self._batch_size, self._seq_len)
     batch[NUM_SKIPPED_KEY] = np.int32(num_skipped)
     return batch

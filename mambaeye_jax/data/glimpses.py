@@ -75,7 +75,7 @@ def gather_patches(pixels: np.ndarray, canvas_hw: tuple[int, int],
   # misses the image along that axis (rows < 0 or > h + 16).
   rows = np.clip(positions[:, 0] - box.top + P, 0, h + P)
   cols = np.clip(positions[:, 1] - box.left + P, 0, w + P)
-  return windows[rows, cols].reshape(len(positions), -1)
+  return windows[rows, cols].reshape(len(positions), pixels.shape[2] * P * P)
 
 
 def information_ratio(positions: np.ndarray,

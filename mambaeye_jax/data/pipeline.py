@@ -375,6 +375,12 @@ def _finish(ds: grain.MapDataset, cfg: DataConfig,
                                  seq_len=cfg.row_length, packing=cfg.packing,
                                  drop_remainder=drop_remainder)
   if cfg.worker_count > 0:
+    # Grain's worker processes read absl flags (their defaults); a program
+    # that does not run under absl.app (pytest, argparse CLIs) never parsed
+    # them, and the read would fail.
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=cfg.worker_count,
         per_worker_buffer_size=cfg.worker_buffer_size))

@@ -311,16 +311,19 @@ def plan(rng: np.random.Generator, width: int, height: int,
 
 
 def _homography(params: dict[str, Any], base_size: tuple[int, int],
-                base_is_fitted: bool) -> np.ndarray:
+                base_is_fitted: bool,
+                grid: tuple[int, int] | None = None) -> np.ndarray:
   """Output pixel -> base pixel map of the whole official geometry.
 
   Composes, in PIL's continuous pixel coordinates (pixel i spans [i, i+1)):
   final resize + crop (A), perspective (H), flip (F) and fitted -> base
   scaling (S). Returns M (3, 3) with [x_base, y_base, 1] ~ M @ [u, v, 1].
+  `grid` (width, height) renders the crop window at another size than the
+  plan's output (default).
   """
   w1, h1 = params["fit"]
   x, y, cw, ch = params["crop"]
-  rw, rh = params["out_size"]
+  rw, rh = grid or params["out_size"]
   a = np.array([[cw / rw, 0, x], [0, ch / rh, y], [0, 0, 1]], np.float64)
   h = np.eye(3)
   if params["perspective"] is not None:
@@ -338,11 +341,11 @@ def apply(image: Image.Image, params: dict[str, Any], rng: np.random.Generator,
           cfg: AugmentConfig) -> np.ndarray:
   """Runs a `plan` on a decoded image.
 
-  The geometry (flip, perspective, crop, final resize) is one resampling: a
-  LANCZOS `resize(box=...)` without perspective, else one BICUBIC perspective
-  `transform` with black fill (after a LANCZOS shrink of its input to the
-  output's scale when the output is smaller, so the transform does not
-  alias). It reads the
+  The geometry (flip, perspective, crop, final resize) is one resampling
+  without perspective, a LANCZOS `resize(box=...)`; with perspective, one
+  BICUBIC `transform` with black fill of the crop window only, at the
+  coarser of the input's and the output's scale, between LANCZOS resizes to
+  and from that scale where needed (see the code). It reads the
   decoded image directly when the fit enlarges it (the official BICUBIC
   enlargement adds no detail), and the fitted image, built as the official
   does, when the fit shrinks it or blur needs its pixel grid. The point-wise
@@ -381,26 +384,36 @@ def apply(image: Image.Image, params: dict[str, Any], rng: np.random.Generator,
     if colour:
       base, colour = _colour(base, params["jitter"], params["gray"]), False
     base = _blur(base, cfg.blur_kernel, params["blur_sigma"])
-  m = _homography(params, base.size, base_is_fitted)
   if params["perspective"] is not None:
-    # The official final resize low-passes by the crop -> output scale
-    # (the perspective itself never does); the transform does not, so the
-    # input is shrunk by that scale first, with LANCZOS, as the official.
+    # The official warps at the fitted scale, then LANCZOS-resizes the crop
+    # to the output. Here the warp renders the crop window only, at the
+    # coarser of the input's and the output's scale: when the output is
+    # larger, a LANCZOS resize enlarges the warp as the official's does;
+    # when smaller, the input is first shrunk to the output's scale with
+    # LANCZOS (the warp itself does not low-pass, as the official resize
+    # does).
     bw, bh = base.size
     _, _, cw, ch = params["crop"]
-    fx = max(1.0, cw / rw * (1 if base_is_fitted else bw / w1))
-    fy = max(1.0, ch / rh * (1 if base_is_fitted else bh / h1))
+    crop_w = cw * (1 if base_is_fitted else bw / w1)  # In base pixels.
+    crop_h = ch * (1 if base_is_fitted else bh / h1)
+    fx, fy = max(1.0, crop_w / rw), max(1.0, crop_h / rh)
     if max(fx, fy) > 1.25:
       size = (max(1, round(bw / fx)), max(1, round(bh / fy)))
       base = base.resize(size, Image.Resampling.LANCZOS)
-      m = np.diag([size[0] / bw, size[1] / bh, 1.0]) @ m
+      crop_w, crop_h = crop_w * size[0] / bw, crop_h * size[1] / bh
+      base_is_fitted = False  # Base pixels are no longer fitted pixels.
+    grid = (min(rw, max(1, round(crop_w))), min(rh, max(1, round(crop_h))))
     if colour:
       base, colour = _colour(base, params["jitter"], params["gray"]), False
+    m = _homography(params, base.size, base_is_fitted, grid)
     m = m / m[2, 2]
-    out = base.transform(out_size, Image.Transform.PERSPECTIVE,
+    out = base.transform(grid, Image.Transform.PERSPECTIVE,
                          tuple(m.reshape(-1)[:8]), Image.Resampling.BICUBIC,
                          fillcolor=(0, 0, 0))
+    if grid != out_size:
+      out = out.resize(out_size, Image.Resampling.LANCZOS)
   else:
+    m = _homography(params, base.size, base_is_fitted)
     if colour and base.size[0] * base.size[1] <= rw * rh:
       base, colour = _colour(base, params["jitter"], params["gray"]), False
     # Without perspective the map is axis-aligned: a crop box, mirrored

@@ -33,6 +33,9 @@ Every exponent is a difference of cumulative sums that is <= 0 for a decaying
 A (exp(cum_i) itself is the difference from the chunk's start), so nothing
 overflows and nothing is computed as exp(s_i) * exp(-s_j). Matmul operands are
 in x's dtype (bf16 in training), accumulation and the state are float32.
+Contractions over the token axis of a (q, p) or (q, n) tile (the state
+updates) transpose that tile with an identity matmul rather than a vector
+transpose (see `_transpose_mxu`); the only vector transposes are of (q, q).
 
 Backward kernel: the same grid with the chunk axis walked in reverse (index
 maps c -> c_count - 1 - c). It carries dS, the cotangent of the state at the
@@ -164,10 +167,19 @@ def _dot_nt(a, b, prec):
                          preferred_element_type=jnp.float32)
 
 
-def _dot_tn(a, b, prec):
-  """(k, m)^T @ (k, n) -> (m, n) float32 (Mosaic transposes the lhs)."""
-  return lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=prec,
-                         preferred_element_type=jnp.float32)
+def _transpose_mxu(a, prec):
+  """(q, d) -> (d, q) float32, as I_d @ a^T on the MXU.
+
+  Exact (each output is one product with 1.0). Used for the token-contracting
+  state updates instead of a vector transpose: Mosaic has rejected
+  transposes whose source is lane-padded, e.g. (128, 64) -> (64, 128)
+  (jax-ml/jax#18370), and headdim / d_state of 64 are exactly that case. The
+  extra d * d * q MACs are small next to the q * q * d of the chunk matmuls.
+  """
+  d = a.shape[1]
+  eye = (lax.broadcasted_iota(jnp.int32, (d, d), 0)
+         == lax.broadcasted_iota(jnp.int32, (d, d), 1)).astype(a.dtype)
+  return _dot_nt(eye, a, prec)
 
 
 def _chunk_factors(dt_row: Array, cum_row: Array, seg_row: Optional[Array]):
@@ -291,7 +303,8 @@ def _fwd_kernel(*refs, st: _Static, emit_states: bool):
   y_ref[...] = y.astype(y_ref.dtype)
 
   xw = (x.astype(f32) * (fac["w_col"] * fac["dt_col"])).astype(cdt)
-  s_new = fac["decay"] * s0 + _dot_tn(xw, bm, prec)
+  s_new = fac["decay"] * s0 + _dot(_transpose_mxu(xw, prec).astype(cdt), bm,
+                                   prec)
   s_ref[...] = s_new
 
   @pl.when(ci == n_chunks - 1)
@@ -426,16 +439,20 @@ def _bwd_kernel(*refs, st: _Static):
   v = _dot_nt(bm, ds_end_c, prec)            # (q, p) B_j dS^T
 
   # x: intra-chunk (weights^T dy), via the chunk-end state, and the skip.
-  dx = _dot_tn(weights.astype(cdt), dy, prec) + wdt_col * v
+  # (q, q) transposes are tile-aligned; done in f32, then cast, as Mosaic
+  # handles 32-bit transposes most generally.
+  dx = _dot(weights.T.astype(cdt), dy, prec) + wdt_col * v
   if d_ref is not None:
     dx = dx + d_ref[pl.program_id(1)] * dyf
   dx_ref[...] = dx.astype(dx_ref.dtype)
 
   # B and C: d(scores) = dy x^T * L * dt_j; plus the state paths.
-  dscores = (pmat * lmat * dt_row).astype(cdt)
+  dscores = pmat * lmat * dt_row
   s0_c = s0.astype(cdt)
-  dc_ref[...] = _dot(dscores, bm, prec) + e_col * _dot(dy, s0_c, prec)
-  db_ref[...] = _dot_tn(dscores, cm, prec) + wdt_col * _dot(x, ds_end_c, prec)
+  dc_ref[...] = (_dot(dscores.astype(cdt), bm, prec)
+                 + e_col * _dot(dy, s0_c, prec))
+  db_ref[...] = (_dot(dscores.T.astype(cdt), cm, prec)
+                 + wdt_col * _dot(x, ds_end_c, prec))
 
   # dt and cum. Through L: d(cum_i - cum_j) = dy_i.x_j * C_i.B_j * L_ij * dt_j.
   r_mat = pmat * weights
@@ -461,7 +478,8 @@ def _bwd_kernel(*refs, st: _Static):
   ddtc_ref[1:2, :] = dcum_row
 
   # The cotangent of this chunk's starting state = previous chunk's end.
-  ds0 = fac["decay"] * ds_end + _dot_tn((dyf * e_col).astype(cdt), cm, prec)
+  dye_t = _transpose_mxu((dyf * e_col).astype(cdt), prec).astype(cdt)
+  ds0 = fac["decay"] * ds_end + _dot(dye_t, cm, prec)
   ds_ref[...] = ds0
 
   @pl.when(ci == n_chunks - 1)

@@ -654,9 +654,18 @@ class _HostBatches:
     for name in arrays:
       setattr(self, name, None)  # Views must go before the buffers close.
     for shm in self.shms:
-      shm.close()
+      _close_quietly(shm)
       shm.unlink()
     self.shms = []
+
+
+def _close_quietly(shm: shared_memory.SharedMemory):
+  """Closes a mapping; a view still held elsewhere (e.g. by a transfer that
+  keeps its source alive) only delays the unmapping to its collection."""
+  try:
+    shm.close()
+  except BufferError:
+    pass
 
 
 def _fill(source, arrays, setting: Setting, seed: int, slot: int,
@@ -706,8 +715,9 @@ def _worker_init(source):
 def _worker_fill(spec, setting, seed, slot, offset, indices, skip_bad) -> int:
   """Runs `_fill` in a worker on the shared-memory slots named by `spec`."""
   if _WORKER["spec"] != spec:
+    _WORKER["arrays"] = None  # The views go first, then their mappings.
     for shm in _WORKER.get("shms", []):
-      shm.close()
+      _close_quietly(shm)
     shms = [shared_memory.SharedMemory(name=name) for name, _, _ in spec]
     _WORKER["arrays"] = [np.ndarray(shape, np.dtype(dt), buffer=shm.buf)
                          for shm, (_, shape, dt) in zip(shms, spec)]

@@ -310,50 +310,168 @@ def plan(rng: np.random.Generator, width: int, height: int,
           "erase": rng.random() < cfg.erase_prob}
 
 
-def _homography(params: dict[str, Any], base_size: tuple[int, int],
-                base_is_fitted: bool,
-                grid: tuple[int, int] | None = None) -> np.ndarray:
-  """Output pixel -> base pixel map of the whole official geometry.
+def _fitted(image: Image.Image, params: dict[str, Any],
+            window: tuple[int, int, int, int] | None = None) -> Image.Image:
+  """The official fitted image (step 2), or only a window of it.
 
-  Composes, in PIL's continuous pixel coordinates (pixel i spans [i, i+1)):
-  final resize + crop (A), perspective (H), flip (F) and fitted -> base
-  scaling (S). Returns M (3, 3) with [x_base, y_base, 1] ~ M @ [u, v, 1].
-  `grid` (width, height) renders the crop window at another size than the
-  plan's output (default).
+  Args:
+    image: decoded RGB image (maybe DCT-reduced: any size >= the fit).
+    params: the plan.
+    window: (x0, y0, x1, y1) in fitted pixels; PIL resamples a box exactly
+      as the whole image (to +-1 level of rounding), so the window equals
+      that part of the full fitted image.
+
+  Returns:
+    RGB image of the window's size (default: the whole fitted size).
+  """
+  w1, h1 = params["fit"]
+  x0, y0, x1, y1 = window or (0, 0, w1, h1)
+  sx, sy = image.size[0] / w1, image.size[1] / h1
+  shrink = w1 < image.size[0] or h1 < image.size[1]
+  return image.resize((x1 - x0, y1 - y0), Image.Resampling.LANCZOS if shrink
+                      else Image.Resampling.BICUBIC,
+                      box=(x0 * sx, y0 * sy, x1 * sx, y1 * sy))
+
+
+def _thumbnail(image: Image.Image) -> Image.Image:
+  """64 x 64 copy of the whole image, for the contrast adjustment's mean."""
+  return image.resize((64, 64), Image.Resampling.BILINEAR, reducing_gap=2.0)
+
+
+def _apply_axis_aligned(image: Image.Image, params: dict[str, Any],
+                        cfg: AugmentConfig) -> Image.Image:
+  """No perspective: flip + crop + resize are one axis-aligned box.
+
+  Flip then crop equals crop at the mirrored offset then flip. The fitted
+  image is built (as a window around the crop, plus the blur kernel's
+  margin) only when the fit shrinks (later steps must not see detail the
+  official drops) or blur needs the fitted pixel grid; otherwise the final
+  LANCZOS resize reads the decoded image directly (the official BICUBIC
+  enlargement adds no detail).
   """
   w1, h1 = params["fit"]
   x, y, cw, ch = params["crop"]
-  rw, rh = grid or params["out_size"]
-  a = np.array([[cw / rw, 0, x], [0, ch / rh, y], [0, 0, 1]], np.float64)
-  h = np.eye(3)
-  if params["perspective"] is not None:
-    h = np.append(params["perspective"][1], 1.0).reshape(3, 3)
-  f = np.eye(3)
   if params["flip"]:
-    f = np.array([[-1, 0, w1], [0, 1, 0], [0, 0, 1]], np.float64)
-  s = np.eye(3)
-  if not base_is_fitted:
-    s = np.diag([base_size[0] / w1, base_size[1] / h1, 1.0])
-  return s @ f @ h @ a
+    x = w1 - x - cw
+  jitter, gray = params["jitter"], params["gray"]
+  colour = jitter is not None or gray
+  shrink = w1 < image.size[0] or h1 < image.size[1]
+  blur = params["blur_sigma"]
+  if shrink or blur is not None:
+    mx, my = ((k // 2 for k in cfg.blur_kernel) if blur is not None
+              else (0, 0))
+    window = (max(0, x - mx), max(0, y - my), min(w1, x + cw + mx),
+              min(h1, y + ch + my))
+    thumbnail = _thumbnail(image) if colour else None
+    base = _fitted(image, params, window)
+    if colour:  # Before the blur, as the official.
+      base = _colour(base, jitter, gray, thumbnail)
+      colour = False
+    if blur is not None:
+      # Beyond the margin the kernel sees real pixels; at the image's own
+      # edges the window edge is the image edge, reflected as the official.
+      base = _blur(base, cfg.blur_kernel, blur)
+    box = (x - window[0], y - window[1], x - window[0] + cw,
+           y - window[1] + ch)
+  else:
+    base = image
+    sx, sy = image.size[0] / w1, image.size[1] / h1
+    box = (x * sx, y * sy, min((x + cw) * sx, image.size[0]),
+           min((y + ch) * sy, image.size[1]))
+  rw, rh = params["out_size"]
+  if colour and base.size[0] * base.size[1] <= rw * rh:
+    base, colour = _colour(base, jitter, gray), False
+  out = base.resize((rw, rh), Image.Resampling.LANCZOS, box=box)
+  if params["flip"]:
+    out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+  if colour:  # The output is smaller than the image: colour it instead.
+    out = _colour(out, jitter, gray, _thumbnail(base))
+  return out
+
+
+def _apply_perspective(image: Image.Image, params: dict[str, Any],
+                       cfg: AugmentConfig) -> Image.Image:
+  """With perspective: flip, warp, crop and resize composed into one warp.
+
+  The official warps the whole fitted image at its scale, then LANCZOS-
+  resizes the crop to the output. Here only the part of the image that the
+  crop window sees (the bounding box of the window's preimage, plus the
+  filters' reach) is built, coloured and blurred, and the warp renders the
+  crop window only, at the coarser of the input's and the output's scale:
+  when the output is larger, a LANCZOS resize enlarges the warp as the
+  official's does; when smaller, the input is first shrunk to the output's
+  scale with LANCZOS (the warp itself does not low-pass; the official resize
+  does). Colour runs before the warp, whose black fill the official never
+  colours, and before the blur, as the official.
+
+  Maps are 3x3 homographies on PIL's continuous pixel coordinates (pixel i
+  spans [i, i + 1)), output -> input as PIL's PERSPECTIVE coefficients.
+  """
+  w1, h1 = params["fit"]
+  rw, rh = params["out_size"]
+  x, y, cw, ch = params["crop"]
+  jitter, gray, blur = params["jitter"], params["gray"], params["blur_sigma"]
+  colour = jitter is not None or gray
+  warp = np.append(params["perspective"][1], 1.0).reshape(3, 3)
+  if params["flip"]:  # Flip before the warp: fitted x -> w1 - x.
+    warp = np.array([[-1, 0, w1], [0, 1, 0], [0, 0, 1]], np.float64) @ warp
+  # Window of the fitted image that the crop sees, padded by the reach of
+  # the bicubic warp and the LANCZOS shrink (scaled by it) and of the blur.
+  corners = warp @ np.array([[x, x + cw, x + cw, x], [y, y, y + ch, y + ch],
+                             [1, 1, 1, 1]], np.float64)
+  corners = corners[:2] / corners[2]
+  mx, my = (k // 2 for k in cfg.blur_kernel) if blur is not None else (0, 0)
+  pad_x = 4 * max(1.0, cw / rw) + 2 + mx
+  pad_y = 4 * max(1.0, ch / rh) + 2 + my
+  wx0 = int(np.clip(np.floor(corners[0].min() - pad_x), 0, w1))
+  wy0 = int(np.clip(np.floor(corners[1].min() - pad_y), 0, h1))
+  wx1 = int(np.clip(np.ceil(corners[0].max() + pad_x), 0, w1))
+  wy1 = int(np.clip(np.ceil(corners[1].max() + pad_y), 0, h1))
+  if wx1 <= wx0 or wy1 <= wy0:  # The crop sees only the black fill.
+    return Image.new("RGB", (rw, rh))
+  thumbnail = _thumbnail(image) if colour else None
+  shrink = w1 < image.size[0] or h1 < image.size[1]
+  if shrink or blur is not None:
+    base = _fitted(image, params, (wx0, wy0, wx1, wy1))
+    to_base = np.array([[1, 0, -wx0], [0, 1, -wy0], [0, 0, 1]], np.float64)
+  else:  # The warp reads the decoded image (BICUBIC enlargement adds none).
+    sx, sy = image.size[0] / w1, image.size[1] / h1
+    box = (int(wx0 * sx), int(wy0 * sy), min(image.size[0],
+                                             int(np.ceil(wx1 * sx))),
+           min(image.size[1], int(np.ceil(wy1 * sy))))
+    base = image.crop(box) if colour else image
+    offset = box[:2] if colour else (0, 0)
+    to_base = np.array([[sx, 0, -offset[0]], [0, sy, -offset[1]], [0, 0, 1]],
+                       np.float64)
+  if colour:
+    base = _colour(base, jitter, gray, thumbnail)
+  if blur is not None:
+    base = _blur(base, cfg.blur_kernel, blur)
+  crop_w, crop_h = cw * to_base[0, 0], ch * to_base[1, 1]  # Base pixels.
+  fx, fy = max(1.0, crop_w / rw), max(1.0, crop_h / rh)
+  if max(fx, fy) > 1.25:
+    bw, bh = base.size
+    size = (max(1, round(bw / fx)), max(1, round(bh / fy)))
+    base = base.resize(size, Image.Resampling.LANCZOS)
+    to_base = np.diag([size[0] / bw, size[1] / bh, 1.0]) @ to_base
+    crop_w, crop_h = crop_w * size[0] / bw, crop_h * size[1] / bh
+  grid = (min(rw, max(1, round(crop_w))), min(rh, max(1, round(crop_h))))
+  # Grid pixel -> crop window (persp. output) -> fitted -> base.
+  to_crop = np.array([[cw / grid[0], 0, x], [0, ch / grid[1], y], [0, 0, 1]],
+                     np.float64)
+  m = to_base @ warp @ to_crop
+  m = m / m[2, 2]
+  out = base.transform(grid, Image.Transform.PERSPECTIVE,
+                       tuple(m.reshape(-1)[:8]), Image.Resampling.BICUBIC,
+                       fillcolor=(0, 0, 0))
+  if grid != (rw, rh):
+    out = out.resize((rw, rh), Image.Resampling.LANCZOS)
+  return out
 
 
 def apply(image: Image.Image, params: dict[str, Any], rng: np.random.Generator,
           cfg: AugmentConfig) -> np.ndarray:
-  """Runs a `plan` on a decoded image.
-
-  The geometry (flip, perspective, crop, final resize) is one resampling
-  without perspective, a LANCZOS `resize(box=...)`; with perspective, one
-  BICUBIC `transform` with black fill of the crop window only, at the
-  coarser of the input's and the output's scale, between LANCZOS resizes to
-  and from that scale where needed (see the code). It reads the
-  decoded image directly when the fit enlarges it (the official BICUBIC
-  enlargement adds no detail), and the fitted image, built as the official
-  does, when the fit shrinks it or blur needs its pixel grid. The point-wise
-  colour steps run on whichever image is smallest among those where the
-  official order allows them: before the geometry always (the official order;
-  the contrast mean is then the whole image's), after it only without
-  perspective (whose black fill the official never colours), with the
-  contrast mean from a thumbnail of the whole image.
+  """Runs a `plan` on a decoded image (see the module docstring).
 
   Args:
     image: RGB PIL image (possibly DCT-reduced; its size may exceed the plan's
@@ -365,72 +483,10 @@ def apply(image: Image.Image, params: dict[str, Any], rng: np.random.Generator,
   Returns:
     (rh, rw, 3) uint8: the image to paste centred on the zero canvas.
   """
-  w1, h1 = params["fit"]
-  out_size = params["out_size"]
-  rw, rh = out_size
-  colour = params["jitter"] is not None or params["gray"]
-  base, base_is_fitted = image, False
-  shrink = w1 < image.size[0] or h1 < image.size[1]
-  if shrink or params["blur_sigma"] is not None:
-    # The fitted image is built when it holds less detail than the decoded
-    # one (shrinking: later steps must not see detail the official drops)
-    # or when blur needs its pixel grid.
-    if colour and image.size[0] * image.size[1] <= w1 * h1:
-      base, colour = _colour(base, params["jitter"], params["gray"]), False
-    base = base.resize((w1, h1), Image.Resampling.LANCZOS if shrink
-                       else Image.Resampling.BICUBIC)
-    base_is_fitted = True
-  if params["blur_sigma"] is not None:
-    if colour:
-      base, colour = _colour(base, params["jitter"], params["gray"]), False
-    base = _blur(base, cfg.blur_kernel, params["blur_sigma"])
-  if params["perspective"] is not None:
-    # The official warps at the fitted scale, then LANCZOS-resizes the crop
-    # to the output. Here the warp renders the crop window only, at the
-    # coarser of the input's and the output's scale: when the output is
-    # larger, a LANCZOS resize enlarges the warp as the official's does;
-    # when smaller, the input is first shrunk to the output's scale with
-    # LANCZOS (the warp itself does not low-pass, as the official resize
-    # does).
-    bw, bh = base.size
-    _, _, cw, ch = params["crop"]
-    crop_w = cw * (1 if base_is_fitted else bw / w1)  # In base pixels.
-    crop_h = ch * (1 if base_is_fitted else bh / h1)
-    fx, fy = max(1.0, crop_w / rw), max(1.0, crop_h / rh)
-    if max(fx, fy) > 1.25:
-      size = (max(1, round(bw / fx)), max(1, round(bh / fy)))
-      base = base.resize(size, Image.Resampling.LANCZOS)
-      crop_w, crop_h = crop_w * size[0] / bw, crop_h * size[1] / bh
-      base_is_fitted = False  # Base pixels are no longer fitted pixels.
-    grid = (min(rw, max(1, round(crop_w))), min(rh, max(1, round(crop_h))))
-    if colour:
-      base, colour = _colour(base, params["jitter"], params["gray"]), False
-    m = _homography(params, base.size, base_is_fitted, grid)
-    m = m / m[2, 2]
-    out = base.transform(grid, Image.Transform.PERSPECTIVE,
-                         tuple(m.reshape(-1)[:8]), Image.Resampling.BICUBIC,
-                         fillcolor=(0, 0, 0))
-    if grid != out_size:
-      out = out.resize(out_size, Image.Resampling.LANCZOS)
+  if params["perspective"] is None:
+    out = _apply_axis_aligned(image, params, cfg)
   else:
-    m = _homography(params, base.size, base_is_fitted)
-    if colour and base.size[0] * base.size[1] <= rw * rh:
-      base, colour = _colour(base, params["jitter"], params["gray"]), False
-    # Without perspective the map is axis-aligned: a crop box, mirrored
-    # when flipped (flip then crop = crop the mirrored window then flip).
-    x0, y0 = m[0, 2], m[1, 2]
-    x1, y1 = m[0, 0] * rw + x0, m[1, 1] * rh + y0
-    flip = x1 < x0
-    bw, bh = base.size  # Clamp float round-off at the image edges.
-    box = (max(min(x0, x1), 0.0), max(y0, 0.0), min(max(x0, x1), bw),
-           min(y1, bh))
-    out = base.resize(out_size, Image.Resampling.LANCZOS, box=box)
-    if flip:
-      out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    if colour:
-      thumbnail = base.resize((64, 64), Image.Resampling.BILINEAR,
-                              reducing_gap=2.0)
-      out = _colour(out, params["jitter"], params["gray"], thumbnail)
+    out = _apply_perspective(image, params, cfg)
   pixels = np.array(out, np.uint8)  # Writable copy for erasing.
   if params["erase"]:
     _random_erase(pixels, rng, cfg)

@@ -8,7 +8,9 @@ transform (T = 1024, canvas 256..1024 by default) over the images:
 
   1. stage by stage (file read, header + plan, decode, transform, positions,
      patch gather, information ratio), timing each;
-  2. end to end through the Grain pipeline (`make_train_iterator`,
+  2. the same work in the official order and sizes (`apply_reference`, the
+     full canvas, glimpse.py's ratio), for comparison on the same machine;
+  3. end to end through the Grain pipeline (`make_train_iterator`,
      in-process, one thread), batches included.
 
 Prints ms/sample and samples/s for one core. Nothing is written outside the
@@ -26,6 +28,7 @@ import time
 
 import numpy as np
 
+from mambaeye_jax import glimpse
 from mambaeye_jax.data import augment
 from mambaeye_jax.data import glimpses
 from mambaeye_jax.data import pipeline
@@ -109,14 +112,44 @@ def bench_stages(files, cfg: pipeline.DataConfig, samples: int, seed: int):
     totals["positions"] += t4 - t3
     totals["patch gather"] += t5 - t4
     totals["information ratio"] += t6 - t5
-    fused = params["blur_sigma"] is None and params["perspective"] is None
-    paths["fused (no blur/perspective)" if fused
-          else "step by step (blur or perspective)"].append(t3 - t2)
     if params["perspective"] is not None:
-      paths["  of which perspective"].append(t3 - t2)
+      paths["with perspective"].append(t3 - t2)
+    elif params["blur_sigma"] is not None:
+      paths["with blur, no perspective"].append(t3 - t2)
+    else:
+      paths["neither (one resize)"].append(t3 - t2)
     if params["jitter"] is not None:
-      paths["  any with colour jitter"].append(t3 - t2)
+      paths["any, with colour jitter"].append(t3 - t2)
   return totals, paths, samples
+
+
+def bench_reference(files, cfg: pipeline.DataConfig, samples: int,
+                    seed: int) -> float:
+  """CPU seconds per sample of the official order of work, same machine.
+
+  Full decode, `augment.apply_reference` (every step at the official sizes),
+  the full zero canvas, `glimpse.extract_patches` on it and glimpse.py's
+  coverage ratio: the official loader's work without its PyTorch overheads
+  (so a lower bound on what the official loader costs here).
+  """
+  aug = cfg.augment_config()
+  pattern = scan_patterns.get("train")
+  t0 = _clock()
+  for i in range(samples):
+    rng = np.random.default_rng([seed, i])
+    with open(files[i % len(files)], "rb") as f:
+      image = sources.decode_image(f.read())
+    params = augment.plan(rng, *image.size, aug)
+    pixels = augment.apply_reference(image, params, rng, aug)
+    side = params["canvas"]
+    box = augment.centred_box(side, pixels.shape[:2])
+    canvas = np.zeros((side, side, 3), np.uint8)
+    canvas[box.top:box.top + box.height, box.left:box.left + box.width] = (
+        pixels)
+    positions = pattern(rng, (side, side), box, cfg.num_glimpses)
+    glimpse.extract_patches(canvas, positions)
+    glimpse.information_ratio(positions, box)
+  return (_clock() - t0) / samples
 
 
 def bench_pipeline(root_files, cfg: pipeline.DataConfig, batches: int):
@@ -143,6 +176,9 @@ def main(argv=None):
   parser.add_argument("--batch_size", type=int, default=16)
   parser.add_argument("--pipeline_batches", type=int, default=10)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--reference_samples", type=int, default=100,
+                      help="samples for the step-by-step reference timing "
+                      "(0 skips it)")
   parser.add_argument("--all_cores", action="store_true",
                       help="do not pin the process to one core")
   args = parser.parse_args(argv)
@@ -177,9 +213,16 @@ def main(argv=None):
     print(f"  {'total':<22} {total / n * 1e3:7.2f} ms/sample = "
           f"{n / total:6.1f} samples/s per core")
     print("transform by path (mean ms, share of samples):")
-    for path, times in paths.items():
+    for path, times in sorted(paths.items()):
       print(f"  {path:<36} {np.mean(times) * 1e3:7.2f} ms "
             f"({len(times) / n:5.1%})")
+    if args.reference_samples:
+      per_sample = bench_reference(files, cfg, args.reference_samples,
+                                   args.seed)
+      print(f"official order of work, step by step (apply_reference, full "
+            f"canvas, glimpse.py ratio), {args.reference_samples} samples: "
+            f"{per_sample * 1e3:.2f} ms/sample = {1 / per_sample:.1f} "
+            "samples/s per core")
     per_sample = bench_pipeline(files, cfg, args.pipeline_batches)
     print(f"\nGrain pipeline end to end (batch {args.batch_size}, in-process,"
           f" 1 thread): {per_sample * 1e3:.2f} ms/sample = "

@@ -22,23 +22,29 @@ Official order (`mambaeye/dataset.py`, `ImagenetDatasetSinusoidal`):
 What this implementation does differently, and why it is the same data:
 
   * Fused geometry: flip, perspective, crop and the final resize compose
-    into one map from output pixels to input pixels, applied as one
-    resampling (LANCZOS `resize(box=...)` without perspective; one BICUBIC
-    perspective `transform`, black fill, otherwise). Flip then crop equals
-    crop at the mirrored offset then flip. The input is the decoded image
-    when the fit enlarges it (an enlargement adds no detail) and the fitted
-    image, built as the official builds it, when the fit shrinks it or blur
-    needs it. Resampling once instead of twice or three times changes pixels
-    by ~1-2 gray levels on average (tests/test_data_augment.py bounds it
-    against `apply_reference`, the step-by-step chain).
+    into one map from output pixels to input pixels. Without perspective it
+    is one axis-aligned LANCZOS `resize(box=...)` (flip then crop equals
+    crop at the mirrored offset then flip); with perspective, one BICUBIC
+    warp (black fill) of the crop window only, at the coarser of the input's
+    and the output's scale, then a LANCZOS resize to the output where it is
+    larger. The input is the decoded image when the fit enlarges it (an
+    enlargement adds no detail), and the fitted image, built as the official
+    builds it, when the fit shrinks it or blur needs its pixel grid; then
+    only the window the crop sees (plus the filters' reach) is built,
+    coloured and blurred. Resampling once instead of two or three times
+    changes pixels by ~1 gray level on average (tests/test_data_augment.py
+    bounds it against `apply_reference`, the step-by-step chain).
   * Point-wise colour steps (jitter, grayscale) run on the smallest image
     where the official order allows: before the geometry (the official
     order), or after it when there is no perspective (whose black fill the
     official never colours). Point-wise maps commute with resampling up to
     8-bit rounding; the one non-point-wise input, the contrast adjustment's
-    grayscale mean, is then taken from a 64-pixel thumbnail of the whole
+    grayscale mean, is taken from a 64-pixel thumbnail of the whole
     (uncropped) image with the earlier adjustments applied, as the official
-    takes it from the whole image.
+    takes it from the whole image (within a gray level or so).
+  * Step 2 uses LANCZOS when shrinking, as DESIGN.md says. (The official
+    code compares the already-fitted size with the canvas, so it in fact
+    always takes BICUBIC.)
   * JPEGs are decoded at reduced DCT scale when the fitted size is at most
     half the stored size (never below the fitted size; see
     `sources.decode_image`).
@@ -379,13 +385,27 @@ def _apply_axis_aligned(image: Image.Image, params: dict[str, Any],
     box = (x * sx, y * sy, min((x + cw) * sx, image.size[0]),
            min((y + ch) * sy, image.size[1]))
   rw, rh = params["out_size"]
+  thumbnail = None
+  if colour and base is image:
+    # Colour only the part the resize reads: the box plus the LANCZOS
+    # support (3 input pixels, times the shrink factor), so that the resize
+    # sees the same pixels as on the whole image.
+    thumbnail = _thumbnail(image)
+    pad_x = 3 * max(1.0, (box[2] - box[0]) / rw) + 1
+    pad_y = 3 * max(1.0, (box[3] - box[1]) / rh) + 1
+    region = (max(0, int(box[0] - pad_x)), max(0, int(box[1] - pad_y)),
+              min(image.size[0], int(np.ceil(box[2] + pad_x))),
+              min(image.size[1], int(np.ceil(box[3] + pad_y))))
+    base = image.crop(region)
+    box = (box[0] - region[0], box[1] - region[1], box[2] - region[0],
+           box[3] - region[1])
   if colour and base.size[0] * base.size[1] <= rw * rh:
-    base, colour = _colour(base, jitter, gray), False
+    base, colour = _colour(base, jitter, gray, thumbnail), False
   out = base.resize((rw, rh), Image.Resampling.LANCZOS, box=box)
   if params["flip"]:
     out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-  if colour:  # The output is smaller than the image: colour it instead.
-    out = _colour(out, jitter, gray, _thumbnail(base))
+  if colour:  # The output is smaller than the input: colour it instead.
+    out = _colour(out, jitter, gray, thumbnail or _thumbnail(base))
   return out
 
 

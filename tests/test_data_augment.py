@@ -223,15 +223,20 @@ def test_perspective_fills_black_outside_the_quad():
 
 def test_random_erase_zeroes_one_rectangle():
   cfg = augment.AugmentConfig()
+  erased = 0
   for seed in range(20):
     pixels = np.full((50, 70, 3), 7, np.uint8)
     augment._random_erase(pixels, np.random.default_rng(seed), cfg)
     zero = (pixels == 0).all(-1)
     rows, cols = np.nonzero(zero)
     if rows.size:  # One axis-aligned rectangle of 2%..33% of the area.
+      erased += 1
       block = zero[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
       assert block.all()
       assert 0.02 * 3500 - 150 <= block.size <= 0.33 * 3500 + 150
+      assert (pixels[~zero] == 7).all()
+  # Ten attempts at a fitting rectangle almost always succeed here.
+  assert erased >= 18
 
 
 def test_canvas_config_validated():

@@ -73,7 +73,6 @@ def bench_stages(files, cfg: pipeline.DataConfig, samples: int, seed: int):
     seconds, n).
   """
   aug = cfg.augment_config()
-  pattern = scan_patterns.get("train")
   totals = collections.defaultdict(float)
   paths = collections.defaultdict(list)
   for i in range(samples):
@@ -98,7 +97,8 @@ def bench_stages(files, cfg: pipeline.DataConfig, samples: int, seed: int):
     t3 = _clock()
     canvas = params["canvas"]
     box = augment.centred_box(canvas, pixels.shape[:2])
-    positions = pattern(rng, (canvas, canvas), box, cfg.num_glimpses)
+    positions = scan_patterns.generate("train", rng, (canvas, canvas), box,
+                                       cfg.num_glimpses)
     t4 = _clock()
     glimpses.gather_patches(pixels, (canvas, canvas), box, positions)
     t5 = _clock()
@@ -133,7 +133,6 @@ def bench_reference(files, cfg: pipeline.DataConfig, samples: int,
   (so a lower bound on what the official loader costs here).
   """
   aug = cfg.augment_config()
-  pattern = scan_patterns.get("train")
   t0 = _clock()
   for i in range(samples):
     rng = np.random.default_rng([seed, i])
@@ -146,7 +145,8 @@ def bench_reference(files, cfg: pipeline.DataConfig, samples: int,
     canvas = np.zeros((side, side, 3), np.uint8)
     canvas[box.top:box.top + box.height, box.left:box.left + box.width] = (
         pixels)
-    positions = pattern(rng, (side, side), box, cfg.num_glimpses)
+    positions = scan_patterns.generate("train", rng, (side, side), box,
+                                       cfg.num_glimpses)
     glimpse.extract_patches(canvas, positions)
     glimpse.information_ratio(positions, box)
   return (_clock() - t0) / samples

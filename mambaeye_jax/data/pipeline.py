@@ -231,7 +231,8 @@ class TrainTransform(grain.transforms.RandomMap):
   def __init__(self, cfg: DataConfig):
     self._cfg = cfg
     self._aug = cfg.augment_config()
-    self._pattern = scan_patterns.get(cfg.scan_pattern or "train")
+    self._pattern_name = cfg.scan_pattern or "train"
+    scan_patterns.get(self._pattern_name)  # Fails early on a bad name.
     self._skip = _Skipper(cfg.on_error)
 
   def random_map(self, record: Mapping[str, Any],
@@ -253,8 +254,9 @@ class TrainTransform(grain.transforms.RandomMap):
     pixels = augment.apply(image, params, rng, self._aug)
     canvas = params["canvas"]
     box = augment.centred_box(canvas, pixels.shape[:2])
-    positions = self._pattern(rng, (canvas, canvas), box,
-                              _num_glimpses(rng, self._cfg))
+    positions = scan_patterns.generate(self._pattern_name, rng,
+                                       (canvas, canvas), box,
+                                       _num_glimpses(rng, self._cfg))
     return glimpses.make_example(pixels, (canvas, canvas), box, positions,
                                  int(record["label"]))
 

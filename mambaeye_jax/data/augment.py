@@ -157,7 +157,7 @@ def _adjust(image: Image.Image, op: str, factor: float,
     # torchvision adds np.uint8(hue * 255) with uint8 wrap-around; int()
     # truncates toward zero as that C cast does, % 256 wraps negatives.
     shift = int(factor * 255) % 256
-    h = h.point(lambda x: (x + shift) % 256)
+    h = h.point(list(range(shift, 256)) + list(range(shift)))  # (x+s)%256
     return Image.merge("HSV", (h, s, v)).convert("RGB")
   raise ValueError(f"unknown colour op {op!r}")
 

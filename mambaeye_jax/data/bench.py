@@ -11,7 +11,8 @@ transform (T = 1024, canvas 256..1024 by default) over the images:
   2. the same work in the official order and sizes (`apply_reference`, the
      full canvas, glimpse.py's ratio), for comparison on the same machine;
   3. end to end through the Grain pipeline (`make_train_iterator`,
-     in-process, one thread), batches included.
+     in-process, one thread), batches included;
+  4. with --workers N, wall-clock throughput with N worker processes.
 
 Prints ms/sample and samples/s for one core. Nothing is written outside the
 temporary directory. Times are CPU time of this process (see `_clock`).
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import os
 import tarfile
 import tempfile
@@ -165,6 +167,26 @@ def bench_pipeline(root_files, cfg: pipeline.DataConfig, batches: int):
   return elapsed / (batches * cfg.batch_size)
 
 
+def bench_workers(root_files, cfg: pipeline.DataConfig, workers: int,
+                  batches: int) -> float:
+  """Wall-clock samples/s with `workers` worker processes (after warm-up).
+
+  Workers run in parallel, so this is wall time, not CPU time: it measures
+  what this machine's cores deliver together.
+  """
+  cfg = dataclasses.replace(cfg, worker_count=workers)
+  it = pipeline.make_train_iterator(cfg,
+                                   data_source=_ListSource(root_files))
+  for _ in range(2 * workers):  # Start every worker and fill its buffer.
+    next(it)
+  t0 = time.perf_counter()
+  for _ in range(batches):
+    next(it)
+  elapsed = time.perf_counter() - t0
+  it.close()
+  return batches * cfg.batch_size / elapsed
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--images", required=True,
@@ -181,9 +203,13 @@ def main(argv=None):
                       "(0 skips it)")
   parser.add_argument("--all_cores", action="store_true",
                       help="do not pin the process to one core")
+  parser.add_argument("--workers", type=int, default=0,
+                      help="also measure wall-clock throughput with this "
+                      "many worker processes (implies --all_cores)")
   args = parser.parse_args(argv)
 
-  if not args.all_cores and hasattr(os, "sched_setaffinity"):
+  if not (args.all_cores or args.workers) and hasattr(os,
+                                                     "sched_setaffinity"):
     core = min(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {core})
     print(f"pinned to CPU core {core}")
@@ -227,6 +253,10 @@ def main(argv=None):
     print(f"\nGrain pipeline end to end (batch {args.batch_size}, in-process,"
           f" 1 thread): {per_sample * 1e3:.2f} ms/sample = "
           f"{1 / per_sample:.1f} samples/s per core")
+    if args.workers:
+      rate = bench_workers(files, cfg, args.workers, args.pipeline_batches)
+      print(f"Grain pipeline, {args.workers} worker processes, "
+            f"{os.cpu_count()} CPUs: {rate:.1f} samples/s wall clock")
 
 
 if __name__ == "__main__":

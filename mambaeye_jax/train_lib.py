@@ -1,0 +1,743 @@
+"""The MambaEye training loop: data-parallel, checkpointed, resumable.
+
+`train_and_evaluate(config, workdir)` trains from an ml_collections config
+(see `default_config` and configs/*.py) and leaves in `workdir`:
+
+    train_config.json   the whole config (restore_model reads "model" there)
+    checkpoints/<step>/ orbax: params, train (opt_state, step, rng), data
+                        (the data iterator's state, one file per process)
+    metrics.jsonl, tb/  training metrics (see mambaeye_jax.metrics)
+    model/              the final parameters as a model directory
+                        (checkpoint.save_params; what eval.py loads)
+    nan_batch_step<N>_process<i>.npz   only if a loss went non-finite
+
+Dimension letters: b global batch, b_local this process's rows, T glimpses,
+K classes.
+
+Parallelism: one "data" mesh axis over every device of every process
+(mambaeye_jax.sharding). The state is built sharded from its abstract shape
+(`jax.eval_shape`, then `jax.jit(init, out_shardings=...)`), and the step is
+one `jax.jit` over the NNX functional API (`nnx.split` once, `nnx.merge`
+inside the step) with the state donated.
+
+Interruption: SIGTERM or Ctrl-C (SIGINT) asks the loop to stop; it finishes
+the step in flight, saves a checkpoint and returns. A second Ctrl-C aborts at
+once. A later call with the same workdir resumes from the latest checkpoint,
+data iterator included, and continues the same loss curve.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from mambaeye_jax import checkpoint
+from mambaeye_jax import loss as loss_lib
+from mambaeye_jax import metrics as metrics_lib
+from mambaeye_jax import model as model_lib
+from mambaeye_jax import optim
+from mambaeye_jax import sharding as sharding_lib
+
+TRAIN_CONFIG_FILE = "train_config.json"
+CHECKPOINT_DIR = "checkpoints"
+MODEL_DIR = "model"
+BATCH_KEYS = ("patches", "positions", "ratio", "labels", "mask", "segment_ids")
+
+TrainState = dict  # {"params": tree, "opt_state": tree, "step": () int32, "rng": (2,) uint32}
+
+
+# ----------------------------------------------------------------------------
+# Configuration.
+
+
+def model_config_dict(variant: str = "tiny", **overrides) -> ml_collections.ConfigDict:
+  """Every ModelConfig field of a named size, as a ConfigDict."""
+  return ml_collections.ConfigDict(
+      dataclasses.asdict(model_lib.get_config(variant, **overrides)))
+
+
+_LOOP_DATA_FIELDS = ("batch_size", "seed", "num_epochs")
+
+
+def data_config_dict(**overrides) -> ml_collections.ConfigDict:
+  """The pipeline's DataConfig defaults (less the loop's fields), as a ConfigDict."""
+  from mambaeye_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  fields = dataclasses.asdict(pipeline.DataConfig(source="synthetic"))
+  for name in _LOOP_DATA_FIELDS:
+    del fields[name]
+  # Every augmentation field, so `--config.data.augment.<typo>` fails loudly.
+  from mambaeye_jax.data import augment  # pylint: disable=g-import-not-at-top
+  fields["augment"] = {f.name: getattr(augment.AugmentConfig(), f.name)
+                       for f in dataclasses.fields(augment.AugmentConfig)
+                       if f.name not in ("canvas_min", "canvas_max")}
+  unknown = sorted(set(overrides) - set(fields))
+  if unknown:
+    raise ValueError(f"unknown data config fields {unknown}; known: {sorted(fields)}")
+  fields.update(overrides)
+  return ml_collections.ConfigDict(fields)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """All fields a training config may set, with the official recipe's values.
+
+  Config files (configs/*.py) start from this and change what differs, so a
+  misspelt field is an error, never a silently ignored setting.
+  """
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = model_config_dict("tiny")
+
+  # The data pipeline's DataConfig fields (mambaeye_jax.data.pipeline), less
+  # those the loop sets itself (batch_size: global / processes; seed: the
+  # top-level seed; num_epochs: the loop counts steps). source may also be
+  # "fake": FakeBatches below, for tests.
+  c.data = data_config_dict()
+  # Images per epoch for epoch-based schedules (ImageNet-1K: 1,281,167);
+  # 0 = the source's length.
+  c.train_examples = 0
+
+  c.global_batch_size = 1024
+  c.num_epochs = 300.0
+  c.num_train_steps = -1  # > 0 overrides num_epochs.
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 1e-3
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.05
+  c.optim.clip_norm = 1.0
+  c.optim.warmup_epochs = 20.0
+  c.optim.warmup_steps = -1  # >= 0 overrides warmup_epochs.
+  c.optim.end_lr_ratio = 0.0
+
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.accuracy_at = (16, 64, 256)  # glimpse counts reported besides the last.
+  c.num_devices = -1  # -1: every device of every process.
+  c.sync_stop_every_steps = 10  # multi-process: how often hosts agree to stop.
+  c.export_model = True
+  return c
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first bad field, before anything is built."""
+  known = set(default_config().keys())
+  unknown = sorted(set(config.keys()) - known)
+  if unknown:
+    raise ValueError(f"unknown config fields {unknown}; known: {sorted(known)}")
+  for group in ("model", "data", "optim"):
+    want = set(default_config()[group].keys())
+    extra = sorted(set(config[group].keys()) - want)
+    if extra:
+      raise ValueError(f"unknown config fields {[f'{group}.{e}' for e in extra]}; "
+                       f"known: {sorted(want)}")
+  model_config_from(config)
+  if config.global_batch_size < 1:
+    raise ValueError(f"global_batch_size={config.global_batch_size} must be >= 1")
+  data_config_from(config, local_batch_size=1)  # Pipeline checks every field.
+  if config.num_train_steps <= 0 and config.num_epochs <= 0:
+    raise ValueError("set num_epochs > 0 or num_train_steps > 0")
+  for name in ("log_every_steps", "checkpoint_every_steps", "sync_stop_every_steps"):
+    if config[name] < 1:
+      raise ValueError(f"{name}={config[name]} must be >= 1")
+
+
+def model_config_from(config: ml_collections.ConfigDict) -> model_lib.ModelConfig:
+  """The ModelConfig of config.model (errors name the bad field)."""
+  return checkpoint.config_from_dict(dict(config.model), "config.model")
+
+
+def steps_per_epoch(config: ml_collections.ConfigDict, num_examples: int) -> float:
+  return num_examples / config.global_batch_size
+
+
+def total_train_steps(config: ml_collections.ConfigDict, num_examples: int) -> int:
+  """num_train_steps if set, else ceil(num_epochs * examples / global batch)."""
+  if config.num_train_steps > 0:
+    return int(config.num_train_steps)
+  return max(1, math.ceil(config.num_epochs * steps_per_epoch(config, num_examples)))
+
+
+def optim_config_from(config: ml_collections.ConfigDict, num_examples: int) -> optim.OptimConfig:
+  total = total_train_steps(config, num_examples)
+  if config.optim.warmup_steps >= 0:
+    warmup = int(config.optim.warmup_steps)
+  else:
+    warmup = int(round(config.optim.warmup_epochs * steps_per_epoch(config, num_examples)))
+  o = config.optim
+  return optim.OptimConfig(
+      learning_rate=o.learning_rate, b1=o.b1, b2=o.b2, eps=o.eps,
+      weight_decay=o.weight_decay, clip_norm=o.clip_norm,
+      warmup_steps=min(warmup, total), total_steps=total, end_lr_ratio=o.end_lr_ratio)
+
+
+# ----------------------------------------------------------------------------
+# Data.
+
+
+class FakeBatches:
+  """A tiny deterministic batch source with the pipeline's batch contract.
+
+  For tests and the "fake" source: batch i is a pure function of (seed,
+  process index, i), labels are random, and every patch carries a faint
+  label-dependent brightness so a model can learn. Checkpointable like a
+  Grain iterator (get_state / set_state).
+
+  Yields dicts of host arrays: patches (b_local, T, 768) uint8, positions
+  (b_local, T, 2) int32, ratio (b_local, T) f32, labels (b_local, T) int32,
+  mask (b_local, T) bool, segment_ids (b_local, T) int32.
+  """
+
+  def __init__(self, batch_size: int, num_glimpses: int, num_classes: int,
+               seed: int = 0, process_index: int = 0, canvas: int = 64):
+    self.batch_size = batch_size
+    self.num_glimpses = num_glimpses
+    self.num_classes = num_classes
+    self.seed = seed
+    self.process_index = process_index
+    self.canvas = canvas
+    self.index = 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng((self.seed, self.process_index, self.index))
+    self.index += 1
+    b, t = self.batch_size, self.num_glimpses
+    labels = rng.integers(0, self.num_classes, size=(b,), dtype=np.int32)
+    level = (labels * (200 // max(self.num_classes, 1)) + 20).astype(np.int32)
+    noise = rng.integers(-20, 21, size=(b, t, 768), dtype=np.int32)
+    patches = np.clip(level[:, None, None] + noise, 0, 255).astype(np.uint8)
+    positions = rng.integers(0, self.canvas - 16, size=(b, t, 2), dtype=np.int32)
+    ratio = np.broadcast_to(np.linspace(0.05, 1.0, t, dtype=np.float32), (b, t))
+    return {
+        "patches": patches,
+        "positions": positions,
+        "ratio": np.ascontiguousarray(ratio),
+        "labels": np.repeat(labels[:, None], t, axis=1),
+        "mask": np.ones((b, t), bool),
+        "segment_ids": np.ones((b, t), np.int32),
+    }
+
+  def get_state(self) -> bytes:
+    return json.dumps({"index": self.index}).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self.index = int(json.loads(state.decode())["index"])
+
+  def start_prefetch(self) -> None:  # Grain's checkpoint handler calls this.
+    pass
+
+
+def data_config_from(config: ml_collections.ConfigDict, local_batch_size: int):
+  """The pipeline's DataConfig for this process (None for the fake source)."""
+  from mambaeye_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  fields = config.data.to_dict()
+  if fields["source"] == "fake":
+    return None
+  return pipeline.DataConfig.from_any(fields, batch_size=local_batch_size,
+                                      seed=config.seed, num_epochs=0)
+
+
+def num_train_examples(config: ml_collections.ConfigDict) -> int:
+  """Images per epoch, for epoch-based schedules."""
+  if config.train_examples > 0:
+    return int(config.train_examples)
+  if config.data.source in ("fake", "synthetic"):
+    return int(config.data.synthetic_size)
+  from mambaeye_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  return len(pipeline.make_source(data_config_from(config, 1)))
+
+
+def make_train_iterator(config: ml_collections.ConfigDict, local_batch_size: int,
+                        model_config: model_lib.ModelConfig) -> Iterator[dict]:
+  """This process's batches, (b_local, T, ...) host arrays (see FakeBatches).
+
+  The returned object has get_state / set_state (for the checkpoint) and,
+  from the real pipeline, `num_skipped` (bad records left out).
+  """
+  data_config = data_config_from(config, local_batch_size)
+  if data_config is None:
+    return FakeBatches(local_batch_size, config.data.num_glimpses, model_config.num_classes,
+                       seed=config.seed, process_index=jax.process_index())
+  from mambaeye_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  return pipeline.make_train_iterator(data_config)
+
+
+def _pipeline_stats(iterator) -> dict[str, float]:
+  """Skip counters of the pipeline, cumulative, summed over processes.
+
+  Collective when there are several processes: all call it at the same step.
+  """
+  skipped = getattr(iterator, "num_skipped", None)
+  if skipped is None:
+    return {}
+  if jax.process_count() > 1:
+    skipped = multihost_utils.process_allgather(np.int64(skipped)).sum()
+  return {"data/num_skipped": int(skipped)}
+
+
+# ----------------------------------------------------------------------------
+# State and step.
+
+
+def _init_state(model_config: model_lib.ModelConfig, tx: optax.GradientTransformation,
+                rng: jax.Array) -> TrainState:
+  """rng: (2,) uint32 key data -> the initial TrainState (pure function)."""
+  key = jax.random.wrap_key_data(rng)
+  init_key, carry_key = jax.random.split(key)
+  model = model_lib.MambaEye(model_config, rngs=nnx.Rngs(params=init_key))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  return {"params": params, "opt_state": tx.init(params),
+          "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(carry_key)}
+
+
+def model_graphdef(model_config: model_lib.ModelConfig):
+  """The NNX graph definition (structure, no arrays) of a MambaEye."""
+  graphdef, _ = nnx.split(checkpoint.abstract_model(model_config))
+  return graphdef
+
+
+def create_train_state(model_config: model_lib.ModelConfig, tx: optax.GradientTransformation,
+                       seed: int, mesh: jax.sharding.Mesh):
+  """Builds the state directly in its sharding (replicated for pure DP).
+
+  Returns:
+    (state, shardings, abstract): the TrainState, its sharding tree, and its
+    ShapeDtypeStructs (with shardings) for restoring checkpoints.
+  """
+  rng = jax.random.key_data(jax.random.key(seed))
+  init = functools.partial(_init_state, model_config, tx)
+  shapes = jax.eval_shape(init, rng)
+  shardings = jax.tree.map(lambda _: sharding_lib.replicated(mesh), shapes)
+  abstract = jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+  state = jax.jit(init, out_shardings=shardings)(rng)
+  return state, shardings, abstract
+
+
+def _glimpse_index(segment_ids: jax.Array) -> jax.Array:
+  """(b, T) int -> (b, T) int32: 0-based index of each step in its sequence."""
+  b, t = segment_ids.shape
+  steps = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  prev = jnp.concatenate([jnp.full((b, 1), -1, segment_ids.dtype), segment_ids[:, :-1]], 1)
+  first = jax.lax.cummax(jnp.where(segment_ids != prev, steps, 0), axis=1)
+  return steps - first
+
+
+def _is_last(segment_ids: jax.Array, mask: jax.Array) -> jax.Array:
+  """(b, T) bool: the last real step of each packed sequence."""
+  b = segment_ids.shape[0]
+  nxt = jnp.concatenate([segment_ids[:, 1:], jnp.full((b, 1), -1, segment_ids.dtype)], 1)
+  nxt_mask = jnp.concatenate([mask[:, 1:], jnp.zeros((b, 1), bool)], 1)
+  return mask & ((nxt != segment_ids) | ~nxt_mask)
+
+
+def step_metrics(logits: jax.Array, batch: dict, accuracy_at: tuple[int, ...]) -> dict:
+  """Sums for accuracy at glimpse counts, images and tokens of one batch.
+
+  Args:
+    logits: (b, T, K).
+    batch: the batch contract (labels, mask, segment_ids (b, T)).
+    accuracy_at: glimpse counts k; step k - 1 of each sequence is scored.
+
+  Returns:
+    name -> () arrays: correct_at_<k>, count_at_<k>, correct_last,
+    count_last (= images), tokens.
+  """
+  mask = batch["mask"].astype(bool)
+  correct = loss_lib.correct_at_steps(logits, batch["labels"]) & mask
+  index = _glimpse_index(batch["segment_ids"])
+  out = {}
+  for k in accuracy_at:
+    at = mask & (index == k - 1)
+    out[f"correct_at_{k}"] = jnp.sum(correct & at, dtype=jnp.int32)
+    out[f"count_at_{k}"] = jnp.sum(at, dtype=jnp.int32)
+  last = _is_last(batch["segment_ids"], mask)
+  out["correct_last"] = jnp.sum(correct & last, dtype=jnp.int32)
+  out["count_last"] = jnp.sum(last, dtype=jnp.int32)
+  out["tokens"] = jnp.sum(mask, dtype=jnp.int32)
+  return out
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    accuracy_at: tuple[int, ...]) -> Callable:
+  """(state, batch) -> (state, metrics), to be jitted.
+
+  batch: the contract's global arrays, (b, T, ...). metrics: () arrays,
+  "loss", "grad_norm", "learning_rate" and the sums of `step_metrics`.
+  """
+
+  def train_step(state: TrainState, batch: dict):
+    def loss_fn(params):
+      model = nnx.merge(graphdef, params)
+      logits = model(batch["patches"], batch["positions"], batch["segment_ids"])
+      loss = loss_lib.stepwise_loss(logits, batch["labels"], batch["ratio"], batch["mask"])
+      return loss, logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+               "learning_rate": schedule(state["step"])}
+    metrics.update(step_metrics(jax.lax.stop_gradient(logits), batch, accuracy_at))
+    new_state = {"params": params, "opt_state": opt_state,
+                 "step": state["step"] + 1, "rng": state["rng"]}
+    return new_state, metrics
+
+  return train_step
+
+
+def compile_train_step(train_step: Callable, state_shardings, mesh: jax.sharding.Mesh):
+  """jax.jit with the state donated and the batch split over "data"."""
+  return jax.jit(
+      train_step, donate_argnums=(0,),
+      in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
+      out_shardings=(state_shardings, sharding_lib.replicated(mesh)))
+
+
+def summarize(window: list[dict], accuracy_at: tuple[int, ...]) -> dict[str, float]:
+  """Host metrics of several steps -> the logged train/* scalars."""
+  total = lambda name: float(sum(np.asarray(m[name]) for m in window))
+  out = {
+      "train/loss": float(np.mean([m["loss"] for m in window])),
+      "train/grad_norm": float(np.mean([m["grad_norm"] for m in window])),
+      "train/learning_rate": float(window[-1]["learning_rate"]),
+  }
+  for k in accuracy_at:
+    count = total(f"count_at_{k}")
+    if count:
+      out[f"train/accuracy_at_{k}"] = total(f"correct_at_{k}") / count
+  out["train/accuracy_last"] = total("correct_last") / max(total("count_last"), 1.0)
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints.
+
+
+def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict | None = None,
+                       read_only: bool = False) -> ocp.CheckpointManager:
+  """Orbax manager of WORKDIR/checkpoints (asynchronous saves)."""
+  keep = config.keep_checkpoints if config is not None else None
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=not read_only, read_only=read_only,
+      enable_async_checkpointing=True)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
+                               options=options)
+
+
+def _save(manager: ocp.CheckpointManager, step: int, state: TrainState, iterator) -> None:
+  import grain  # pylint: disable=g-import-not-at-top
+  train = {k: state[k] for k in ("opt_state", "step", "rng")}
+  manager.save(step, args=ocp.args.Composite(
+      params=ocp.args.StandardSave(state["params"]),
+      train=ocp.args.StandardSave(train),
+      data=grain.checkpoint.CheckpointSave(iterator)), force=True)
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, abstract: TrainState,
+             iterator) -> TrainState:
+  """Restores state (resharded onto `abstract`'s shardings) and the iterator."""
+  import grain  # pylint: disable=g-import-not-at-top
+  train_abstract = {k: abstract[k] for k in ("opt_state", "step", "rng")}
+  restored = manager.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(abstract["params"]),
+      train=ocp.args.StandardRestore(train_abstract)))
+  data_dir = os.path.join(manager.directory, str(step), "data")
+  name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+  if os.path.exists(os.path.join(data_dir, name)):
+    manager.restore(step, args=ocp.args.Composite(
+        data=grain.checkpoint.CheckpointRestore(iterator)))
+  else:
+    # Another process count wrote this checkpoint: the model resumes, the
+    # data order starts afresh (seeded, so still reproducible).
+    logging.warning("checkpoint %d has no data state for %s; the data iterator starts "
+                    "from its beginning", step, name)
+  return {"params": restored["params"], **restored["train"]}
+
+
+def _write_train_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, TRAIN_CONFIG_FILE), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+
+def read_train_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, TRAIN_CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{workdir} is not a training workdir (no {TRAIN_CONFIG_FILE})")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def restore_model(workdir: str, step: int | None = None, **overrides) -> model_lib.MambaEye:
+  """The model of a training workdir's checkpoint, for evaluation.
+
+  Args:
+    workdir: a directory `train_and_evaluate` wrote.
+    step: checkpoint step; the latest when None.
+    **overrides: ModelConfig fields that keep parameter shapes (dtype,
+      ssd_impl, remat, chunk_size).
+
+  Returns:
+    A MambaEye with the checkpoint's parameters on the default device.
+  """
+  config = model_config_from(read_train_config(workdir))
+  config = dataclasses.replace(config, **overrides)
+  manager = checkpoint_manager(workdir, read_only=True)
+  try:
+    if step is None:
+      step = manager.latest_step()
+      if step is None:
+        raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+    if step not in manager.all_steps():
+      raise FileNotFoundError(f"no checkpoint of step {step} in {manager.directory}; "
+                              f"steps: {sorted(manager.all_steps())}")
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    expected = nnx.to_pure_dict(nnx.state(checkpoint.abstract_model(config), nnx.Param))
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          expected)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(target)))
+  finally:
+    manager.close()
+  return checkpoint.model_from_params(config, restored["params"], source=f"{workdir}@{step}")
+
+
+def export_model(directory: str, model_config: model_lib.ModelConfig, params) -> None:
+  """Writes a model directory (checkpoint.save_params), replacing an old one.
+
+  Collective: every process calls it; process 0 writes.
+  """
+  host_params = sharding_lib.to_host(params)
+  directory = os.path.abspath(directory)
+  if jax.process_index() == 0:
+    tmp = directory + ".tmp"
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp)
+    if jax.process_count() == 1:
+      checkpoint.save_params(tmp, model_config, host_params)
+    else:
+      _save_params_single_process(tmp, model_config, host_params)
+    if os.path.exists(directory):
+      shutil.rmtree(directory)
+    os.rename(tmp, directory)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("mambaeye_export_model")
+
+
+def _save_params_single_process(directory: str, model_config, params) -> None:
+  """checkpoint.save_params' format, written by process 0 alone.
+
+  checkpoint.save_params' orbax checkpointer would wait for every process at
+  its barriers; here only process 0 takes part.
+  """
+  os.makedirs(directory)
+  options = ocp.options.MultiprocessingOptions(primary_host=0, active_processes={0})
+  with ocp.StandardCheckpointer(multiprocessing_options=options) as ckptr:
+    ckptr.save(os.path.join(directory, checkpoint.PARAMS_DIR), params)
+  with open(os.path.join(directory, checkpoint.CONFIG_FILE), "w") as f:
+    json.dump({"format_version": checkpoint.FORMAT_VERSION,
+               "model": checkpoint.config_to_dict(model_config)}, f, indent=2)
+
+
+# ----------------------------------------------------------------------------
+# The loop.
+
+
+class _StopRequest:
+  """Turns SIGTERM / SIGINT into a flag the loop polls (main thread only)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # Second Ctrl-C: abort without saving.
+    self.requested = True
+    logging.warning("received %s: saving a checkpoint and stopping after this step",
+                    signal.Signals(signum).name)
+
+  def __enter__(self):
+    try:
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    except ValueError:  # Not the main thread: no handlers, no interruption.
+      self._previous = {}
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss went NaN or infinite; the message names the step and the batch file."""
+
+
+def _check_finite(step: int, loss: float, local_batch: dict, workdir: str,
+                  last_checkpoint: int | None) -> None:
+  if math.isfinite(loss):
+    return
+  path = os.path.join(workdir, f"nan_batch_step{step}_process{jax.process_index()}.npz")
+  np.savez_compressed(path, **local_batch)
+  raise NonFiniteLossError(
+      f"training loss is {loss} at step {step}; that step's batch (this process's rows) "
+      f"is saved in {path}; the last checkpoint is step {last_checkpoint} in "
+      f"{os.path.join(workdir, CHECKPOINT_DIR)}")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       step_hook: Callable[[int], None] | None = None) -> dict[str, float]:
+  """Trains (or resumes) and returns the last logged metrics.
+
+  Args:
+    config: a training config (see `default_config`).
+    workdir: output directory (see the module docstring); reused to resume.
+    step_hook: called with each completed step number (tests interrupt runs
+      with it).
+
+  Returns:
+    The scalars of the last log line (train/*, perf/*), plus "step".
+
+  Raises:
+    NonFiniteLossError: when the loss goes NaN or infinite.
+  """
+  validate_config(config)
+  workdir = os.path.abspath(workdir)
+  model_config = model_config_from(config)
+  mesh = sharding_lib.make_mesh(None if config.num_devices < 0 else config.num_devices)
+  local_bs = sharding_lib.local_batch_size(config.global_batch_size, mesh)
+  num_examples = num_train_examples(config)
+  ocfg = optim_config_from(config, num_examples)
+  total_steps = ocfg.total_steps
+  tx = optim.make_optimizer(ocfg)
+  schedule = optim.learning_rate_schedule(ocfg)
+  accuracy_at = tuple(int(k) for k in config.accuracy_at)
+  is_chief = jax.process_index() == 0
+  _write_train_config(workdir, config)
+  logging.info("MambaEye %s, %d devices on %d processes, global batch %d, %d steps",
+               model_config, mesh.size, jax.process_count(), config.global_batch_size,
+               total_steps)
+
+  iterator = make_train_iterator(config, local_bs, model_config)
+  state, state_shardings, abstract = create_train_state(model_config, tx, config.seed, mesh)
+  manager = checkpoint_manager(workdir, config)
+  start = manager.latest_step()
+  if start is not None:
+    logging.info("resuming from checkpoint step %d", start)
+    del state  # Free it before the restored copy arrives.
+    state = _restore(manager, start, abstract, iterator)
+  step = int(start or 0)
+  last_checkpoint = start
+
+  graphdef = model_graphdef(model_config)
+  p_step = compile_train_step(make_train_step(graphdef, tx, schedule, accuracy_at),
+                              state_shardings, mesh)
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_chief)
+  last_logged: dict[str, float] = {"step": step}
+  window: list = []  # device metrics of the steps since the last log.
+  pending = None  # (step, device metrics, host batch) not yet checked for NaN.
+  data_wait = 0.0
+  window_start = time.perf_counter()
+  first_window = True  # Its time includes compilation: logged at step start + 1.
+
+  def check_pending():
+    nonlocal pending
+    if pending is not None:
+      s, m, local = pending
+      pending = None
+      _check_finite(s, float(m["loss"]), local, workdir, last_checkpoint)
+
+  try:
+    with _StopRequest() as stop, writer:
+      while step < total_steps:
+        t0 = time.perf_counter()
+        local = next(iterator)
+        batch = sharding_lib.global_batch({k: local[k] for k in BATCH_KEYS}, mesh)
+        data_wait += time.perf_counter() - t0
+        state, step_out = p_step(state, batch)
+        step += 1
+        # Check the previous step's loss while this one runs on the device.
+        check_pending()
+        pending = (step, step_out, local)
+        window.append(step_out)
+        if step_hook is not None:
+          step_hook(step)
+
+        stopping = stop.requested
+        if jax.process_count() > 1 and step % config.sync_stop_every_steps == 0:
+          stopping = bool(multihost_utils.process_allgather(np.int32(stopping)).max())
+        elif jax.process_count() > 1:
+          stopping = False  # Every host must stop at the same step.
+        stopping = stopping or manager.reached_preemption(step)
+        done = step >= total_steps
+
+        if step % config.log_every_steps == 0 or done or stopping or first_window:
+          check_pending()
+          host = jax.device_get(window)
+          elapsed = time.perf_counter() - window_start
+          scalars = summarize(host, accuracy_at)
+          n = len(host)
+          images = float(sum(m["count_last"] for m in host))
+          tokens = float(sum(m["tokens"] for m in host))
+          scalars.update({
+              "perf/step_time_ms": 1000.0 * elapsed / n,
+              "perf/images_per_sec": images / elapsed,
+              "perf/tokens_per_sec": tokens / elapsed,
+              "perf/data_wait_ms": 1000.0 * data_wait / n,
+              "perf/data_wait_fraction": data_wait / elapsed,
+          })
+          scalars.update(_pipeline_stats(iterator))
+          if first_window:
+            scalars["perf/first_step_sec"] = elapsed  # compilation included.
+          writer.write(step, scalars)
+          if is_chief:
+            print(metrics_lib.progress_line(step, total_steps, scalars, elapsed / n,
+                                            eta=not first_window), flush=True)
+          first_window = False
+          last_logged = {"step": step, **scalars}
+          window, data_wait = [], 0.0
+          window_start = time.perf_counter()
+
+        if step % config.checkpoint_every_steps == 0 or done or stopping:
+          check_pending()  # Never checkpoint a non-finite state.
+          _save(manager, step, state, iterator)
+          last_checkpoint = step
+        if stopping:
+          logging.warning("stopped at step %d; checkpoint saved", step)
+          break
+      check_pending()
+    manager.wait_until_finished()
+    if step >= total_steps and config.export_model:
+      export_model(os.path.join(workdir, MODEL_DIR), model_config, state["params"])
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+  return last_logged
+

@@ -1,0 +1,165 @@
+"""Data parallelism on simulated devices and on two CPU processes.
+
+XLA's simulated device count must be set before JAX starts, so each check
+runs in a fresh Python subprocess. Compiled programs go to a persistent
+cache shared by the subprocesses of this file.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import types
+
+import numpy as np
+import pytest
+
+from mambaeye_jax import sharding
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env(cache_dir, devices: int = 1, **extra) -> dict:
+  env = dict(os.environ)
+  env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
+                      + f" --xla_force_host_platform_device_count={devices}").strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+  env.update(extra)
+  return env
+
+
+def _run(code: str, env: dict, timeout: int = 240) -> str:
+  proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
+                        capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+  assert proc.returncode == 0, f"subprocess failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
+  return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("jax_cache")
+
+
+def test_local_batch_size_rejects_uneven_batches():
+  eight = types.SimpleNamespace(size=8)  # Only the mesh's size matters.
+  assert sharding.local_batch_size(16, eight) == 16  # One process here.
+  with pytest.raises(ValueError, match="multiple of the number of devices"):
+    sharding.local_batch_size(12, eight)
+
+
+def test_make_mesh_rejects_too_many_devices():
+  import jax  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="devices are visible"):
+    sharding.make_mesh(len(jax.devices()) + 1)
+
+
+_EIGHT_DEVICES = """
+    import json, jax, numpy as np
+    from mambaeye_jax import optim, sharding, train_lib
+    from mambaeye_jax import model as model_lib
+    assert jax.device_count() == 8, jax.devices()
+    mc = model_lib.get_config("tiny", depth=1, dim=32, d_state=8, headdim=32,
+                              num_classes=10, chunk_size=8)
+    ocfg = optim.OptimConfig(total_steps=10, warmup_steps=1)
+    tx = optim.make_optimizer(ocfg)
+    graphdef = train_lib.model_graphdef(mc)
+    local = next(train_lib.FakeBatches(16, 16, 10, seed=3))
+    out = {}
+    for n in (1, 8):
+      mesh = sharding.make_mesh(n)
+      state, shardings, _ = train_lib.create_train_state(mc, tx, 0, mesh)
+      step = train_lib.compile_train_step(
+          train_lib.make_train_step(graphdef, tx, optim.learning_rate_schedule(ocfg), (4,)),
+          shardings, mesh)
+      batch = sharding.global_batch(local, mesh)
+      assert len(batch["patches"].sharding.device_set) == n
+      assert batch["patches"].addressable_shards[0].data.shape[0] == 16 // n
+      for _ in range(2):
+        state, metrics = step(state, batch)
+      kernel = state["params"]["blocks"]["mixer"]["in_proj"]["kernel"]
+      assert kernel.sharding.is_fully_replicated
+      out[n] = (float(metrics["loss"]), sharding.to_host(state["params"]),
+                float(metrics["grad_norm"]))
+    loss_diff = abs(out[1][0] - out[8][0])
+    param_diff = max(float(np.max(np.abs(a - b))) for a, b in
+                     zip(jax.tree.leaves(out[1][1]), jax.tree.leaves(out[8][1])))
+    print(json.dumps({"loss1": out[1][0], "loss8": out[8][0], "loss_diff": loss_diff,
+                      "param_diff": param_diff,
+                      "grad_norm_rel_diff": abs(out[1][2] - out[8][2]) / out[1][2]}))
+"""
+
+
+def test_eight_devices_match_one_device(cache_dir):
+  import json  # pylint: disable=g-import-not-at-top
+  out = json.loads(_run(_EIGHT_DEVICES, _env(cache_dir, devices=8)).strip().splitlines()[-1])
+  assert np.isfinite(out["loss1"])
+  assert out["loss_diff"] < 1e-5, out
+  assert out["grad_norm_rel_diff"] < 1e-5, out
+  # Adam divides by sqrt(v): near-zero gradients turn summation-order
+  # rounding into differences of a few percent of one step (lr 1e-3).
+  assert out["param_diff"] < 5e-5, out
+
+
+_RESHARD = """
+    import sys, jax
+    from mambaeye_jax import train_lib
+    sys.path.insert(0, ".")
+    from configs import smoke
+    workdir = "{workdir}"
+    c = smoke.get_config()
+    c.data.source = "fake"
+    c.checkpoint_every_steps = 2
+    c.num_devices = 8
+    c.num_train_steps = 2
+    first = train_lib.train_and_evaluate(c, workdir)
+    c.num_devices = 2   # Resume the 8-device checkpoint on 2 devices.
+    c.num_train_steps = 4
+    second = train_lib.train_and_evaluate(c, workdir)
+    print("STEPS", first["step"], second["step"])
+"""
+
+
+def test_restore_onto_fewer_devices(cache_dir, tmp_path):
+  out = _run(_RESHARD.format(workdir=tmp_path / "w"), _env(cache_dir, devices=8))
+  assert "STEPS 2 4" in out, out
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_and_checkpoint(cache_dir, tmp_path):
+  workdir = tmp_path / "w"
+  port = _free_port()
+  procs = []
+  for pid in range(2):
+    cmd = [sys.executable, os.path.join(REPO_ROOT, "train.py"),
+           "--config", os.path.join(REPO_ROOT, "configs", "smoke.py"),
+           "--workdir", str(workdir), "--config.num_train_steps=4",
+           "--config.checkpoint_every_steps=2", "--config.sync_stop_every_steps=1",
+           "--coordinator_address", f"127.0.0.1:{port}", "--num_processes=2",
+           f"--process_id={pid}"]
+    procs.append(subprocess.Popen(cmd, env=_env(cache_dir), cwd=str(tmp_path),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  outs = []
+  try:
+    for p in procs:
+      outs.append(p.communicate(timeout=300))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, f"{out}\n{err[-6000:]}"
+  assert "2 devices on 2 processes" in outs[0][1] + outs[0][0]
+  assert sorted(os.listdir(workdir / "checkpoints")) >= ["2", "4"]
+  data_files = set(os.listdir(workdir / "checkpoints" / "4" / "data"))
+  assert {"process_0-of-2.json", "process_1-of-2.json"} <= data_files, data_files
+  assert (workdir / "model" / "config.json").exists()

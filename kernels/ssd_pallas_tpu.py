@@ -21,9 +21,11 @@ The small per-token work (softplus, cumsum, segment numbering) and the
 transposes are plain XLA around the kernels, and autodiff carries gradients
 through them; the custom VJP covers only the kernel core.
 
-Forward kernel, grid (b, h, c) with semantics (parallel, parallel,
-arbitrary): the (p, n) float32 state lives in VMEM scratch across the chunk
-axis. Per chunk, with cum the within-chunk cumulative log decay:
+Forward kernel, grid (b, h / k, c) with semantics (parallel, parallel,
+arbitrary), k = `heads_per_block` heads of one B/C group per step: their
+(k, p, n) float32 states live in VMEM scratch across the chunk axis, B and C
+are read once per chunk for all k heads and C B^T is computed once for them.
+Per chunk and head, with cum the within-chunk cumulative log decay:
 
     L[i, j] = exp(cum_i - cum_j)   for j <= i in one segment, else 0
     y       = ((C B^T) * L * dt_j) x  +  exp(cum_i) * (C S^T)  +  D x
@@ -40,8 +42,10 @@ transpose (see `_transpose_mxu`); the only vector transposes are of (q, q).
 Backward kernel: the same grid with the chunk axis walked in reverse (index
 maps c -> c_count - 1 - c). It carries dS, the cotangent of the state at the
 current chunk's end, in VMEM scratch, and reads the chunk-start states that
-the forward wrote (b, h, c, p, n) float32. dB and dC come out per head in
-float32 and are summed over each group's heads in XLA.
+the forward wrote (b, h, c, p, n) float32. dB and dC are summed over the k
+heads of a block in the kernel and come out per head block in float32; XLA
+sums the h / (g k) blocks of each group (nothing to sum when k is the group
+size, the default up to 8).
 """
 
 from __future__ import annotations
@@ -79,10 +83,16 @@ class SSDTpuBlockSizes:
     chunk_size: q, tokens per chunk. The per-token rows (dtc, segrel) are
       (1, q) blocks, so q must be a multiple of 128 lanes; the intra-chunk
       work is q x q.
+    heads_per_block: k, heads handled by one grid step; must divide the
+      heads per B/C group. Larger k reads B and C and computes C B^T once for
+      more heads; smaller k gives the parallel grid axes more steps (TPU
+      chips with two TensorCores split those). None: the largest divisor of
+      the heads per group that is at most 8.
     vmem_limit_bytes: passed to Mosaic as the scoped VMEM limit, or None for
       the compiler's default. Also the budget `validate` checks against.
   """
   chunk_size: int = 128
+  heads_per_block: Optional[int] = None
   vmem_limit_bytes: Optional[int] = None
 
   def __post_init__(self):
@@ -92,38 +102,54 @@ class SSDTpuBlockSizes:
     if q % _LANES:
       raise ValueError(f"chunk_size={q} must be a multiple of {_LANES} "
                        "(the per-token rows are (1, chunk_size) TPU blocks)")
+    k = self.heads_per_block
+    if k is not None and (not isinstance(k, int) or k <= 0):
+      raise ValueError(f"heads_per_block={k} must be a positive int or None")
     if self.vmem_limit_bytes is not None and self.vmem_limit_bytes <= 0:
       raise ValueError(f"{self.vmem_limit_bytes=} must be positive or None")
 
-  def vmem_bytes(self, p: int, n: int, itemsize: int) -> int:
+  def resolve_heads_per_block(self, heads_per_group: int) -> int:
+    """k for a model with `heads_per_group` heads per B/C group."""
+    k = self.heads_per_block
+    if k is None:
+      return max(d for d in range(1, min(8, heads_per_group) + 1)
+                 if heads_per_group % d == 0)
+    if heads_per_group % k:
+      raise ValueError(f"heads_per_block={k} must divide "
+                       f"heads_per_group={heads_per_group} (a block of heads "
+                       "shares one B/C group)")
+    return k
+
+  def vmem_bytes(self, k: int, p: int, n: int, itemsize: int) -> int:
     """Rough VMEM need of the backward kernel (the larger one), in bytes.
 
     Counts double-buffered blocks padded to (8, 128) tiles, the f32 scratch and
-    ~12 live (q, q) f32 temporaries.
+    ~12 live (q, q) f32 temporaries (the head loop is not unrolled, so only one
+    head's temporaries are live).
     """
     q = self.chunk_size
     lane = lambda d: -(-d // _LANES) * _LANES
     sub = lambda d: -(-d // _SUBLANES) * _SUBLANES
-    tiles_in = (2 * q * lane(p) * itemsize            # x, dy
+    tiles_in = (2 * k * q * lane(p) * itemsize        # x, dy
                 + 2 * q * lane(n) * itemsize          # B, C
-                + 2 * sub(2) * q * 4                  # dtc, segrel
-                + 2 * sub(p) * lane(n) * 4)           # states, dfinal
-    tiles_out = (q * lane(p) * itemsize + 2 * q * lane(n) * 4
-                 + sub(2) * q * 4 + sub(p) * lane(n) * 4)
-    scratch = sub(p) * lane(n) * 4
+                + k * sub(2) * q * 4 + sub(1) * q * 4  # dtc, segrel
+                + 2 * k * sub(p) * lane(n) * 4)       # states, dfinal
+    tiles_out = (k * q * lane(p) * itemsize + 2 * q * lane(n) * 4
+                 + k * sub(2) * q * 4 + k * sub(p) * lane(n) * 4)
+    scratch = k * sub(p) * lane(n) * 4
     temps = 12 * q * q * 4
     return 2 * (tiles_in + tiles_out) + scratch + temps
 
-  def validate(self, p: int, n: int, dtype) -> None:
+  def validate(self, k: int, p: int, n: int, dtype) -> None:
     """Raises ValueError if these tiles do not fit the VMEM budget."""
     budget = self.vmem_limit_bytes or _DEFAULT_VMEM_BUDGET
-    need = self.vmem_bytes(p, n, jnp.dtype(dtype).itemsize)
+    need = self.vmem_bytes(k, p, n, jnp.dtype(dtype).itemsize)
     if need > budget:
       raise ValueError(
-          f"chunk_size={self.chunk_size} with headdim={p}, d_state={n} needs "
-          f"~{need / 2**20:.1f} MiB of VMEM, over the budget of "
-          f"{budget / 2**20:.1f} MiB: use a smaller chunk_size or set "
-          "vmem_limit_bytes")
+          f"chunk_size={self.chunk_size}, heads_per_block={k} with "
+          f"headdim={p}, d_state={n} needs ~{need / 2**20:.1f} MiB of VMEM, "
+          f"over the budget of {budget / 2**20:.1f} MiB: use smaller tiles "
+          "or set vmem_limit_bytes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +157,7 @@ class _Static:
   """Everything static about one call (hashable: a custom_vjp nondiff arg)."""
   blocks: SSDTpuBlockSizes
   heads_per_group: int
+  heads_per_block: int
   has_seg: bool
   has_d: bool
   has_init: bool
@@ -182,14 +209,46 @@ def _transpose_mxu(a, prec):
   return _dot_nt(eye, a, prec)
 
 
-def _chunk_factors(dt_row: Array, cum_row: Array, seg_row: Optional[Array]):
-  """Decay factors of one chunk.
+def _segment_masks(q: int, seg_row: Optional[Array]):
+  """What one chunk's segment layout allows; shared by the heads of a block.
+
+  Args:
+    q: tokens per chunk.
+    seg_row: (1, q) f32 segment numbers relative to the previous chunk's last
+      token (0 = still that token's segment), or None.
+
+  Returns:
+    A dict:
+      eye (q, q) bool: the diagonal, for row/column conversions.
+      mask (q, q) bool: j <= i and tokens i, j in one segment.
+      last (1, q) bool: the lane of the chunk's last token.
+      sees_in (q, 1) bool or None: token i is in the incoming state's segment.
+      to_end (q, 1) bool or None: token j is in the last token's segment.
+      keep (1, 1) bool or None: no segment starts inside the chunk.
+  """
+  ii = lax.broadcasted_iota(jnp.int32, (q, q), 0)
+  jj = lax.broadcasted_iota(jnp.int32, (q, q), 1)
+  eye = ii == jj
+  out = dict(eye=eye, mask=jj <= ii, sees_in=None, to_end=None, keep=None,
+             last=lax.broadcasted_iota(jnp.int32, (1, q), 1) == q - 1)
+  if seg_row is not None:
+    seg_col = _row_to_col(seg_row, eye)
+    seg_last = jnp.sum(jnp.where(out["last"], seg_row, 0.0), axis=1,
+                       keepdims=True)
+    out["mask"] = jnp.logical_and(out["mask"], seg_col == seg_row)
+    out["sees_in"] = seg_col == 0.0
+    out["to_end"] = seg_col == seg_last
+    out["keep"] = seg_last == 0.0
+  return out
+
+
+def _chunk_factors(dt_row: Array, cum_row: Array, sm):
+  """Decay factors of one chunk for one head.
 
   Args:
     dt_row: (1, q) f32 effective step sizes.
     cum_row: (1, q) f32 within-chunk inclusive cumsum of dt * A.
-    seg_row: (1, q) f32 segment numbers relative to the previous chunk's last
-      token (0 = still that token's segment), or None.
+    sm: `_segment_masks` of this chunk.
 
   Returns:
     A dict of f32 arrays:
@@ -201,44 +260,34 @@ def _chunk_factors(dt_row: Array, cum_row: Array, seg_row: Optional[Array]):
         token's segment: how token j's input reaches the chunk-end state.
       decay (1, 1): exp(cum_last), 0 if a segment starts inside the chunk: the
         factor on the incoming state at the chunk's end.
-      last (1, q) bool: the lane of the chunk's last token.
-      eye (q, q) bool: the diagonal, for row/column conversions.
   """
-  q = cum_row.shape[1]
-  ii = lax.broadcasted_iota(jnp.int32, (q, q), 0)
-  jj = lax.broadcasted_iota(jnp.int32, (q, q), 1)
-  eye = ii == jj
-  mask = jj <= ii
-  last = lax.broadcasted_iota(jnp.int32, (1, q), 1) == q - 1
+  eye, mask = sm["eye"], sm["mask"]
   cum_col = _row_to_col(cum_row, eye)
   dt_col = _row_to_col(dt_row, eye)
-  cum_last = jnp.sum(jnp.where(last, cum_row, 0.0), axis=1, keepdims=True)
-  # The masked difference is zeroed before the exp, so masked entries never
-  # produce inf (cum_i - cum_j > 0 for j > i) even transiently.
-  diff = cum_col - cum_row
+  cum_last = jnp.sum(jnp.where(sm["last"], cum_row, 0.0), axis=1,
+                     keepdims=True)
   e_col = jnp.exp(cum_col)
   w_col = jnp.exp(cum_last - cum_col)
   decay = jnp.exp(cum_last)
-  if seg_row is not None:
-    seg_col = _row_to_col(seg_row, eye)
-    seg_last = jnp.sum(jnp.where(last, seg_row, 0.0), axis=1, keepdims=True)
-    mask = jnp.logical_and(mask, seg_col == seg_row)
-    e_col = jnp.where(seg_col == 0.0, e_col, 0.0)
-    w_col = jnp.where(seg_col == seg_last, w_col, 0.0)
-    decay = jnp.where(seg_last == 0.0, decay, 0.0)
+  if sm["sees_in"] is not None:
+    e_col = jnp.where(sm["sees_in"], e_col, 0.0)
+    w_col = jnp.where(sm["to_end"], w_col, 0.0)
+    decay = jnp.where(sm["keep"], decay, 0.0)
+  # The masked difference is zeroed before the exp, so masked entries never
+  # produce inf (cum_i - cum_j > 0 for j > i) even transiently.
+  diff = cum_col - cum_row
   lmat = jnp.where(mask, jnp.exp(jnp.where(mask, diff, 0.0)), 0.0)
-  return dict(lmat=lmat, dt_col=dt_col, e_col=e_col, w_col=w_col,
-              decay=decay, last=last, eye=eye)
+  return dict(lmat=lmat, dt_col=dt_col, e_col=e_col, w_col=w_col, decay=decay)
 
 
-def _group_of(head, heads_per_group):
-  """The B/C group of a head (index maps; head >= 0).
+def _group_of(head_block, blocks_per_group):
+  """The B/C group of a head block (index maps; head_block >= 0).
 
   `lax.div` (truncating) rather than `//`: jnp's floor division lowers through
   a sign computation whose Mosaic rule asks which TPU it runs on, which fails
   when lowering on a machine without one (export from CPU).
   """
-  return lax.div(head, heads_per_group)
+  return lax.div(head_block, blocks_per_group)
 
 
 def _precision(dtype):
@@ -246,18 +295,32 @@ def _precision(dtype):
   return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
+def _for_each_head(k: int, body) -> None:
+  """Runs body(j) for j in [0, k): a loop, so code size does not grow with k."""
+  if k == 1:
+    body(0)
+    return
+
+  def step(j, carry):
+    body(j)
+    return carry
+
+  lax.fori_loop(0, k, step, 0)
+
+
 # ----------------------------------------------------------------------------
 # Forward kernel.
 
 
 def _fwd_kernel(*refs, st: _Static, emit_states: bool):
-  """One chunk of one (batch, head) pair.
+  """One chunk of one (batch, head block) pair.
 
-  Refs (blocks; leading batch/head dims squeezed):
-    x (q, p), B (q, n), C (q, n), dtc (2, q) f32, [segrel (1, q) f32],
-    [D (h,) f32 in SMEM], [initial state (p, n) f32];
-    outputs y (q, p), final state (p, n) f32, [chunk-start state (p, n) f32];
-    scratch: state (p, n) f32.
+  Refs (blocks; the batch dim squeezed; k heads per block):
+    x (k, q, p), B (q, n), C (q, n), dtc (k, 2, q) f32, [segrel (1, q) f32],
+    [D (h,) f32 in SMEM], [initial state (k, p, n) f32];
+    outputs y (k, q, p), final state (k, p, n) f32, [chunk-start states
+    (k, p, n) f32];
+    scratch: states (k, p, n) f32.
   """
   refs = list(refs)
   x_ref, b_ref, c_ref, dtc_ref = refs[:4]
@@ -270,46 +333,50 @@ def _fwd_kernel(*refs, st: _Static, emit_states: bool):
   states_ref = refs.pop(0) if emit_states else None
   (s_ref,) = refs
 
+  k = st.heads_per_block
   ci = pl.program_id(2)
   n_chunks = pl.num_programs(2)
+  head0 = pl.program_id(1) * k
 
   @pl.when(ci == 0)
   def _():
     if init_ref is None:
       s_ref[...] = jnp.zeros(s_ref.shape, jnp.float32)
     else:
-      s_ref[...] = init_ref[...].astype(jnp.float32)
+      s_ref[...] = init_ref[...]
+
+  if states_ref is not None:
+    states_ref[...] = s_ref[...]
 
   f32 = jnp.float32
   cdt = x_ref.dtype
   prec = _precision(cdt)
-  s0 = s_ref[...]
-  if states_ref is not None:
-    states_ref[...] = s0
-  x = x_ref[...]
   bm = b_ref[...]
   cm = c_ref[...]
-  dt_row = dtc_ref[0:1, :]
-  cum_row = dtc_ref[1:2, :]
-  fac = _chunk_factors(dt_row, cum_row,
-                       None if seg_ref is None else seg_ref[...])
+  q = bm.shape[0]
+  sm = _segment_masks(q, None if seg_ref is None else seg_ref[...])
+  scores = _dot_nt(cm, bm, prec)  # (q, q) C_i . B_j, shared by the k heads.
 
-  scores = _dot_nt(cm, bm, prec)  # (q, q) C_i . B_j
-  weights = scores * fac["lmat"] * dt_row
-  y = _dot(weights.astype(cdt), x, prec)
-  y = y + fac["e_col"] * _dot_nt(cm, s0.astype(cdt), prec)
-  if d_ref is not None:
-    y = y + d_ref[pl.program_id(1)] * x.astype(f32)
-  y_ref[...] = y.astype(y_ref.dtype)
+  def head(j):
+    x = x_ref[j]
+    s0 = s_ref[j]
+    dt_row = dtc_ref[j, 0:1, :]
+    fac = _chunk_factors(dt_row, dtc_ref[j, 1:2, :], sm)
+    weights = scores * fac["lmat"] * dt_row
+    y = _dot(weights.astype(cdt), x, prec)
+    y = y + fac["e_col"] * _dot_nt(cm, s0.astype(cdt), prec)
+    if d_ref is not None:
+      y = y + d_ref[head0 + j] * x.astype(f32)
+    y_ref[j] = y.astype(y_ref.dtype)
+    xw = (x.astype(f32) * (fac["w_col"] * fac["dt_col"])).astype(cdt)
+    s_ref[j] = fac["decay"] * s0 + _dot(
+        _transpose_mxu(xw, prec).astype(cdt), bm, prec)
 
-  xw = (x.astype(f32) * (fac["w_col"] * fac["dt_col"])).astype(cdt)
-  s_new = fac["decay"] * s0 + _dot(_transpose_mxu(xw, prec).astype(cdt), bm,
-                                   prec)
-  s_ref[...] = s_new
+  _for_each_head(k, head)
 
   @pl.when(ci == n_chunks - 1)
   def _():
-    final_ref[...] = s_new
+    final_ref[...] = s_ref[...]
 
 
 def _fwd_call(st: _Static, x_t, b_t, c_t, dtc, segrel, d, init, *,
@@ -323,7 +390,7 @@ def _fwd_call(st: _Static, x_t, b_t, c_t, dtc, segrel, d, init, *,
     dtc: (b, h, 2, L) f32: effective dt, within-chunk cumsum of dt * A.
     segrel: (b, 1, L) f32 relative segment numbers, or None.
     d: (h,) f32 or None.
-    init: (b, h, p, n) or None.
+    init: (b, h, p, n) f32 or None.
     emit_states: also return every chunk's starting state (for the VJP).
 
   Returns:
@@ -333,19 +400,19 @@ def _fwd_call(st: _Static, x_t, b_t, c_t, dtc, segrel, d, init, *,
   bsz, h, lp, p = x_t.shape
   n = b_t.shape[-1]
   q = st.blocks.chunk_size
+  k = st.heads_per_block
   nc = lp // q
-  r = st.heads_per_group
+  bpg = st.heads_per_group // k  # head blocks per group
 
-  x_spec = pl.BlockSpec((None, None, q, p), lambda bi, hi, ci: (bi, hi, ci, 0))
+  x_spec = pl.BlockSpec((None, k, q, p), lambda bi, hb, ci: (bi, hb, ci, 0))
   bc_spec = pl.BlockSpec((None, None, q, n),
-                         lambda bi, hi, ci: (bi, _group_of(hi, r), ci, 0))
-  dtc_spec = pl.BlockSpec((None, None, 2, q), lambda bi, hi, ci: (bi, hi, 0, ci))
-  state_spec = pl.BlockSpec((None, None, p, n),
-                            lambda bi, hi, ci: (bi, hi, 0, 0))
+                         lambda bi, hb, ci: (bi, _group_of(hb, bpg), ci, 0))
+  dtc_spec = pl.BlockSpec((None, k, 2, q), lambda bi, hb, ci: (bi, hb, 0, ci))
+  state_spec = pl.BlockSpec((None, k, p, n), lambda bi, hb, ci: (bi, hb, 0, 0))
   in_specs = [x_spec, bc_spec, bc_spec, dtc_spec]
   args = [x_t, b_t, c_t, dtc]
   if st.has_seg:
-    in_specs.append(pl.BlockSpec((None, 1, q), lambda bi, hi, ci: (bi, 0, ci)))
+    in_specs.append(pl.BlockSpec((None, 1, q), lambda bi, hb, ci: (bi, 0, ci)))
     args.append(segrel)
   if st.has_d:
     in_specs.append(pl.BlockSpec(memory_space=pltpu.SMEM))
@@ -358,22 +425,23 @@ def _fwd_call(st: _Static, x_t, b_t, c_t, dtc, segrel, d, init, *,
   out_specs = [x_spec, state_spec]
   if emit_states:
     out_shape.append(jax.ShapeDtypeStruct((bsz, h, nc, p, n), jnp.float32))
-    out_specs.append(pl.BlockSpec((None, None, None, p, n),
-                                  lambda bi, hi, ci: (bi, hi, ci, 0, 0)))
+    out_specs.append(pl.BlockSpec((None, k, None, p, n),
+                                  lambda bi, hb, ci: (bi, hb, ci, 0, 0)))
   itemsize = x_t.dtype.itemsize
+  g = b_t.shape[1]
   cost = pl.CostEstimate(
-      flops=2 * bsz * h * lp * (q * n + q * p + 2 * p * n),
+      flops=2 * bsz * lp * (g * q * n + h * (q * p + p * n + p * p + p * n)),
       transcendentals=bsz * h * lp * (q + 3),
-      bytes_accessed=(2 * x_t.size * itemsize + 2 * h * bsz * lp * n * itemsize
+      bytes_accessed=(2 * x_t.size * itemsize + 2 * b_t.size * itemsize
                       + dtc.size * 4
                       + (bsz * h * nc * p * n * 4 if emit_states else 0)))
   return pl.pallas_call(
       functools.partial(_fwd_kernel, st=st, emit_states=emit_states),
       out_shape=tuple(out_shape),
-      grid=(bsz, h, nc),
+      grid=(bsz, h // k, nc),
       in_specs=in_specs,
       out_specs=tuple(out_specs),
-      scratch_shapes=[pltpu.VMEM((p, n), jnp.float32)],
+      scratch_shapes=[pltpu.VMEM((k, p, n), jnp.float32)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "arbitrary"),
           vmem_limit_bytes=st.blocks.vmem_limit_bytes),
@@ -388,15 +456,16 @@ def _fwd_call(st: _Static, x_t, b_t, c_t, dtc, segrel, d, init, *,
 
 
 def _bwd_kernel(*refs, st: _Static):
-  """One chunk of one (batch, head) pair, chunks visited last to first.
+  """One chunk of one (batch, head block) pair, chunks visited last to first.
 
-  Refs (blocks; leading dims squeezed):
-    x (q, p), B (q, n), C (q, n), dtc (2, q) f32, [segrel (1, q) f32],
-    [D (h,) f32 in SMEM], chunk-start state (p, n) f32, dy (q, p),
-    d(final state) (p, n) f32;
-    outputs dx (q, p), dB and dC of this head (q, n) f32, d(dtc) (2, q) f32,
-    d(initial state) (p, n) f32;
-    scratch: dS (p, n) f32, the cotangent of the state at this chunk's end.
+  Refs (blocks; the batch dim squeezed; k heads per block):
+    x (k, q, p), B (q, n), C (q, n), dtc (k, 2, q) f32, [segrel (1, q) f32],
+    [D (h,) f32 in SMEM], chunk-start states (k, p, n) f32, dy (k, q, p),
+    d(final state) (k, p, n) f32;
+    outputs dx (k, q, p), dB and dC summed over the block's heads (q, n) f32,
+    d(dtc) (k, 2, q) f32, d(initial state) (k, p, n) f32;
+    scratch: dS (k, p, n) f32, the cotangent of the states at this chunk's
+    end.
   """
   refs = list(refs)
   x_ref, b_ref, c_ref, dtc_ref = refs[:4]
@@ -406,8 +475,10 @@ def _bwd_kernel(*refs, st: _Static):
   (s0_ref, dy_ref, dfinal_ref, dx_ref, db_ref, dc_ref, ddtc_ref, dinit_ref,
    ds_ref) = refs
 
+  k = st.heads_per_block
   ci = pl.program_id(2)  # step number; the chunk is n_chunks - 1 - ci.
   n_chunks = pl.num_programs(2)
+  head0 = pl.program_id(1) * k
 
   @pl.when(ci == 0)
   def _():
@@ -416,75 +487,82 @@ def _bwd_kernel(*refs, st: _Static):
   f32 = jnp.float32
   cdt = x_ref.dtype
   prec = _precision(cdt)
-  ds_end = ds_ref[...]
-  s0 = s0_ref[...]
-  x = x_ref[...]
   bm = b_ref[...]
   cm = c_ref[...]
-  dy = dy_ref[...]
-  xf = x.astype(f32)
-  dyf = dy.astype(f32)
-  dt_row = dtc_ref[0:1, :]
-  cum_row = dtc_ref[1:2, :]
-  fac = _chunk_factors(dt_row, cum_row,
-                       None if seg_ref is None else seg_ref[...])
-  lmat, eye, e_col = fac["lmat"], fac["eye"], fac["e_col"]
-  wdt_col = fac["w_col"] * fac["dt_col"]
+  q = bm.shape[0]
+  sm = _segment_masks(q, None if seg_ref is None else seg_ref[...])
+  eye = sm["eye"]
+  scores = _dot_nt(cm, bm, prec)  # (q, q) C_i . B_j, shared by the k heads.
+  db_ref[...] = jnp.zeros(db_ref.shape, f32)
+  dc_ref[...] = jnp.zeros(dc_ref.shape, f32)
 
-  scores = _dot_nt(cm, bm, prec)            # (q, q) C_i . B_j
-  gl = scores * lmat                         # (q, q)
-  weights = gl * dt_row                      # the forward's intra-chunk matrix
-  pmat = _dot_nt(dy, x, prec)                # (q, q) dy_i . x_j
-  ds_end_c = ds_end.astype(cdt)
-  v = _dot_nt(bm, ds_end_c, prec)            # (q, p) B_j dS^T
+  def head(j):
+    ds_end = ds_ref[j]
+    s0 = s0_ref[j]
+    x = x_ref[j]
+    dy = dy_ref[j]
+    xf = x.astype(f32)
+    dyf = dy.astype(f32)
+    dt_row = dtc_ref[j, 0:1, :]
+    fac = _chunk_factors(dt_row, dtc_ref[j, 1:2, :], sm)
+    lmat, e_col = fac["lmat"], fac["e_col"]
+    wdt_col = fac["w_col"] * fac["dt_col"]
 
-  # x: intra-chunk (weights^T dy), via the chunk-end state, and the skip.
-  # (q, q) transposes are tile-aligned; done in f32, then cast, as Mosaic
-  # handles 32-bit transposes most generally.
-  dx = _dot(weights.T.astype(cdt), dy, prec) + wdt_col * v
-  if d_ref is not None:
-    dx = dx + d_ref[pl.program_id(1)] * dyf
-  dx_ref[...] = dx.astype(dx_ref.dtype)
+    gl = scores * lmat                         # (q, q)
+    weights = gl * dt_row                      # the forward's intra-chunk matrix
+    pmat = _dot_nt(dy, x, prec)                # (q, q) dy_i . x_j
+    ds_end_c = ds_end.astype(cdt)
+    v = _dot_nt(bm, ds_end_c, prec)            # (q, p) B_j dS^T
 
-  # B and C: d(scores) = dy x^T * L * dt_j; plus the state paths.
-  dscores = pmat * lmat * dt_row
-  s0_c = s0.astype(cdt)
-  dc_ref[...] = (_dot(dscores.astype(cdt), bm, prec)
-                 + e_col * _dot(dy, s0_c, prec))
-  db_ref[...] = (_dot(dscores.T.astype(cdt), cm, prec)
-                 + wdt_col * _dot(x, ds_end_c, prec))
+    # x: intra-chunk (weights^T dy), via the chunk-end state, and the skip.
+    # (q, q) transposes are tile-aligned; done in f32, then cast, as Mosaic
+    # handles 32-bit transposes most generally.
+    dx = _dot(weights.T.astype(cdt), dy, prec) + wdt_col * v
+    if d_ref is not None:
+      dx = dx + d_ref[head0 + j] * dyf
+    dx_ref[j] = dx.astype(dx_ref.dtype)
 
-  # dt and cum. Through L: d(cum_i - cum_j) = dy_i.x_j * C_i.B_j * L_ij * dt_j.
-  r_mat = pmat * weights
-  ddt_row = jnp.sum(pmat * gl, axis=0, keepdims=True)
-  dcum_row = -jnp.sum(r_mat, axis=0, keepdims=True)
-  dcum_col = jnp.sum(r_mat, axis=1, keepdims=True)
-  # Through exp(cum_i) on the incoming state's output.
-  y_off = _dot_nt(cm, s0_c, prec)            # (q, p) C_i S^T
-  dcum_col = dcum_col + e_col * jnp.sum(dyf * y_off, axis=1, keepdims=True)
-  # Through exp(cum_last - cum_j) * dt_j on each token's input to the state.
-  dwdt_col = jnp.sum(xf * v, axis=1, keepdims=True)
-  ddt_col = dwdt_col * fac["w_col"]
-  dcum_col = dcum_col - dwdt_col * wdt_col
-  # cum_last: the input weights above and exp(cum_last) on the incoming state.
-  dcum_last = (jnp.sum(dwdt_col * wdt_col, axis=0, keepdims=True)
-               + fac["decay"] * jnp.sum(jnp.sum(ds_end * s0, axis=1,
-                                                keepdims=True),
-                                        axis=0, keepdims=True))
-  ddt_row = ddt_row + _col_to_row(ddt_col, eye)
-  dcum_row = (dcum_row + _col_to_row(dcum_col, eye)
-              + jnp.where(fac["last"], dcum_last, 0.0))
-  ddtc_ref[0:1, :] = ddt_row
-  ddtc_ref[1:2, :] = dcum_row
+    # B and C: d(scores) = dy x^T * L * dt_j; plus the state paths.
+    dscores = pmat * lmat * dt_row
+    s0_c = s0.astype(cdt)
+    dc_ref[...] += (_dot(dscores.astype(cdt), bm, prec)
+                    + e_col * _dot(dy, s0_c, prec))
+    db_ref[...] += (_dot(dscores.T.astype(cdt), cm, prec)
+                    + wdt_col * _dot(x, ds_end_c, prec))
 
-  # The cotangent of this chunk's starting state = previous chunk's end.
-  dye_t = _transpose_mxu((dyf * e_col).astype(cdt), prec).astype(cdt)
-  ds0 = fac["decay"] * ds_end + _dot(dye_t, cm, prec)
-  ds_ref[...] = ds0
+    # dt and cum. Through L: d(cum_i - cum_j) = dy_i.x_j * C_i.B_j * L_ij * dt_j.
+    r_mat = pmat * weights
+    ddt_row = jnp.sum(pmat * gl, axis=0, keepdims=True)
+    dcum_row = -jnp.sum(r_mat, axis=0, keepdims=True)
+    dcum_col = jnp.sum(r_mat, axis=1, keepdims=True)
+    # Through exp(cum_i) on the incoming state's output.
+    y_off = _dot_nt(cm, s0_c, prec)            # (q, p) C_i S^T
+    dcum_col = dcum_col + e_col * jnp.sum(dyf * y_off, axis=1, keepdims=True)
+    # Through exp(cum_last - cum_j) * dt_j on each token's input to the state.
+    dwdt_col = jnp.sum(xf * v, axis=1, keepdims=True)
+    ddt_col = dwdt_col * fac["w_col"]
+    dcum_col = dcum_col - dwdt_col * wdt_col
+    # cum_last: the input weights above and exp(cum_last) on the incoming
+    # state.
+    dcum_last = (jnp.sum(dwdt_col * wdt_col, axis=0, keepdims=True)
+                 + fac["decay"] * jnp.sum(jnp.sum(ds_end * s0, axis=1,
+                                                  keepdims=True),
+                                          axis=0, keepdims=True))
+    ddt_row = ddt_row + _col_to_row(ddt_col, eye)
+    dcum_row = (dcum_row + _col_to_row(dcum_col, eye)
+                + jnp.where(sm["last"], dcum_last, 0.0))
+    ddtc_ref[j, 0:1, :] = ddt_row
+    ddtc_ref[j, 1:2, :] = dcum_row
+
+    # The cotangent of this chunk's starting state = previous chunk's end.
+    dye_t = _transpose_mxu((dyf * e_col).astype(cdt), prec).astype(cdt)
+    ds_ref[j] = fac["decay"] * ds_end + _dot(dye_t, cm, prec)
+
+  _for_each_head(k, head)
 
   @pl.when(ci == n_chunks - 1)
   def _():
-    dinit_ref[...] = ds0
+    dinit_ref[...] = ds_ref[...]
 
 
 def _bwd_call(st: _Static, x_t, b_t, c_t, dtc, segrel, d, states, dy_t,
@@ -497,58 +575,62 @@ def _bwd_call(st: _Static, x_t, b_t, c_t, dtc, segrel, d, states, dy_t,
     dfinal: (b, h, p, n) f32 cotangent of the final state.
 
   Returns:
-    dx_t (b, h, L, p) in x's dtype; dB, dC per head (b, h, L, n) f32;
-    d(dtc) (b, h, 2, L) f32; d(initial state) (b, h, p, n) f32.
+    dx_t (b, h, L, p) in x's dtype; dB, dC per head block (b, h / k, L, n)
+    f32; d(dtc) (b, h, 2, L) f32; d(initial state) (b, h, p, n) f32.
   """
   bsz, h, lp, p = x_t.shape
   n = b_t.shape[-1]
   q = st.blocks.chunk_size
+  k = st.heads_per_block
   nc = lp // q
-  r = st.heads_per_group
+  bpg = st.heads_per_group // k
   rev = lambda ci: nc - 1 - ci
 
-  x_spec = pl.BlockSpec((None, None, q, p),
-                        lambda bi, hi, ci: (bi, hi, rev(ci), 0))
-  bc_spec = pl.BlockSpec((None, None, q, n),
-                         lambda bi, hi, ci: (bi, _group_of(hi, r), rev(ci), 0))
+  x_spec = pl.BlockSpec((None, k, q, p),
+                        lambda bi, hb, ci: (bi, hb, rev(ci), 0))
+  bc_spec = pl.BlockSpec(
+      (None, None, q, n),
+      lambda bi, hb, ci: (bi, _group_of(hb, bpg), rev(ci), 0))
   dbc_spec = pl.BlockSpec((None, None, q, n),
-                          lambda bi, hi, ci: (bi, hi, rev(ci), 0))
-  dtc_spec = pl.BlockSpec((None, None, 2, q),
-                          lambda bi, hi, ci: (bi, hi, 0, rev(ci)))
-  state_spec = pl.BlockSpec((None, None, p, n),
-                            lambda bi, hi, ci: (bi, hi, 0, 0))
+                          lambda bi, hb, ci: (bi, hb, rev(ci), 0))
+  dtc_spec = pl.BlockSpec((None, k, 2, q),
+                          lambda bi, hb, ci: (bi, hb, 0, rev(ci)))
+  state_spec = pl.BlockSpec((None, k, p, n), lambda bi, hb, ci: (bi, hb, 0, 0))
   in_specs = [x_spec, bc_spec, bc_spec, dtc_spec]
   args = [x_t, b_t, c_t, dtc]
   if st.has_seg:
     in_specs.append(pl.BlockSpec((None, 1, q),
-                                 lambda bi, hi, ci: (bi, 0, rev(ci))))
+                                 lambda bi, hb, ci: (bi, 0, rev(ci))))
     args.append(segrel)
   if st.has_d:
     in_specs.append(pl.BlockSpec(memory_space=pltpu.SMEM))
     args.append(d)
-  in_specs += [pl.BlockSpec((None, None, None, p, n),
-                            lambda bi, hi, ci: (bi, hi, rev(ci), 0, 0)),
+  in_specs += [pl.BlockSpec((None, k, None, p, n),
+                            lambda bi, hb, ci: (bi, hb, rev(ci), 0, 0)),
                x_spec, state_spec]
   args += [states, dy_t, dfinal]
   out_shape = (jax.ShapeDtypeStruct(x_t.shape, x_t.dtype),
-               jax.ShapeDtypeStruct((bsz, h, lp, n), jnp.float32),
-               jax.ShapeDtypeStruct((bsz, h, lp, n), jnp.float32),
+               jax.ShapeDtypeStruct((bsz, h // k, lp, n), jnp.float32),
+               jax.ShapeDtypeStruct((bsz, h // k, lp, n), jnp.float32),
                jax.ShapeDtypeStruct(dtc.shape, jnp.float32),
                jax.ShapeDtypeStruct((bsz, h, p, n), jnp.float32))
   out_specs = (x_spec, dbc_spec, dbc_spec, dtc_spec, state_spec)
   itemsize = x_t.dtype.itemsize
+  g = b_t.shape[1]
   cost = pl.CostEstimate(
-      flops=2 * bsz * h * lp * (2 * q * n + 3 * q * p + 4 * p * n),
+      flops=2 * bsz * lp * (g * q * n
+                            + h * (2 * q * n + 3 * q * p + 5 * p * n + p * p)),
       transcendentals=bsz * h * lp * (q + 3),
-      bytes_accessed=(4 * x_t.size * itemsize + 2 * h * bsz * lp * n * (itemsize + 4)
+      bytes_accessed=(4 * x_t.size * itemsize + 2 * b_t.size * itemsize
+                      + 2 * (h // k) * bsz * lp * n * 4
                       + 2 * dtc.size * 4 + states.size * 4))
   return pl.pallas_call(
       functools.partial(_bwd_kernel, st=st),
       out_shape=out_shape,
-      grid=(bsz, h, nc),
+      grid=(bsz, h // k, nc),
       in_specs=in_specs,
       out_specs=out_specs,
-      scratch_shapes=[pltpu.VMEM((p, n), jnp.float32)],
+      scratch_shapes=[pltpu.VMEM((k, p, n), jnp.float32)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "arbitrary"),
           vmem_limit_bytes=st.blocks.vmem_limit_bytes),
@@ -579,16 +661,15 @@ def _ssd_core_fwd(st, x_t, b_t, c_t, dtc, segrel, d, init):
 def _ssd_core_bwd(st, res, cts):
   x_t, b_t, c_t, dtc, segrel, d, states = res
   dy_t, dfinal = cts
-  bsz, h, lp, _ = x_t.shape
-  g = b_t.shape[1]
-  dx_t, db_h, dc_h, ddtc, dinit = _bwd_call(
+  bsz, _, lp, _ = x_t.shape
+  g, n = b_t.shape[1], b_t.shape[-1]
+  dx_t, db_blk, dc_blk, ddtc, dinit = _bwd_call(
       st, x_t, b_t, c_t, dtc, segrel, d, states, dy_t.astype(x_t.dtype),
       dfinal.astype(jnp.float32))
-  # Each group's B and C feed heads_per_group heads (head i uses group
-  # i // heads_per_group): sum their per-head cotangents.
-  n = b_t.shape[-1]
-  db_t = db_h.reshape(bsz, g, h // g, lp, n).sum(axis=2).astype(b_t.dtype)
-  dc_t = dc_h.reshape(bsz, g, h // g, lp, n).sum(axis=2).astype(c_t.dtype)
+  # Head block i reads group i // blocks_per_group: sum each group's blocks.
+  bpg = st.heads_per_group // st.heads_per_block
+  db_t = db_blk.reshape(bsz, g, bpg, lp, n).sum(axis=2).astype(b_t.dtype)
+  dc_t = dc_blk.reshape(bsz, g, bpg, lp, n).sum(axis=2).astype(c_t.dtype)
   dseg = None if segrel is None else jnp.zeros_like(segrel)
   dd = None
   if d is not None:
@@ -624,7 +705,8 @@ def ssd_pallas_tpu(x, dt, A, B, C, D=None, *, dt_bias=None, dt_softplus=False,
       changes from one token to the next.
     return_final_state: also return the (b, h, p, n) float32 final state.
     chunk_size: tokens per chunk, a multiple of 128; any length l works (the
-      sequence is padded inside).
+      sequence is padded inside). Other tiles take their defaults; see
+      `ssd_pallas_tpu_with_blocks` to set them.
     interpret: False to compile for TPU; True or a `pltpu.InterpretParams` to
       run the kernels' own logic in the Pallas interpreter (any backend).
 
@@ -634,10 +716,27 @@ def ssd_pallas_tpu(x, dt, A, B, C, D=None, *, dt_bias=None, dt_softplus=False,
   Gradients flow to x, dt, A, B, C, D, dt_bias and initial_state. B and C
   are used in x's dtype inside the kernels (matmul operands).
   """
+  return ssd_pallas_tpu_with_blocks(
+      SSDTpuBlockSizes(chunk_size=chunk_size), x, dt, A, B, C, D,
+      dt_bias=dt_bias, dt_softplus=dt_softplus, initial_state=initial_state,
+      segment_ids=segment_ids, return_final_state=return_final_state,
+      interpret=interpret)
+
+
+def ssd_pallas_tpu_with_blocks(blocks: SSDTpuBlockSizes, x, dt, A, B, C,
+                               D=None, *, dt_bias=None, dt_softplus=False,
+                               initial_state=None, segment_ids=None,
+                               return_final_state=False, interpret=False):
+  """`ssd_pallas_tpu` with every tile size given by `blocks`.
+
+  Same arguments (but chunk_size, which `blocks` holds) and returns.
+  """
+  if not isinstance(blocks, SSDTpuBlockSizes):
+    raise TypeError(f"blocks must be SSDTpuBlockSizes, got {type(blocks)=}")
   bsz, l, h, p, g, n = validate_ssd_inputs(x, dt, A, B, C, D, dt_bias,
                                            initial_state, segment_ids)
-  blocks = SSDTpuBlockSizes(chunk_size=chunk_size)
-  blocks.validate(p, n, x.dtype)
+  k = blocks.resolve_heads_per_block(h // g)
+  blocks.validate(k, p, n, x.dtype)
   q = blocks.chunk_size
   nc = pl.cdiv(l, q)
   lp = nc * q
@@ -678,9 +777,9 @@ def ssd_pallas_tpu(x, dt, A, B, C, D=None, *, dt_bias=None, dt_softplus=False,
   # returns them in the callers' dtypes.
   d = None if D is None else D.astype(f32)
   init = None if initial_state is None else initial_state.astype(f32)
-  st = _Static(blocks=blocks, heads_per_group=h // g,
+  st = _Static(blocks=blocks, heads_per_group=h // g, heads_per_block=k,
                has_seg=segrel is not None, has_d=d is not None,
-               has_init=initial_state is not None, interpret=interpret)
+               has_init=init is not None, interpret=interpret)
   y_t, final = _ssd_core(st, x_t, b_t, c_t, dtc, segrel, d, init)
   y = jnp.transpose(y_t, (0, 2, 1, 3))[:, :l]
   return (y, final) if return_final_state else y

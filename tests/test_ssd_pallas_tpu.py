@@ -7,6 +7,8 @@ from this machine at MambaEye and LM shapes. Shapes are kept small: the file
 must run in well under three minutes on a 2-core CPU.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +17,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels.ssd_pallas_tpu import SSDTpuBlockSizes
 from kernels.ssd_pallas_tpu import ssd_pallas_tpu
+from kernels.ssd_pallas_tpu import ssd_pallas_tpu_with_blocks
 from kernels.ssd_reference import ssd_sequential
 
 F32, BF16 = jnp.float32, jnp.bfloat16
@@ -60,24 +63,34 @@ def _inputs(seed, *, b, l, h, g, p, n, dtype, n_resets=0):
 
 
 def _call(fn, inp, *, use, **kw):
-  """Calls an SSD implementation with the optional inputs named in `use`."""
+  """Calls an SSD implementation with the optional inputs named in `use`.
+
+  A `chunk_size` that is an `SSDTpuBlockSizes` selects
+  `ssd_pallas_tpu_with_blocks` for the kernel.
+  """
   opt = {k: inp[k] for k in ("dt_bias", "initial_state", "segment_ids")
          if k in use}
   d = inp["D"] if "D" in use else None
+  blocks = kw.get("chunk_size")
+  if fn is ssd_pallas_tpu and isinstance(blocks, SSDTpuBlockSizes):
+    del kw["chunk_size"]
+    fn = functools.partial(ssd_pallas_tpu_with_blocks, blocks)
   return fn(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], d,
             dt_softplus=True, **opt, **kw)
 
 
 ALL = ("D", "dt_bias", "initial_state", "segment_ids")
 
-# name: (shape kwargs, dtype, optional inputs used, chunk_size, resets per row)
+# name: (shape kwargs, dtype, optional inputs used, SSDTpuBlockSizes or
+#        chunk_size, resets per row). Default heads_per_block is the group size
+#        (up to 8).
 FORWARD_CASES = {
-    # odd length over 3 chunks, 2 groups of 2 heads, everything on.
+    # odd length over 3 chunks, 2 groups of 2 heads (2 per block), all on.
     "f32_full": (dict(b=2, l=300, h=4, g=2, p=16, n=16), F32, ALL, 128, 3),
     "bf16_full_chunk256": (dict(b=2, l=300, h=4, g=2, p=16, n=32), BF16, ALL,
                            256, 3),
-    # shorter than one chunk, nothing optional.
-    "f32_plain_short": (dict(b=1, l=50, h=2, g=1, p=8, n=8), F32, (), 128, 0),
+    # shorter than one chunk, nothing optional, one head per group and block.
+    "f32_plain_short": (dict(b=1, l=50, h=2, g=2, p=8, n=8), F32, (), 128, 0),
     # exactly two chunks (no padding), initial state only.
     "f32_exact_chunks": (dict(b=1, l=256, h=2, g=1, p=8, n=16), F32,
                          ("initial_state",), 128, 0),
@@ -86,6 +99,10 @@ GRAD_CASES = {
     "f32_full": FORWARD_CASES["f32_full"],
     "bf16_full": (dict(b=2, l=300, h=4, g=2, p=16, n=16), BF16, ALL, 128, 3),
     "f32_plain_short": FORWARD_CASES["f32_plain_short"],
+    # 4 heads of one group in 2 blocks of 2: dB, dC summed across blocks.
+    "f32_two_blocks_per_group": (
+        dict(b=1, l=200, h=4, g=1, p=8, n=16), F32, ALL,
+        SSDTpuBlockSizes(chunk_size=128, heads_per_block=2), 2),
 }
 
 
@@ -121,13 +138,14 @@ class TestSSDPallasTpu:
     assert _rel_err(final, final_ref) < TOL[dtype]
     # The data must exercise each option: dropping one changes the oracle by
     # several times the tolerance.
-    if shape["l"] > chunk:
+    q = chunk if isinstance(chunk, int) else chunk.chunk_size
+    if shape["l"] > q:
       # History from before the first chunk boundary must matter after it.
-      cut = {k: (v[:, chunk:] if k in ("x", "dt", "B", "C", "segment_ids")
+      cut = {k: (v[:, q:] if k in ("x", "dt", "B", "C", "segment_ids")
                  else v) for k, v in f32_inp.items()}
       y_cut = _call(ssd_sequential, cut, use=tuple(o for o in use
                                                    if o != "initial_state"))
-      assert _rel_err(y_cut, y_ref[:, chunk:]) > 2 * TOL[dtype]
+      assert _rel_err(y_cut, y_ref[:, q:]) > 2 * TOL[dtype]
     for opt in use:
       less = tuple(o for o in use if o != opt)
       y_less, final_less = _call(ssd_sequential, f32_inp, use=less,
@@ -192,8 +210,13 @@ def test_block_sizes_validation():
     inp = _inputs(0, b=1, l=8, h=1, g=1, p=8, n=8, dtype=F32)
     _call(ssd_pallas_tpu, inp, use=(), chunk_size=100, interpret=True)
   with pytest.raises(ValueError, match="needs .* MiB of VMEM"):
-    SSDTpuBlockSizes(chunk_size=1024).validate(64, 128, BF16)
-  SSDTpuBlockSizes(chunk_size=256).validate(64, 128, BF16)  # fits.
+    SSDTpuBlockSizes(chunk_size=1024).validate(1, 64, 128, BF16)
+  SSDTpuBlockSizes(chunk_size=256).validate(8, 64, 128, BF16)  # fits.
+  with pytest.raises(ValueError, match="heads_per_block=3 must divide "
+                     "heads_per_group=4"):
+    inp = _inputs(0, b=1, l=8, h=4, g=1, p=8, n=8, dtype=F32)
+    _call(ssd_pallas_tpu, inp, use=(), interpret=True,
+          chunk_size=SSDTpuBlockSizes(heads_per_block=3))
 
 
 # name: (b, l, h, p, g, n, chunk_size)

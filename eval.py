@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--glimpses", type=_ints, default=(256, 1024, 4096),
                  help="glimpse counts reported (T = the largest)")
   p.add_argument("--batch-size", type=int, default=64)
-  p.add_argument("--workers", type=int, default=max((os.cpu_count() or 2) - 1, 1),
+  p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                  help="decode/resize worker processes (0: in the main process)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--max-examples", type=int, default=None)

@@ -94,7 +94,7 @@ def main(argv=None) -> int:
   p.add_argument("--scan", default="random")
   p.add_argument("--glimpses", type=int, default=4096)
   p.add_argument("--batch-size", type=int, default=64)
-  p.add_argument("--workers", type=int, default=max((os.cpu_count() or 2) - 1, 1))
+  p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
   p.add_argument("--repeat", type=int, default=30, help="passes over the images")
   p.add_argument("--dtype", default="auto")
   p.add_argument("--variants", default="auto",

@@ -4,7 +4,6 @@ import dataclasses
 import io
 import json
 import os
-import tarfile
 
 import jax
 import jax.numpy as jnp
@@ -189,112 +188,6 @@ def test_corrupt_image_stops_or_is_skipped(tmp_path):
                            config(skip_bad_images=True), progress_stream=False)
   assert r.num_examples == 2 and r.num_skipped == 1
   assert (r.predictions == -1).sum() == 1
-
-
-def _photo_bytes(size=(50, 40), colour=(10, 200, 30)) -> bytes:
-  buf = io.BytesIO()
-  Image.new("RGB", size, colour).save(buf, format="JPEG")
-  return buf.getvalue()
-
-
-def _add(tar, name, data):
-  info = tarfile.TarInfo(name)
-  info.size = len(data)
-  tar.addfile(info, io.BytesIO(data))
-
-
-def test_tarball_of_loose_synset_photos(tmp_path):
-  archive = tmp_path / "sample.tar.gz"
-  with tarfile.open(archive, "w:gz") as tar:
-    _add(tar, "sample/n00000003_red_fox.JPEG", _photo_bytes())
-    _add(tar, "sample/n00000001_tench.JPEG", _photo_bytes())
-  cmap = tmp_path / "classes.txt"
-  cmap.write_text("# synsets in class order\nn00000000\nn00000001\nn00000002 goldfish\n"
-                  "n00000003\n")
-  source = eval_lib.open_source(str(archive), class_map=str(cmap),
-                                extract_dir=str(tmp_path / "x"))
-  assert len(source) == 2
-  assert sorted(source[i]["label"] for i in range(2)) == [1, 3]
-  assert source.class_map.name(3) == "red fox"  # from the file name
-  assert source.class_map.name(2) == "goldfish"  # from the map
-  assert source.class_map.name(0) == "n00000000"
-  # Without an ImageNet list or class map the index is unknowable.
-  with pytest.raises(eval_lib.DataError, match="not in the given class map"):
-    eval_lib.open_source(str(archive), extract_dir=str(tmp_path / "y"),
-                         class_map=eval_lib.ClassMap(("n00000001",), ("",)))
-
-
-def test_builtin_imagenet_list_when_available(tmp_path):
-  classes = eval_lib.builtin_imagenet_classes()
-  if classes is None:
-    pytest.skip("tensorflow-datasets is not installed")
-  assert len(classes.keys) == 1000
-  assert classes.keys[0] == "n01440764"  # tench, class 0
-  (tmp_path / "n01443537_goldfish.JPEG").write_bytes(_photo_bytes())
-  source = eval_lib.open_source(str(tmp_path))
-  assert source[0]["label"] == 1
-  assert source.class_map.name(1) == "goldfish"
-
-
-def test_tarball_of_class_folders_and_class_map_json(tmp_path):
-  archive = tmp_path / "folders.tgz"
-  with tarfile.open(archive, "w:gz") as tar:
-    for cls in ("cat", "dog"):
-      _add(tar, f"root/{cls}/1.jpg", _photo_bytes())
-      _add(tar, f"root/{cls}/notes.txt", b"not an image")
-  source = eval_lib.open_source(str(archive), extract_dir=str(tmp_path / "x"))
-  assert len(source) == 2 and source.class_map.keys == ("cat", "dog")
-  cmap = tmp_path / "map.json"
-  cmap.write_text(json.dumps({"dog": [0, "Dog"], "cat": [1, "Cat"]}))
-  source = eval_lib.open_source(str(archive), class_map=str(cmap),
-                                extract_dir=str(tmp_path / "y"))
-  assert {source[i]["key"].split("/")[-2]: source[i]["label"] for i in range(2)} == {
-      "dog": 0, "cat": 1}
-
-
-def test_bad_dataset_specs(tmp_path):
-  with pytest.raises(eval_lib.DataError, match="does not exist"):
-    eval_lib.open_source(str(tmp_path / "missing"))
-  (tmp_path / "file.txt").write_text("hello")
-  with pytest.raises(eval_lib.DataError, match="neither a folder nor a tar"):
-    eval_lib.open_source(str(tmp_path / "file.txt"))
-  (tmp_path / "loose").mkdir()
-  (tmp_path / "loose" / "holiday.jpg").write_bytes(_photo_bytes())
-  with pytest.raises(eval_lib.DataError, match="<synset>_<name>"):
-    eval_lib.open_source(str(tmp_path / "loose"))
-  with pytest.raises(eval_lib.DataError, match="synthetic"):
-    eval_lib.open_source("synthetic:many")
-
-
-def test_tfds_spec(monkeypatch):
-  # TFDS's own source (data.sources.TfdsSource) needs a prepared dataset;
-  # here a stand-in checks the spec parsing and the class names.
-  opened = {}
-
-  class FakeTfds:
-    def __init__(self, name, split, data_dir=None):
-      opened.update(name=name, split=split, data_dir=data_dir)
-      label = type("L", (), {"names": ["cat_face", "dog"]})()
-      info = type("I", (), {"features": {"label": label}})()
-      self._source = type("S", (), {"dataset_info": info})()
-      self.num_classes = 2
-
-    def __len__(self):
-      return 3
-
-    def __getitem__(self, i):
-      return {"image": _photo_bytes(), "label": i % 2, "key": f"tfds[{i}]"}
-
-  monkeypatch.setattr(eval_lib.sources, "TfdsSource", FakeTfds)
-  source = eval_lib.open_source("tfds:pets", tfds_data_dir="/data")
-  assert opened == {"name": "pets", "split": "validation", "data_dir": "/data"}
-  assert len(source) == 3 and source.class_map.name(0) == "cat face"
-  eval_lib.open_source("tfds:pets:test[:10]")
-  assert opened["split"] == "test[:10]"
-  canvas, positions, box = eval_lib.prepare_example(
-      source[0], eval_lib.Setting(CANVAS, "fit", "random", T), 0, 0)
-  assert canvas.shape == (CANVAS, CANVAS, 3) and positions.shape == (T, 2)
-  assert max(box.height, box.width) == CANVAS
 
 
 def test_prepare_example_is_deterministic_per_index():

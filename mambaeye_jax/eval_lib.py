@@ -576,9 +576,9 @@ class Progress:
     (t0, d0), (t1, d1) = self._window[0], self._window[-1]
     rate = (d1 - d0) / (t1 - t0) if t1 > t0 and d1 > d0 else 0.0
     eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+    speed = f"{rate:.1f} img/s" if rate > 0 else "warming up (compiling)"
     line = (f"[{label}] {setting_done}/{setting_total} images, "
-            f"{self.done}/{self.total} total, {rate:.1f} img/s, "
-            f"ETA {format_seconds(eta)}")
+            f"{self.done}/{self.total} total, {speed}, ETA {format_seconds(eta)}")
     if self._tty:
       self.stream.write("\r" + line.ljust(100))
     else:

@@ -147,6 +147,21 @@ def decode_image(data: bytes, key: str = "<bytes>", *,
 # ---------------------------------------------------------------- folder
 
 
+def file_record(path: str, label: int) -> dict[str, Any]:
+  """The record of one image file: {"image": its bytes, "label", "key"}.
+
+  A file deleted or unreadable since listing gives empty bytes (logged), so
+  that decode_image reports it as a bad record naming the path.
+  """
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except OSError as e:
+    logging.warning("%s: cannot read (%s)", path, e)
+    data = b""
+  return {"image": data, "label": label, "key": path}
+
+
 class ImageFolderSource:
   """Images in the official layout `root/<class>/<image>`.
 
@@ -208,16 +223,7 @@ class ImageFolderSource:
     return len(self._items)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    path, label = self._items[index]
-    try:
-      with open(path, "rb") as f:
-        data = f.read()
-    except OSError as e:
-      # Deleted or unreadable since listing: an empty payload makes
-      # decode_image report it as a bad record naming the path.
-      logging.warning("%s: cannot read (%s)", path, e)
-      data = b""
-    return {"image": data, "label": label, "key": path}
+    return file_record(*self._items[index])
 
   def __repr__(self) -> str:
     return (f"ImageFolderSource({self.root!r}, {len(self)} images, "

@@ -63,8 +63,7 @@ class _ListSource:
     return len(self._files)
 
   def __getitem__(self, index):
-    with open(self._files[index], "rb") as f:
-      return {"image": f.read(), "label": 0, "key": self._files[index]}
+    return sources.file_record(self._files[index], 0)
 
 
 def bench_stages(files, cfg: pipeline.DataConfig, samples: int, seed: int):

@@ -369,8 +369,6 @@ class GlimpseIterator(grain.DatasetIterator):
     self._parent.set_state(state["pipeline"])
     self.num_skipped = int(state["num_skipped"])
 
-  def close(self) -> None:
-    self._parent.close()
 
 
 def _finish(ds: grain.MapDataset, cfg: DataConfig,

@@ -359,3 +359,19 @@ def test_eval_shards_are_even_and_cover_everything_once():
   np.testing.assert_array_equal(raster["positions"][0], want)
   np.testing.assert_array_equal(
       raster["patches"][0], glimpse.extract_patches(canvas, want))
+
+
+# ---------------------------------------------------------------- bench
+
+
+def test_bench_cli_runs(messy_folder, capsys):
+  from mambaeye_jax.data import bench  # pylint: disable=g-import-not-at-top
+  bench.main(["--images", messy_folder, "--samples", "9", "--batch_size",
+              "2", "--pipeline_batches", "1", "--reference_samples", "2",
+              "--num_glimpses", "16", "--canvas_min", "32", "--canvas_max",
+              "64", "--all_cores"])
+  out = capsys.readouterr().out
+  for line in ("stage by stage", "information ratio", "samples/s per core",
+               "official order of work", "Grain pipeline end to end"):
+    assert line in out, line
+  assert out.count("leaving out") == 3  # The messy folder's bad files.

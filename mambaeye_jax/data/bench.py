@@ -226,8 +226,16 @@ def main(argv=None):
         tar.extractall(tmp, filter="data")
       root = tmp
     files = _image_files(root)
+    readable = []
+    for f in files:  # The stage timings decode directly: no bad files.
+      try:
+        sources.decode_image(sources.file_record(f, 0)["image"], f)
+        readable.append(f)
+      except sources.BadImageError as e:
+        print(f"leaving out {e}")
+    files = readable
     if not files:
-      raise SystemExit(f"no images in {args.images}")
+      raise SystemExit(f"no readable images in {args.images}")
     print(f"{len(files)} images; T={args.num_glimpses}, canvas "
           f"{args.canvas_min}..{args.canvas_max}, full training transform")
     bench_stages(files, cfg, min(20, args.samples), args.seed + 1)  # Warm.

@@ -232,3 +232,13 @@ def test_tfds_source_on_a_local_dataset(tmp_path):
                    for i in range(5))
   assert heights == [20, 21, 22, 23, 24]
   assert src[0]["key"] == "tfds:tiny_images/train[0]"
+
+
+@pytest.mark.parametrize("mode,colour", [("CMYK", (0, 255, 255, 0)),
+                                         ("L", 90), ("RGB", (10, 200, 30))])
+def test_jpeg_draft_keeps_colours_of_every_jpeg_mode(mode, colour):
+  data = _encode(Image.new(mode, (400, 300), colour), "JPEG")
+  small = sources.decode_image(data, mode, draft_size=(100, 75))
+  full = sources.decode_image(data, mode)
+  assert small.mode == "RGB" and small.size == (100, 75)
+  assert small.getpixel((10, 10)) == full.getpixel((10, 10))

@@ -184,6 +184,14 @@ def test_colour_ops_are_torchvision_pil_path():
   np.testing.assert_array_equal(
       np.asarray(augment._adjust(image, "saturation", 1.2)),
       np.asarray(ImageEnhance.Color(image).enhance(1.2)))
+  # Hue: torchvision's steps (split HSV, add the wrapped shift to H, merge).
+  for factor in (-0.5, -0.1, -0.013, 0.0, 0.07, 0.1, 0.5):
+    h, s, v = image.convert("HSV").split()
+    shifted = (np.asarray(h).astype(np.int64) + int(factor * 255)) % 256
+    want = Image.merge("HSV", (Image.fromarray(shifted.astype(np.uint8)), s,
+                               v)).convert("RGB")
+    np.testing.assert_array_equal(
+        np.asarray(augment._adjust(image, "hue", factor)), np.asarray(want))
   red = Image.new("RGB", (2, 2), (255, 0, 0))
   # A third of a turn: PIL HSV hue 0 -> 85, i.e. pure green.
   assert augment._adjust(red, "hue", 1 / 3).getpixel((0, 0)) == (0, 255, 0)

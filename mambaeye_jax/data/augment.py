@@ -153,12 +153,11 @@ def _adjust(image: Image.Image, op: str, factor: float,
   if op == "saturation":
     return ImageEnhance.Color(image).enhance(factor)
   if op == "hue":
-    h, s, v = image.convert("HSV").split()
-    # torchvision adds np.uint8(hue * 255) with uint8 wrap-around; int()
-    # truncates toward zero as that C cast does, % 256 wraps negatives.
-    shift = int(factor * 255) % 256
-    h = h.point(list(range(shift, 256)) + list(range(shift)))  # (x+s)%256
-    return Image.merge("HSV", (h, s, v)).convert("RGB")
+    hsv = np.array(image.convert("HSV"))
+    # torchvision adds np.uint8(hue * 255) to H with uint8 wrap-around;
+    # int() truncates toward zero as that C cast does, % 256 wraps negatives.
+    hsv[..., 0] += np.uint8(int(factor * 255) % 256)
+    return Image.fromarray(hsv, "HSV").convert("RGB")
   raise ValueError(f"unknown colour op {op!r}")
 
 

@@ -85,19 +85,23 @@ def _backend_dtype(dtype: str) -> str:
 def _restore_from_workdir(workdir: str, **overrides):
   """The latest model of a training work directory (`train_lib`); a work
   directory holding only a model directory `model/` (the layout before
-  train_lib existed) loads that."""
+  train_lib existed), or read where train_lib's dependencies are missing,
+  loads that."""
   from mambaeye_jax import checkpoint  # pylint: disable=g-import-not-at-top
   model_dir = os.path.join(workdir, "model")
+  has_model_dir = os.path.isfile(os.path.join(model_dir, checkpoint.CONFIG_FILE))
   try:
     from mambaeye_jax import train_lib  # pylint: disable=g-import-not-at-top
-  except ModuleNotFoundError as e:
-    if e.name != "mambaeye_jax.train_lib":
-      raise
-    return checkpoint.load_model(model_dir, **overrides)
+  except ImportError as e:
+    if has_model_dir:
+      return checkpoint.load_model(model_dir, **overrides)
+    raise CheckpointError(f"reading the training work directory {workdir} "
+                          f"needs mambaeye_jax.train_lib, which does not "
+                          f"import here: {e}") from e
   try:
     return train_lib.restore_model(workdir, **overrides)
   except FileNotFoundError:
-    if os.path.isfile(os.path.join(model_dir, checkpoint.CONFIG_FILE)):
+    if has_model_dir:
       return checkpoint.load_model(model_dir, **overrides)
     raise
 

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -69,7 +70,12 @@ def test_dataset_mode_writes_json_markdown_and_plots(model_dir, tmp_path, capsys
       assert im.format == "PNG"
 
 
-def test_workdir_falls_back_to_its_model_dir(model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("train_lib_imports", [True, False])
+def test_workdir_falls_back_to_its_model_dir(model_dir, tmp_path, capsys, monkeypatch,
+                                             train_lib_imports):
+  if not train_lib_imports:
+    # As on a machine without train_lib's dependencies (ml_collections).
+    monkeypatch.setitem(sys.modules, "mambaeye_jax.train_lib", None)
   workdir = tmp_path / "work"
   workdir.mkdir()
   os.symlink(model_dir, workdir / "model")

@@ -106,6 +106,10 @@ def test_config_from_mapping_namespace_and_overrides():
     pipeline.DataConfig(num_glimpses=64, seq_len=32)
   with pytest.raises(KeyError, match="unknown scan pattern"):
     pipeline.DataConfig(scan_pattern="zigzagz")
+  with pytest.raises(ValueError, match="resize_mode"):
+    pipeline.DataConfig(resize_mode="stretch")
+  with pytest.raises(ValueError, match="needs resize_mode 'none'"):
+    pipeline.DataConfig(eval_canvas=0, resize_mode="fit")
 
 
 # ---------------------------------------------------------------- training
@@ -349,6 +353,18 @@ def test_eval_shards_are_even_and_cover_everything_once():
   for b in single:
     _check_row_invariants(b)
     assert ((b["mask"].sum(1) == 16) | (b["mask"].sum(1) == 0)).all()
+  # eval_canvas 0 with "none": each canvas is the image's longer side.
+  native = next(iter(pipeline.make_eval_iterator(
+      {**config, "eval_canvas": 0, "resize_mode": "none"})))
+  record = synthetic.SyntheticShapes(11, seed=SMALL["seed"])[0]
+  canvas, box = eval_transforms.eval_canvas(record["image"], "none", None)
+  assert canvas.shape[0] == max(record["image"].shape[:2])
+  want = scan_patterns.generate(
+      "random", np.random.default_rng([SMALL["seed"], 0]), canvas.shape[:2],
+      box, 16)  # Seeded by (seed, the record's global index), as documented.
+  np.testing.assert_array_equal(native["positions"][0], want)
+  np.testing.assert_array_equal(native["patches"][0],
+                                glimpse.extract_patches(canvas, want))
   # A deterministic scan pattern on the official evaluation canvas, e.g.
   # column_major, equals the pattern computed directly from the record.
   raster = next(iter(pipeline.make_eval_iterator(

@@ -77,7 +77,8 @@ class DataConfig:
     augment: AugmentConfig overrides (field -> value) for training.
     scan_pattern: glimpse order; training default "train" (the official
       sampler), evaluation default "random".
-    eval_canvas: evaluation canvas side S.
+    eval_canvas: evaluation canvas side S; 0 (resize_mode "none" only)
+      makes each canvas the image's longer side, no resampling.
     resize_mode: evaluation resize, "none" | "fit" | "full".
     seed: the stream's seed (shuffle and per-record randomness).
     shuffle: shuffle training records (reshuffled every epoch).
@@ -135,6 +136,12 @@ class DataConfig:
       raise ValueError(f"{self.batch_size=} must be >= 1")
     if self.scan_pattern:
       scan_patterns.get(self.scan_pattern)  # KeyError lists known names.
+    if self.resize_mode not in eval_transforms.RESIZE_MODES:
+      raise ValueError(f"{self.resize_mode=} must be one of "
+                       f"{eval_transforms.RESIZE_MODES}")
+    if not self.eval_canvas and self.resize_mode != "none":
+      raise ValueError(f"eval_canvas=0 (the image's own size) needs "
+                       f"resize_mode 'none', not {self.resize_mode!r}")
 
   @property
   def row_length(self) -> int:
@@ -292,7 +299,7 @@ class EvalTransform(grain.transforms.Map):
       return self._skip(e)
     rng = np.random.default_rng([self._cfg.seed, record["index"]])
     canvas, box = eval_transforms.eval_canvas(
-        image, self._cfg.resize_mode, self._cfg.eval_canvas)
+        image, self._cfg.resize_mode, self._cfg.eval_canvas or None)
     side = canvas.shape[0]
     positions = scan_patterns.generate(self._pattern_name, rng, (side, side),
                                        box, _num_glimpses(rng, self._cfg))

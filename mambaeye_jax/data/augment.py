@@ -362,12 +362,14 @@ def _apply_axis_aligned(image: Image.Image, params: dict[str, Any],
   colour = jitter is not None or gray
   shrink = w1 < image.size[0] or h1 < image.size[1]
   blur = params["blur_sigma"]
+  # Colour always runs on part of the image: the contrast mean comes from a
+  # thumbnail of the whole.
+  thumbnail = _thumbnail(image) if colour else None
   if shrink or blur is not None:
     mx, my = ((k // 2 for k in cfg.blur_kernel) if blur is not None
               else (0, 0))
     window = (max(0, x - mx), max(0, y - my), min(w1, x + cw + mx),
               min(h1, y + ch + my))
-    thumbnail = _thumbnail(image) if colour else None
     base = _fitted(image, params, window)
     if colour:  # Before the blur, as the official.
       base = _colour(base, jitter, gray, thumbnail)
@@ -384,12 +386,10 @@ def _apply_axis_aligned(image: Image.Image, params: dict[str, Any],
     box = (x * sx, y * sy, min((x + cw) * sx, image.size[0]),
            min((y + ch) * sy, image.size[1]))
   rw, rh = params["out_size"]
-  thumbnail = None
   if colour and base is image:
     # Colour only the part the resize reads: the box plus the LANCZOS
     # support (3 input pixels, times the shrink factor), so that the resize
     # sees the same pixels as on the whole image.
-    thumbnail = _thumbnail(image)
     pad_x = 3 * max(1.0, (box[2] - box[0]) / rw) + 1
     pad_y = 3 * max(1.0, (box[3] - box[1]) / rh) + 1
     region = (max(0, int(box[0] - pad_x)), max(0, int(box[1] - pad_y)),
@@ -404,7 +404,7 @@ def _apply_axis_aligned(image: Image.Image, params: dict[str, Any],
   if params["flip"]:
     out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
   if colour:  # The output is smaller than the input: colour it instead.
-    out = _colour(out, jitter, gray, thumbnail or _thumbnail(base))
+    out = _colour(out, jitter, gray, thumbnail)
   return out
 
 

@@ -1,6 +1,7 @@
 """Tests for mambaeye_jax.eval_lib: scoring, the pipeline, datasets, reports."""
 
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -21,7 +22,10 @@ T = 12
 CANVAS = 32
 
 
+@functools.lru_cache(maxsize=None)
 def tiny_model(seed: int = 0) -> model_lib.MambaEye:
+  """Built once per seed (model init costs seconds on a busy CPU); the
+  evaluator never changes it."""
   config = model_lib.ModelConfig(depth=1, dim=32, num_classes=K, d_state=16,
                                  headdim=16, chunk_size=16)
   return model_lib.MambaEye(config, rngs=nnx.Rngs(seed))
@@ -229,3 +233,33 @@ def test_progress_line():
   assert "img/s" in line and "ETA" in line
   assert eval_lib.format_seconds(3725) == "1:02:05"
   assert eval_lib.format_seconds(float("nan")) == "?"
+
+
+def test_device_gather_matches_a_per_image_host_reference():
+  model = tiny_model()
+  source = eval_lib.open_source("synthetic:5")
+  cfg = config(scan_patterns=("hilbert",), batch_size=2)
+  (r,) = eval_lib.evaluate(model, source, cfg, progress_stream=False)
+  setting = cfg.settings()[0]
+  patches, positions, labels = [], [], []
+  for i in range(len(source)):
+    record = source[i]
+    canvas, pos, _ = eval_lib.prepare_example(record, setting, cfg.seed, i)
+    patches.append(glimpse.extract_patches(canvas, pos))  # numpy gather
+    positions.append(pos)
+    labels.append(record["label"])
+  forward = nnx.jit(lambda m, p, q: m(p, q))
+  logits = np.asarray(forward(model, jnp.asarray(np.stack(patches)),
+                              jnp.asarray(np.stack(positions))))  # (N, T, K)
+  correct = logits.argmax(-1) == np.array(labels)[:, None]
+  np.testing.assert_allclose(r.top1_curve, correct.mean(0))
+  np.testing.assert_array_equal(r.predictions, logits[:, -1].argmax(-1))
+
+
+def test_official_checkpoint_evaluates(golden):
+  _, pt_path, _ = golden
+  model = eval_lib.load_eval_model(checkpoint_path=pt_path, dtype="float32")
+  assert model.config.num_classes == 1000
+  (r,) = eval_lib.evaluate(model, eval_lib.open_source("synthetic:3"),
+                           config(batch_size=2), progress_stream=False)
+  assert r.num_examples == 3 and r.top1_curve.shape == (T,)

@@ -18,6 +18,7 @@ synsets, read from the copy tensorflow-datasets ships
 
 from __future__ import annotations
 
+import ast
 import atexit
 import collections
 import dataclasses
@@ -124,6 +125,26 @@ def read_class_map(path: str) -> ClassMap:
     raise DataError(f"class map {path} is malformed: {e}") from e
 
 
+def _imagenet_names(tfds_root: str) -> tuple[str, ...] | None:
+  """The 1000 readable ImageNet names in class order, from a constant list
+  inside tensorflow-datasets (SI-Score's labels); parsed, never imported or
+  executed. None where that file or list is missing or malformed."""
+  path = os.path.join(tfds_root, "datasets", "siscore", "labels.py")
+  try:
+    with open(path) as f:
+      tree = ast.parse(f.read())
+    for node in tree.body:
+      if isinstance(node, ast.Assign) and any(
+          getattr(t, "id", None) == "IMAGENET_LABELS_LIST" for t in node.targets):
+        names = ast.literal_eval(node.value)
+        if len(names) == 1000 and all(isinstance(n, str) for n in names):
+          # "tench, Tinca tinca" -> "tench": the first synonym is enough.
+          return tuple(n.split(",")[0].strip() for n in names)
+  except (OSError, SyntaxError, ValueError):
+    pass
+  return None
+
+
 def builtin_imagenet_classes() -> ClassMap | None:
   """The 1000 ImageNet-1K synsets in class-index order, if available offline.
 
@@ -132,7 +153,8 @@ def builtin_imagenet_classes() -> ClassMap | None:
   synset in the sorted list of the 1000 synsets. That list ships with
   tensorflow-datasets (`datasets/imagenet2012/labels.txt`, a dependency of
   this package); it is read as a file, without importing TFDS. Readable
-  names are left empty (the dataset may supply them).
+  names come from the same package where it has them (else left empty,
+  for the dataset to supply).
 
   Returns:
     The map, or None when tensorflow-datasets is not installed.
@@ -146,7 +168,8 @@ def builtin_imagenet_classes() -> ClassMap | None:
       with open(path) as f:
         keys = tuple(line.strip() for line in f if line.strip())
       if len(keys) == 1000 and list(keys) == sorted(keys):
-        return ClassMap(keys, ("",) * len(keys))
+        names = _imagenet_names(root) or ("",) * len(keys)
+        return ClassMap(keys, names)
   return None
 
 

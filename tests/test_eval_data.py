@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import tarfile
 
 import pytest
@@ -118,3 +119,25 @@ def test_tfds_spec(monkeypatch):
       source[0], eval_lib.Setting(CANVAS, "fit", "random", T), 0, 0)
   assert canvas.shape == (CANVAS, CANVAS, 3) and positions.shape == (T, 2)
   assert max(box.height, box.width) == CANVAS
+
+
+def test_imagenet_sample_mapping(tmp_path):
+  """Every photo of the shared sample gets the class whose ImageNet name is
+  in its file name: the synset list and the names agree on the index."""
+  archive = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "..", "shared", "data", "imagenet_sample_100.tar.gz")
+  if not os.path.isfile(archive):
+    pytest.skip(f"{archive} is not there")
+  classes = eval_data.builtin_imagenet_classes()
+  if classes is None or not classes.names[0]:
+    pytest.skip("tensorflow-datasets (synsets and names) is not installed")
+  source = eval_data.open_source(archive, extract_dir=str(tmp_path))
+  assert len(source) == 100
+  labels = []
+  for i in range(len(source)):
+    record = source[i]
+    name_in_file = os.path.basename(record["key"]).split(".")[0].split("_", 1)[1]
+    norm = lambda n: n.replace(" ", "_").replace("-", "_").lower()
+    assert norm(source.class_map.name(record["label"])) == norm(name_in_file)
+    labels.append(record["label"])
+  assert sorted(labels) == list(range(0, 1000, 10))

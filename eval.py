@@ -131,6 +131,9 @@ def _single_image(args, model, output, eval_lib) -> int:
   for rank, (index, name, prob) in enumerate(result.top, start=1):
     mark = "  <- label" if result.label == index else ""
     print(f"  {rank}. {index:4d} {name:30s} {100 * prob:6.2f}%{mark}")
+  if result.label is not None and result.label not in [t[0] for t in result.top]:
+    name = class_map.name(result.label)
+    print(f"  label {result.label:4d} {name:30s} {100 * result.label_probability:6.2f}%")
   from mambaeye_jax.data import scan_patterns  # pylint: disable=g-import-not-at-top
   os.makedirs(output, exist_ok=True)
   stem = os.path.splitext(os.path.basename(args.image))[0]

@@ -858,12 +858,14 @@ class ImagePrediction:
     canvas: (S, S, 3) uint8.
     positions: (T, 2) int32.
     label: the true class when the file name says it (synset), else None.
+    label_probability: its probability after the last glimpse, or None.
   """
   top: list[tuple[int, str, float]]
   confidence: np.ndarray
   canvas: np.ndarray
   positions: np.ndarray
   label: int | None
+  label_probability: float | None = None
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -911,5 +913,6 @@ def classify_image(model: nnx.Module, path: str, *, canvas_size: int | None = 51
   match = SYNSET_PATTERN.match(os.path.splitext(os.path.basename(path))[0])
   if match and class_map is not None:
     label = class_map.index().get(match.group(1))
-  return ImagePrediction(top=top, confidence=probs[:, order[0]],
-                         canvas=canvas, positions=positions, label=label)
+  return ImagePrediction(
+      top=top, confidence=probs[:, order[0]], canvas=canvas, positions=positions,
+      label=label, label_probability=None if label is None else float(final[label]))

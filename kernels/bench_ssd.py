@@ -170,6 +170,28 @@ class JaxRunner:
     return res
 
 
+def pallas_breakdown(runner, cfg, reps, inner, interpret=False):
+  """Times the Pallas pieces alone: training forward and backward kernels."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from kernels import ssd_pallas_gpu  # pylint: disable=g-import-not-at-top
+  from kernels import ssd_reference  # pylint: disable=g-import-not-at-top
+  a = runner.args
+  dt = ssd_reference.effective_dt(a["dt"], a["dt_bias"], True)
+  fwd_train = jax.jit(lambda x, dt, A, B, C, D: ssd_pallas_gpu.forward(
+      x, dt, A, B, C, D, None, None, cfg=cfg, interpret=interpret,
+      for_backward=True))
+  ops = (a["x"], dt, a["A"], a["B"], a["C"], a["D"])
+  _, _, states = fwd_train(*ops)
+  bwd = jax.jit(lambda x, dt, A, B, C, D, st, dy: ssd_pallas_gpu.backward(
+      x, dt, A, B, C, D, None, None, st, dy, None, cfg=cfg,
+      interpret=interpret))
+  sync = jax.block_until_ready
+  return dict(
+      fwd_train=_median_ms(lambda: fwd_train(*ops), sync, reps, inner),
+      bwd_only=_median_ms(lambda: bwd(*ops, states, runner.dy), sync, reps,
+                          inner))
+
+
 def import_mamba_ssm():
   """mamba_chunk_scan_combined, or None (prints why)."""
   try:
@@ -270,7 +292,9 @@ def run(args):
       if impl == "pallas":
         for cfg, text in zip(configs, args.configs if not args.smoke else ["smoke"]):
           fn = _pallas_fn(ssd_pallas_mod.ssd_pallas, cfg, args.smoke)
-          runners.append((f"pallas[{text}]", lambda fn=fn: JaxRunner(fn, inp, args.modes)))
+          runners.append((f"pallas[{text}]",
+                          lambda fn=fn, cfg=cfg: _with_cfg(
+                              JaxRunner(fn, inp, args.modes), cfg)))
       elif impl == "chunked":
         runners.append(("xla_chunked", lambda: ref))
       elif impl == "associative":
@@ -287,6 +311,9 @@ def run(args):
           row["err_y"] = _rel(y, ref_y)
           row["err_g"] = max(_rel(g, r) for g, r in zip(grads, ref_g))
         row.update(runner.time(args.reps, args.inner))
+        if args.breakdown and getattr(runner, "cfg", None) is not None:
+          row.update(pallas_breakdown(runner, runner.cfg, args.reps,
+                                      args.inner, args.smoke))
       except Exception as e:  # pylint: disable=broad-except
         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
       xb = 2 if args.dtype in ("bfloat16", "float16") else 4
@@ -300,6 +327,11 @@ def run(args):
         with open(args.log, "a") as f:
           f.write(repr(row) + "\n")
   return rows
+
+
+def _with_cfg(runner, cfg):
+  runner.cfg = cfg
+  return runner
 
 
 def _pallas_fn(ssd_pallas, cfg, interpret):
@@ -322,6 +354,8 @@ def _fmt_row(row):
     parts.append(("-" if v is None else format(v, fmt)).rjust(width)
                  if key not in ("shape", "impl") else str(v).ljust(width))
   line = " ".join(parts)
+  if "fwd_train" in row:
+    line += f"  [train fwd {row['fwd_train']:.3f} bwd {row['bwd_only']:.3f}]"
   if "error" in row:
     line += "  " + row["error"]
   return line
@@ -352,6 +386,8 @@ def main(argv=None):
   ap.add_argument("--inner", type=int, default=10)
   ap.add_argument("--no-check", dest="check", action="store_false")
   ap.add_argument("--log", default=None, help="append raw rows to this file")
+  ap.add_argument("--breakdown", action="store_true",
+                  help="also time the Pallas training forward and backward alone")
   ap.add_argument("--smoke", action="store_true",
                   help="tiny shapes on CPU, Pallas in interpret mode")
   args = ap.parse_args(argv)

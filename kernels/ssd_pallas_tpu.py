@@ -1,4 +1,4 @@
-"""Mamba2's SSD chunked scan as Pallas TPU (Mosaic) kernels, forward and backward.
+"""Mamba2's SSD chunked scan as Pallas TPU (Mosaic) kernels, with backward.
 
 Dimension letters as in `kernels/ssd_reference.py`:
 
@@ -509,7 +509,7 @@ def _bwd_kernel(*refs, st: _Static):
     wdt_col = fac["w_col"] * fac["dt_col"]
 
     gl = scores * lmat                         # (q, q)
-    weights = gl * dt_row                      # the forward's intra-chunk matrix
+    weights = gl * dt_row                      # the forward's (q, q) matrix
     pmat = _dot_nt(dy, x, prec)                # (q, q) dy_i . x_j
     ds_end_c = ds_end.astype(cdt)
     v = _dot_nt(bm, ds_end_c, prec)            # (q, p) B_j dS^T
@@ -530,7 +530,7 @@ def _bwd_kernel(*refs, st: _Static):
     db_ref[...] += (_dot(dscores.T.astype(cdt), cm, prec)
                     + wdt_col * _dot(x, ds_end_c, prec))
 
-    # dt and cum. Through L: d(cum_i - cum_j) = dy_i.x_j * C_i.B_j * L_ij * dt_j.
+    # dt and cum. Through L: d(cum_i - cum_j) = dy_i.x_j C_i.B_j L_ij dt_j.
     r_mat = pmat * weights
     ddt_row = jnp.sum(pmat * gl, axis=0, keepdims=True)
     dcum_row = -jnp.sum(r_mat, axis=0, keepdims=True)

@@ -53,7 +53,8 @@ def _inputs(seed, *, b, l, h, g, p, n, dtype, n_resets=0):
       dt=jax.random.normal(ks[1], (b, l, h)) - 1.0,
       # Per-token decays from ~0.998 to ~0.7: the slow heads carry state
       # across whole chunks, so chunk-to-chunk passing is really tested.
-      A=-jnp.exp(jnp.linspace(-5.0, 0.0, h) + 0.1 * jax.random.normal(ks[2], (h,))),
+      A=-jnp.exp(jnp.linspace(-5.0, 0.0, h)
+                 + 0.1 * jax.random.normal(ks[2], (h,))),
       B=jax.random.normal(ks[3], (b, l, g, n)).astype(dtype),
       C=jax.random.normal(ks[4], (b, l, g, n)).astype(dtype),
       D=jax.random.normal(ks[5], (h,)),

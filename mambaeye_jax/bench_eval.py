@@ -39,7 +39,7 @@ def _model(args, ssd_impl: str | None, chunk: int | None):
   if args.checkpoint:
     return eval_lib.load_eval_model(checkpoint_path=args.checkpoint, dtype=args.dtype,
                                     ssd_impl=ssd_impl, chunk_size=chunk)
-  overrides = {"dtype": eval_lib._backend_dtype(args.dtype)}  # pylint: disable=protected-access
+  overrides = {"dtype": eval_lib.resolve_dtype(args.dtype)}
   if ssd_impl:
     overrides["ssd_impl"] = ssd_impl
   if chunk:

@@ -74,7 +74,7 @@ DEFAULT_GLIMPSE_COUNTS = (256, 1024, 4096)
 # ------------------------------------------------------------------ model
 
 
-def _backend_dtype(dtype: str) -> str:
+def resolve_dtype(dtype: str) -> str:
   """"auto" -> bfloat16 on accelerators, float32 on CPU (where XLA's bf16
   matmuls are emulated and slower)."""
   if dtype != "auto":
@@ -87,6 +87,8 @@ def _restore_from_workdir(workdir: str, **overrides):
   directory holding only a model directory `model/` (the layout before
   train_lib existed), or read where train_lib's dependencies are missing,
   loads that."""
+  # Imported here, as in load_eval_model: orbax is slow to import and the
+  # worker processes, which import this module, never need it.
   from mambaeye_jax import checkpoint  # pylint: disable=g-import-not-at-top
   model_dir = os.path.join(workdir, "model")
   has_model_dir = os.path.isfile(os.path.join(model_dir, checkpoint.CONFIG_FILE))
@@ -133,7 +135,7 @@ def load_eval_model(*, checkpoint_path: str | None = None,
   if not os.path.exists(path):
     kind = "checkpoint" if checkpoint_path else "work directory"
     raise CheckpointError(f"{kind} {path} does not exist")
-  overrides = {"dtype": _backend_dtype(dtype)}
+  overrides = {"dtype": resolve_dtype(dtype)}
   if ssd_impl:
     overrides["ssd_impl"] = ssd_impl
   if chunk_size:

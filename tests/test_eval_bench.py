@@ -1,0 +1,27 @@
+"""Smoke test of the evaluator benchmark's command line (tiny, CPU)."""
+
+from flax import nnx
+
+from mambaeye_jax import bench_eval
+from mambaeye_jax import model as model_lib
+
+
+def test_bench_prints_every_stage(monkeypatch, capsys):
+  def tiny(args, ssd_impl, chunk):
+    del args
+    config = model_lib.ModelConfig(depth=1, dim=32, num_classes=10, d_state=16,
+                                   headdim=16, chunk_size=chunk or 16,
+                                   ssd_impl=ssd_impl or "auto")
+    return model_lib.MambaEye(config, rngs=nnx.Rngs(0))
+
+  monkeypatch.setattr(bench_eval, "_model", tiny)
+  rc = bench_eval.main(["--images", "synthetic:6", "--canvas", "32", "--glimpses", "8",
+                        "--batch-size", "4", "--workers", "0", "--repeat", "2",
+                        "--variants", "auto,chunked:8", "--device-repeats", "2"])
+  out = capsys.readouterr().out
+  assert rc == 0
+  for stage in ("host: decode+resize+scan", "host->device copy",
+                "device: gather+forward+score (chunked, chunk 16",
+                "device: gather+forward+score (chunked, chunk 8",
+                "end to end", "END-TO-END:"):
+    assert stage in out, out

@@ -7,7 +7,10 @@ from this machine at MambaEye and LM shapes. Shapes are kept small: the file
 must run in well under three minutes on a 2-core CPU.
 """
 
+import base64
 import functools
+import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -252,10 +255,59 @@ def test_exports_for_tpu(shapes, kind):
   assert exported.platforms == ("tpu",)
   text = exported.mlir_module()
   if kind == "forward":
-    assert text.count("tpu_custom_call") == 1 and "ssd_tpu_fwd" in text
+    names = ["ssd_tpu_fwd"]
     assert [a.shape for a in exported.out_avals] == [(b, l, h, p),
                                                      (b, h, p, n)]
   else:
-    assert text.count("tpu_custom_call") == 2
-    assert "ssd_tpu_fwd_states" in text and "ssd_tpu_bwd" in text
+    names = ["ssd_tpu_fwd_states", "ssd_tpu_bwd"]
     assert [a.shape for a in exported.out_avals] == [x.shape for x in args[:-1]]
+  assert text.count("tpu_custom_call") == len(names)
+
+  # Inside the Mosaic kernels: the grid semantics, the f32 state scratch of
+  # heads_per_block (8 here) heads, and no vector transpose but of whole
+  # (128k, 128m) tiles (Mosaic has rejected lane-padded ones).
+  bodies = _mosaic_kernel_bodies(text)
+  assert sorted(re.search(r"func\.func @(\w+)", m).group(1)
+                for m in bodies) == sorted(names)
+  for body in bodies:
+    kernel = re.search(r"func\.func @ssd\w+\(.*", body).group(0)
+    assert ("dimension_semantics = [#tpu.dimension_semantics<parallel>, "
+            "#tpu.dimension_semantics<parallel>, "
+            "#tpu.dimension_semantics<arbitrary>]") in kernel
+    assert f"memref<8x{p}x{n}xf32, #tpu.memory_space<vmem>>)" in kernel
+    assert "tpu.matmul" in body
+    for src in re.findall(r"transpose %\S+, \[1, 0\] : vector<(\d+)x(\d+)x",
+                          body):
+      assert all(int(d) % 128 == 0 for d in src), src
+  assert len(re.findall(r"tpu\.transpose", "".join(bodies))) == (
+      0 if kind == "forward" else 2)
+
+
+def _mosaic_kernel_bodies(hlo_text):
+  """The Mosaic MLIR (text) of each TPU custom call in an exported module.
+
+  The kernel travels serialized in the custom call's backend_config; this
+  undoes that with jaxlib's own Mosaic dialect and serde pass. Skips if
+  this jaxlib no longer offers them (nothing about the kernel is wrong then).
+  """
+  try:
+    from jax._src.interpreters import mlir  # pylint: disable=g-import-not-at-top
+    from jaxlib.mlir import ir  # pylint: disable=g-import-not-at-top
+    from jaxlib.mlir.passmanager import PassManager  # pylint: disable=g-import-not-at-top
+    from jaxlib.mosaic.python import tpu  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    pytest.skip(f"cannot decode Mosaic kernels with this jaxlib: {e}")
+  bodies = []
+  for m in re.finditer(r'backend_config = "((?:[^"\\]|\\.)*)"', hlo_text):
+    config = re.sub(r"\\([0-9A-Fa-f]{2})",
+                    lambda c: chr(int(c.group(1), 16)), m.group(1))
+    blob = base64.b64decode(json.loads(config)["custom_call_config"]["body"])
+    ctx = mlir.make_ir_context()
+    tpu.register_dialect(ctx)
+    with ctx:
+      ctx.allow_unregistered_dialects = True
+      module = ir.Module.parse(blob)
+      PassManager.parse("builtin.module(mosaic-serde{serialize=false})").run(
+          module.operation)
+      bodies.append(str(module))
+  return bodies

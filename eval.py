@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
+  # Imported after parsing so that --help and usage errors are instant.
+  import jax  # pylint: disable=g-import-not-at-top
   from mambaeye_jax import eval_lib  # pylint: disable=g-import-not-at-top
   output = args.output or (os.path.join(args.workdir, "eval") if args.workdir
                            else os.path.join("out", "eval"))
@@ -102,6 +104,8 @@ def main(argv=None) -> int:
             "dtype": model.config.dtype, "depth": model.config.depth,
             "num_glimpses": config.num_glimpses, "seed": config.seed,
             "seconds": round(time.time() - start, 1)}
+    if jax.process_index() != 0:
+      return 0  # Multi-host: every process has the results; one writes them.
     paths = eval_lib.write_reports(results, config, meta, output,
                                    plots=not args.no_plots)
   except (eval_lib.EvalError, ValueError, KeyError, FileNotFoundError) as e:

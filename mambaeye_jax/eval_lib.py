@@ -539,6 +539,7 @@ class SettingResult:
     labels: (N,) int32.
     seconds: wall time of the setting, compilation included.
     images_per_second: after the first batch (compilation excluded).
+    counts: the raw counts behind the accuracies.
   """
   setting: Setting
   num_examples: int
@@ -549,6 +550,7 @@ class SettingResult:
   labels: np.ndarray
   seconds: float
   images_per_second: float
+  counts: Any = None
 
   def top1_at(self, glimpses: int) -> float:
     return float(self.top1_curve[glimpses - 1])
@@ -614,9 +616,51 @@ def _check_labels(source, num_classes: int):
                     f"{num_classes}")
 
 
+@dataclasses.dataclass
+class _Counts:
+  """What one process accumulates for a setting: top1/top5 (T,) int64
+  correct counts, predictions/labels (N,) int32 (-1 where not seen here),
+  counted (valid images), skipped (unreadable ones)."""
+  top1: np.ndarray
+  top5: np.ndarray
+  predictions: np.ndarray
+  labels: np.ndarray
+  counted: int = 0
+  skipped: int = 0
+
+  @classmethod
+  def zeros(cls, num: int, num_glimpses: int) -> "_Counts":
+    return cls(np.zeros(num_glimpses, np.int64), np.zeros(num_glimpses, np.int64),
+               np.full(num, -1, np.int32), np.full(num, -1, np.int32))
+
+
+def combine_counts(parts: Sequence[_Counts]) -> _Counts:
+  """Merges the counts of disjoint shards of one setting: sums, and for
+  the per-example arrays the one shard that saw each example (others -1)."""
+  return _Counts(
+      top1=np.sum([p.top1 for p in parts], axis=0),
+      top5=np.sum([p.top5 for p in parts], axis=0),
+      predictions=np.max([p.predictions for p in parts], axis=0),
+      labels=np.max([p.labels for p in parts], axis=0),
+      counted=sum(p.counted for p in parts), skipped=sum(p.skipped for p in parts))
+
+
+def _gather_processes(counts: _Counts) -> _Counts:
+  """Every process's counts, combined (a collective: all processes call it)."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  arrays = multihost_utils.process_allgather(
+      (counts.top1, counts.top5, counts.predictions, counts.labels,
+       np.array([counts.counted, counts.skipped], np.int64)), tiled=False)
+  top1, top5, preds, labels, scalars = (np.asarray(a) for a in arrays)
+  parts = [_Counts(top1[i], top5[i], preds[i], labels[i], int(scalars[i, 0]),
+                   int(scalars[i, 1])) for i in range(top1.shape[0])]
+  return combine_counts(parts)
+
+
 def evaluate_setting(runner: DeviceRunner, pool: WorkerPool, source,
                      setting: Setting, config: EvalConfig,
-                     progress: Progress | None = None) -> SettingResult:
+                     progress: Progress | None = None, *,
+                     shard: tuple[int, int] | None = None) -> SettingResult:
   """Evaluates one setting over the whole source.
 
   Pipeline: worker slots filled `config.slots - 1` batches ahead; each
@@ -624,61 +668,80 @@ def evaluate_setting(runner: DeviceRunner, pool: WorkerPool, source,
   compute), its step dispatched, then the previous step's small outputs
   read back.
 
+  Several processes (multi-host JAX) split the batches round-robin, each on
+  its local devices, and combine their counts at the end; every process
+  returns the whole result.
+
+  Args:
+    runner: the device step.
+    pool: the host workers.
+    source: the records.
+    setting: what to evaluate.
+    config: batch size, seed, limits.
+    progress: status line, or None.
+    shard: (index, count) of this process among those splitting the work;
+      None: (jax.process_index(), jax.process_count()), counts gathered
+      from all processes. An explicit shard returns this shard's counts
+      only (for `combine_counts`).
+
+  Returns:
+    The setting's result (its `counts` field holds the raw counts).
+
   Raises:
     DataError: an unreadable image (unless skipped) or a label out of range.
   """
   start = time.perf_counter()
+  gather = shard is None
+  shard_index, num_shards = shard or (jax.process_index(), jax.process_count())
   num = len(source) if config.max_examples is None else min(
       len(source), config.max_examples)
   b = config.batch_size
-  num_batches = -(-num // b)
-  T = setting.num_glimpses
-  top1 = np.zeros(T, np.int64)
-  top5 = np.zeros(T, np.int64)
-  predictions = np.full(num, -1, np.int32)
-  labels = np.full(num, -1, np.int32)
-  num_counted = 0
-  num_bad = 0
+  my_batches = list(range(shard_index, -(-num // b), num_shards))
+  counts = _Counts.zeros(num, setting.num_glimpses)
+  images_done = 0
   first_done = None
   batches = _HostBatches.create(config.slots, b, setting,
                                 shared=pool.num_workers > 0)
   pending: collections.deque = collections.deque()
 
-  def submit(batch_index):
+  def submit(position):
+    batch_index = my_batches[position]
     lo = batch_index * b
     indices = range(lo, min(lo + b, num))
-    slot = batch_index % config.slots
+    slot = position % config.slots
     pending.append((batch_index, slot, len(indices),
                     pool.submit(batches, setting, config.seed, slot, indices,
                                 config.skip_bad_images)))
 
   def collect(item):
-    nonlocal num_counted, first_done
+    nonlocal images_done, first_done
     batch_index, count, valid_host, labels_host, out = item
     out = jax.device_get(out)
-    top1[:] += out["top1"]
-    top5[:] += out["top5"]
+    counts.top1 += out["top1"]
+    counts.top5 += out["top5"]
     lo = batch_index * b
     pred = np.where(valid_host[:count], out["last_pred"][:count], -1)
-    predictions[lo:lo + count] = pred
-    labels[lo:lo + count] = labels_host[:count]
-    num_counted += int(valid_host[:count].sum())
+    counts.predictions[lo:lo + count] = pred
+    counts.labels[lo:lo + count] = labels_host[:count]
+    counts.counted += int(valid_host[:count].sum())
+    images_done += count
     if first_done is None:
-      first_done = (time.perf_counter(), lo + count)
+      first_done = (time.perf_counter(), images_done)
     if progress is not None:
-      progress.update(count, setting.label(), lo + count, num,
-                      force=batch_index == num_batches - 1)
+      mine = min(num, len(my_batches) * b)
+      progress.update(count, setting.label(), images_done, mine,
+                      force=batch_index == my_batches[-1])
 
   try:
-    next_batch = 0
-    while next_batch < min(config.slots - 1, num_batches):
-      submit(next_batch)
-      next_batch += 1
+    next_position = 0
+    while next_position < min(config.slots - 1, len(my_batches)):
+      submit(next_position)
+      next_position += 1
     in_flight = None
     while pending:
       batch_index, slot, count, futures = pending.popleft()
       try:
-        num_bad += sum(f.result() for f in futures)
+        counts.skipped += sum(f.result() for f in futures)
       except sources.BadImageError as e:
         raise DataError(f"unreadable image {e} (pass --skip-bad-images to "
                         "leave such images out)") from e
@@ -695,9 +758,9 @@ def evaluate_setting(runner: DeviceRunner, pool: WorkerPool, source,
       arrays = runner.put(batches.canvases[slot], batches.positions[slot],
                           labels_host, valid)
       # The slot is free again once its data is on the device.
-      if next_batch < num_batches:
-        submit(next_batch)
-        next_batch += 1
+      if next_position < len(my_batches):
+        submit(next_position)
+        next_position += 1
       out = runner.run(arrays)
       if in_flight is not None:
         collect(in_flight)
@@ -713,14 +776,24 @@ def evaluate_setting(runner: DeviceRunner, pool: WorkerPool, source,
     batches.close()
   end = time.perf_counter()
   rate = 0.0
-  if first_done is not None and num - first_done[1] > 0 and end > first_done[0]:
-    rate = (num - first_done[1]) / (end - first_done[0])
-  denom = max(num_counted, 1)
+  if first_done is not None and images_done > first_done[1] and end > first_done[0]:
+    rate = (images_done - first_done[1]) / (end - first_done[0])
+  if gather and num_shards > 1:
+    counts = _gather_processes(counts)
+    rate *= num_shards  # Every process runs at about the same pace.
+  return result_from_counts(setting, counts, seconds=end - start,
+                            images_per_second=rate)
+
+
+def result_from_counts(setting: Setting, counts: _Counts, seconds: float = 0.0,
+                       images_per_second: float = 0.0) -> SettingResult:
+  """A `SettingResult` (accuracies over the counted images) from counts."""
+  denom = max(counts.counted, 1)
   return SettingResult(
-      setting=setting, num_examples=num_counted, num_skipped=num_bad,
-      top1_curve=top1 / denom, top5_curve=top5 / denom,
-      predictions=predictions, labels=labels, seconds=end - start,
-      images_per_second=rate)
+      setting=setting, num_examples=counts.counted, num_skipped=counts.skipped,
+      top1_curve=counts.top1 / denom, top5_curve=counts.top5 / denom,
+      predictions=counts.predictions, labels=counts.labels, seconds=seconds,
+      images_per_second=images_per_second, counts=counts)
 
 
 def evaluate(model: nnx.Module, source, config: EvalConfig,
@@ -748,7 +821,9 @@ def evaluate(model: nnx.Module, source, config: EvalConfig,
   settings = config.settings()
   progress = None
   if progress_stream is not False:
-    progress = Progress(num * len(settings), progress_stream)
+    # Each process (multi-host) evaluates about 1/P of the images.
+    progress = Progress(-(-num // jax.process_count()) * len(settings),
+                        progress_stream)
   results = []
   with WorkerPool(source, config.num_workers) as pool:
     for setting in settings:

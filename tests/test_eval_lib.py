@@ -263,3 +263,25 @@ def test_official_checkpoint_evaluates(golden):
   (r,) = eval_lib.evaluate(model, eval_lib.open_source("synthetic:3"),
                            config(batch_size=2), progress_stream=False)
   assert r.num_examples == 3 and r.top1_curve.shape == (T,)
+
+
+def test_shards_combine_to_the_whole():
+  source = GreySource(11)
+  cfg = config(batch_size=2)
+  model = GreyLevelModel(4)
+  (whole,) = eval_lib.evaluate(model, source, cfg, progress_stream=False)
+  setting = cfg.settings()[0]
+  runner = eval_lib.DeviceRunner(model, cfg.batch_size, K)
+  parts = []
+  with eval_lib.WorkerPool(source, 0) as pool:
+    for index in range(3):  # 6 batches over 3 "processes"
+      part = eval_lib.evaluate_setting(runner, pool, source, setting, cfg,
+                                       shard=(index, 3))
+      assert 0 < part.num_examples < 11
+      parts.append(part.counts)
+  merged = eval_lib.result_from_counts(setting, eval_lib.combine_counts(parts))
+  np.testing.assert_allclose(merged.top1_curve, whole.top1_curve)
+  np.testing.assert_allclose(merged.top5_curve, whole.top5_curve)
+  np.testing.assert_array_equal(merged.predictions, whole.predictions)
+  np.testing.assert_array_equal(merged.labels, whole.labels)
+  assert merged.num_examples == 11

@@ -46,10 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
   what.add_argument("--image", help="classify one image file")
   p.add_argument("--class-map", help="class list: one 'KEY [name]' per line in class "
                  "order (KEY a synset or folder name), or JSON")
-  p.add_argument("--canvas-sizes", type=_ints, default=(512,), help="canvas sides")
-  p.add_argument("--resize", type=_names, default=("fit",), help="resize modes: none,fit,full")
-  p.add_argument("--scan", type=_names, default=("random",), help="scan patterns")
-  p.add_argument("--glimpses", type=_ints, default=(256, 1024, 4096),
+  # String defaults go through `type` too, and read well in --help.
+  p.add_argument("--canvas-sizes", type=_ints, default="512",
+                 help="canvas sides, comma-separated")
+  p.add_argument("--resize", type=_names, default="fit", help="resize modes: none,fit,full")
+  p.add_argument("--scan", type=_names, default="random",
+                 help="scan patterns of mambaeye_jax.data.scan_patterns: random, "
+                 "random_fixed_grid, column_major, horizontal_raster, horizontal_zigzag, "
+                 "column_snake, hilbert, spiral, diagonal, golden, ...")
+  p.add_argument("--glimpses", type=_ints, default="256,1024,4096",
                  help="glimpse counts reported (T = the largest)")
   p.add_argument("--batch-size", type=int, default=64)
   p.add_argument("--workers", type=int, default=os.cpu_count() or 1,

@@ -463,7 +463,9 @@ def _bwd_kernel(*refs, st: _Static):
     [D (h,) f32 in SMEM], chunk-start states (k, p, n) f32, dy (k, q, p),
     d(final state) (k, p, n) f32;
     outputs dx (k, q, p), dB and dC summed over the block's heads (q, n) f32,
-    d(dtc) (k, 2, q) f32, d(initial state) (k, p, n) f32;
+    d(dtc) (k, 2, q) f32 with, if D is given, a third row holding
+    sum(dy * x) over the chunk in its first lane (the chunk's share of dD),
+    d(initial state) (k, p, n) f32;
     scratch: dS (k, p, n) f32, the cotangent of the states at this chunk's
     end.
   """
@@ -553,6 +555,13 @@ def _bwd_kernel(*refs, st: _Static):
                 + jnp.where(sm["last"], dcum_last, 0.0))
     ddtc_ref[j, 0:1, :] = ddt_row
     ddtc_ref[j, 1:2, :] = dcum_row
+    if d_ref is not None:
+      # dD's share: one number per chunk and head, in lane 0 of a spare row
+      # (XLA sums the row), so XLA need not read x and dy again.
+      dd = jnp.sum(jnp.sum(dyf * xf, axis=1, keepdims=True), axis=0,
+                   keepdims=True)
+      first = lax.broadcasted_iota(jnp.int32, (1, q), 1) == 0
+      ddtc_ref[j, 2:3, :] = jnp.where(first, dd, 0.0)
 
     # The cotangent of this chunk's starting state = previous chunk's end.
     dye_t = _transpose_mxu((dyf * e_col).astype(cdt), prec).astype(cdt)
@@ -576,7 +585,8 @@ def _bwd_call(st: _Static, x_t, b_t, c_t, dtc, segrel, d, states, dy_t,
 
   Returns:
     dx_t (b, h, L, p) in x's dtype; dB, dC per head block (b, h / k, L, n)
-    f32; d(dtc) (b, h, 2, L) f32; d(initial state) (b, h, p, n) f32.
+    f32; d(dtc) (b, h, 2, L) f32, or (b, h, 3, L) with dD's per-chunk shares
+    in a third row if D is given; d(initial state) (b, h, p, n) f32.
   """
   bsz, h, lp, p = x_t.shape
   n = b_t.shape[-1]
@@ -595,6 +605,9 @@ def _bwd_call(st: _Static, x_t, b_t, c_t, dtc, segrel, d, states, dy_t,
                           lambda bi, hb, ci: (bi, hb, rev(ci), 0))
   dtc_spec = pl.BlockSpec((None, k, 2, q),
                           lambda bi, hb, ci: (bi, hb, 0, rev(ci)))
+  rows_out = 3 if st.has_d else 2
+  ddtc_spec = pl.BlockSpec((None, k, rows_out, q),
+                           lambda bi, hb, ci: (bi, hb, 0, rev(ci)))
   state_spec = pl.BlockSpec((None, k, p, n), lambda bi, hb, ci: (bi, hb, 0, 0))
   in_specs = [x_spec, bc_spec, bc_spec, dtc_spec]
   args = [x_t, b_t, c_t, dtc]
@@ -612,9 +625,9 @@ def _bwd_call(st: _Static, x_t, b_t, c_t, dtc, segrel, d, states, dy_t,
   out_shape = (jax.ShapeDtypeStruct(x_t.shape, x_t.dtype),
                jax.ShapeDtypeStruct((bsz, h // k, lp, n), jnp.float32),
                jax.ShapeDtypeStruct((bsz, h // k, lp, n), jnp.float32),
-               jax.ShapeDtypeStruct(dtc.shape, jnp.float32),
+               jax.ShapeDtypeStruct((bsz, h, rows_out, lp), jnp.float32),
                jax.ShapeDtypeStruct((bsz, h, p, n), jnp.float32))
-  out_specs = (x_spec, dbc_spec, dbc_spec, dtc_spec, state_spec)
+  out_specs = (x_spec, dbc_spec, dbc_spec, ddtc_spec, state_spec)
   itemsize = x_t.dtype.itemsize
   g = b_t.shape[1]
   cost = pl.CostEstimate(
@@ -673,8 +686,8 @@ def _ssd_core_bwd(st, res, cts):
   dseg = None if segrel is None else jnp.zeros_like(segrel)
   dd = None
   if d is not None:
-    dd = jnp.einsum("bhlp,bhlp->h", dy_t.astype(jnp.float32),
-                    x_t.astype(jnp.float32)).astype(d.dtype)
+    dd = jnp.sum(ddtc[:, :, 2], axis=(0, 2))
+    ddtc = ddtc[:, :, :2]
   dinit = dinit if st.has_init else None
   return dx_t, db_t, dc_t, ddtc, dseg, dd, dinit
 

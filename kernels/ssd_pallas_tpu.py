@@ -8,7 +8,10 @@ Dimension letters as in `kernels/ssd_reference.py`:
 
 `ssd_pallas_tpu` has the signature of `ssd_reference.ssd_sequential` (plus
 `interpret`) and is differentiable through a `jax.custom_vjp` whose forward
-and backward are each one `pallas_call`.
+and backward are each one `pallas_call`; `ssd_pallas_tpu_with_blocks` takes
+every tile size (`SSDTpuBlockSizes`). docs/ssd_kernel_tpu.md says what has
+been checked (interpret mode on CPU, lowering for TPU) and what has not (no
+TPU has run it).
 
 Layout. The kernels work head-major: the wrapper turns x (b, l, h, p) into
 (b, h, L, p) and B, C (b, l, g, n) into (b, g, L, n), L being l padded to a
@@ -45,7 +48,8 @@ current chunk's end, in VMEM scratch, and reads the chunk-start states that
 the forward wrote (b, h, c, p, n) float32. dB and dC are summed over the k
 heads of a block in the kernel and come out per head block in float32; XLA
 sums the h / (g k) blocks of each group (nothing to sum when k is the group
-size, the default up to 8).
+size, the default up to 8). dD's per-chunk shares ride in a spare row of the
+d(dtc) output.
 """
 
 from __future__ import annotations

@@ -50,8 +50,8 @@ class DataError(EvalError):
 
 # Loose photos and folder names carrying an ImageNet synset id.
 SYNSET_PATTERN = re.compile(r"^(n\d{8})(?:[_\-. ](.*))?$")
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif",
-                   ".tiff")
+# The official rule for what is an image (as `data.sources.ImageFolderSource`).
+_IMAGE_SUFFIXES = tuple(e.lower() for e in sources.IMAGE_EXTENSIONS)
 
 
 # ------------------------------------------------------------------ classes

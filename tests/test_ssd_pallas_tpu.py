@@ -116,11 +116,15 @@ def interpret(request):
   if request.param == "compiled":
     if jax.default_backend() != "tpu":
       pytest.skip("compiled Pallas TPU kernels need a TPU")
-    return False
+    yield False
+    return
   # The TPU interpreter (not plain `interpret=True`) fills fresh buffers and
   # scratch with NaN and raises on out-of-bounds block reads, so a kernel
   # that reads state it never wrote fails here.
-  return pltpu.InterpretParams()
+  yield pltpu.InterpretParams()
+  # After an exception inside an interpreted kernel the interpreter's state
+  # must be reset, or later tests fail for no reason of their own.
+  pltpu.reset_tpu_interpret_mode_state()
 
 
 class TestSSDPallasTpu:

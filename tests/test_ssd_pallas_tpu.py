@@ -41,8 +41,8 @@ def _inputs(seed, *, b, l, h, g, p, n, dtype, n_resets=0):
   Returns:
     dict with x (b, l, h, p), dt (b, l, h), A (h,), B, C (b, l, g, n),
     D (h,), dt_bias (h,), initial_state (b, h, p, n) f32, segment_ids (b, l)
-    with `n_resets` id changes per row, one of them a return to an earlier id
-    (the state must still reset there).
+    with `n_resets` id changes per row, alternating ids 0, 1, 0, ... so from
+    two resets on, an id comes back (the state must still reset there).
   """
   ks = jax.random.split(jax.random.PRNGKey(seed), 8)
   segment_ids = np.zeros((b, l), np.int32)

@@ -104,6 +104,16 @@ def segment_starts(segment_ids: Optional[Array], length: int) -> Optional[Array]
   return segment_ids != prev
 
 
+def renumber_segments(segment_ids: Array) -> Array:
+  """(b, l) ids -> (b, l) int32 ids that grow by one at every change.
+
+  Equality masks ("same segment") are then right even where a later segment
+  reuses an earlier id (0, 1, 0 are three segments, not two).
+  """
+  return jnp.cumsum(segment_starts(segment_ids, segment_ids.shape[1]), axis=1,
+                    dtype=jnp.int32)
+
+
 def _expand_groups(t: Array, heads: int) -> Array:
   """(b, l, g, n) -> (b, l, h, n) by repeating each group over its heads."""
   return jnp.repeat(t, heads // t.shape[2], axis=2)
@@ -278,6 +288,8 @@ def _ssd_chunked_impl(x, dt, A, B, C, D, dt_bias, dt_softplus, initial_state,
   if chunk_size <= 0:
     raise ValueError(f"{chunk_size=} must be positive")
   dt_eff = effective_dt(dt, dt_bias, dt_softplus)
+  if segment_ids is not None:
+    segment_ids = renumber_segments(segment_ids)
   terms = _chunk_terms(x, dt_eff, A, B, C, segment_ids, chunk_size)
   chunk_decay, in_mask = _chunk_carry_terms(terms["cum"], terms["seg"])
   states = terms["states"]  # (b, c, h, p, n)

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kernels import ssd_reference
+
 RMS_EPS = 1e-5
 
 
@@ -96,6 +98,7 @@ def causal_depthwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array,
     history = jnp.zeros((b, taps - 1, d), jnp.float32)
   padded = jnp.concatenate([history.astype(jnp.float32), x32], axis=1)
   if segment_ids is not None:
+    segment_ids = ssd_reference.renumber_segments(segment_ids)
     seg_pad = jnp.concatenate(
         [jnp.broadcast_to(segment_ids[:, :1], (b, taps - 1)), segment_ids], axis=1)
   out = jnp.broadcast_to(bias.astype(jnp.float32), (b, t, d))

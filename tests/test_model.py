@@ -68,6 +68,15 @@ def test_packed_sequences_do_not_interact():
   np.testing.assert_allclose(packed[:, 21:], forward(model, pb, qb), atol=1e-5, rtol=1e-5)
 
 
+def test_reused_segment_ids_still_separate():
+  """Ids 1, 1, 2, 1: the last token starts a new sequence, not segment 1 again."""
+  model = tiny_model()
+  patches, positions = random_glimpses(10, 1, 4)
+  out = forward(model, patches, positions, jnp.array([[1, 1, 2, 1]]))
+  alone = forward(model, patches[:, 3:], positions[:, 3:])
+  np.testing.assert_allclose(out[:, 3], alone[:, 0], atol=1e-5, rtol=1e-5)
+
+
 def test_moves_not_absolute_positions_matter():
   """Shifting every glimpse's position changes nothing: only moves are seen."""
   model = tiny_model()

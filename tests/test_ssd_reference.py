@@ -111,6 +111,17 @@ def test_segments_isolate_sequences():
     np.testing.assert_allclose(y[:, 23:], y_b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("fn", PATHS, ids=lambda f: f.__name__)
+def test_reused_segment_ids_are_new_segments(fn):
+  """Ids 0, 1, 0 are three segments: the state resets at every change."""
+  inputs = make_inputs(10, 1, 30, 2, 4, 1, 4)
+  inputs["segment_ids"] = jnp.array([[0] * 10 + [1] * 10 + [0] * 10])
+  y, final = call(fn, inputs, 32)
+  y_ref, final_ref = call(ssd_reference.ssd_sequential, inputs, 32)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(final, final_ref, rtol=1e-4, atol=1e-4)
+
+
 def test_no_full_state_tensor_materialised():
   """The chunked paths never build a (b, l, h, p, n) array."""
   b, l, h, p, g, n, chunk = 1, 256, 2, 8, 1, 16, 64

@@ -198,13 +198,7 @@ class FileListSource:
     return len(self._items)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    path, label = self._items[index]
-    try:
-      with open(path, "rb") as f:
-        data = f.read()
-    except OSError:
-      data = b""  # decode_image then names the file as unreadable.
-    return {"image": data, "label": label, "key": path}
+    return sources.file_record(*self._items[index])
 
 
 class RepeatSource:

@@ -1,0 +1,234 @@
+r"""Whole-model throughput: MambaEye training and inference steps on one device.
+
+    python benchmarks/bench_model.py                 # every case, one table
+    python benchmarks/bench_model.py --variant tiny --batch 64 --train_len 1024 \
+        --infer_len 4096 --impls chunked,pallas --dtypes float32,bfloat16
+    python benchmarks/bench_model.py --dp            # + data parallel over all GPUs
+
+Training case: the real training step of mambaeye_jax.train_lib (forward,
+step-wise loss, backward, clipped AdamW; state donated) at batch b and T
+glimpses, on random uint8 patches and random positions. Each case runs in its
+own subprocess so that its peak device memory (`memory_stats()
+["peak_bytes_in_use"]`, parameters and optimizer state included) is its own.
+
+Inference cases (all in one subprocess, so no per-case peak memory): the
+parallel forward at T = --infer_len, logits of every step (b, T, 1000) f32,
+as the official evaluation computes them.
+
+Timing: 3 warm-up calls (compilation excluded), then --iters calls each
+followed by `block_until_ready`; the median call time is reported and
+images/s = batch / median.
+
+--dp: the training step with batch b per device on every local device
+(global batch b * n) against one device; the ratio of images/s (ideal: n).
+
+Reference (DESIGN.md section 4, official PyTorch on one H100, Tiny, batch 64):
+training T=1024 bf16 704 img/s (91 ms, 8.4 GB), inference T=4096 bf16 866 img/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _random_batch(batch: int, length: int, num_classes: int, seed: int = 0):
+  """Host arrays of the batch contract: (batch, length, ...)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, num_classes, size=(batch, 1), dtype=np.int32)
+  return {
+      "patches": rng.integers(0, 256, size=(batch, length, 768), dtype=np.uint8),
+      "positions": rng.integers(0, 1008, size=(batch, length, 2), dtype=np.int32),
+      "ratio": np.sort(rng.random((batch, length), dtype=np.float32), axis=1),
+      "labels": np.repeat(labels, length, axis=1),
+      "mask": np.ones((batch, length), bool),
+      "segment_ids": np.ones((batch, length), np.int32),
+  }
+
+
+def _time_calls(fn, iters: int) -> list[float]:
+  import jax  # pylint: disable=g-import-not-at-top
+  for _ in range(3):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+def _where() -> str:
+  import jax  # pylint: disable=g-import-not-at-top
+  return f"{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}"
+
+
+def _peak_gb(device) -> float | None:
+  stats = device.memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return None if peak is None else peak / 1e9
+
+
+def run_train(args, dtype: str, impl: str, num_devices: int = 1) -> dict:
+  """One training case; returns images/s, median ms, peak GB."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mambaeye_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from mambaeye_jax import optim, sharding, train_lib  # pylint: disable=g-import-not-at-top
+  config = model_lib.get_config(args.variant, dtype=dtype, ssd_impl=impl, remat=args.remat)
+  ocfg = optim.OptimConfig(total_steps=10_000, warmup_steps=100)
+  tx = optim.make_optimizer(ocfg)
+  mesh = sharding.make_mesh(num_devices)
+  state, shardings, _ = train_lib.create_train_state(config, tx, 0, mesh)
+  step = train_lib.compile_train_step(
+      train_lib.make_train_step(train_lib.model_graphdef(config), tx,
+                                optim.learning_rate_schedule(ocfg), (16, 64, 256)),
+      shardings, mesh)
+  global_batch = args.batch * num_devices
+  batch = sharding.global_batch(
+      _random_batch(global_batch, args.train_len, config.num_classes), mesh)
+  holder = {"state": state}
+
+  def call():
+    holder["state"], metrics = step(holder["state"], batch)
+    return metrics["loss"]
+
+  times = _time_calls(call, args.iters)
+  median = statistics.median(times)
+  return {"case": "train", "dtype": dtype, "impl": impl, "devices": num_devices,
+          "remat": args.remat,
+          "batch": global_batch, "length": args.train_len, "ms": 1000 * median,
+          "images_per_sec": global_batch / median,
+          "peak_gb": _peak_gb(jax.local_devices()[0]), "device": _where()}
+
+
+def run_infer(args, dtype: str, impl: str) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from mambaeye_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  config = model_lib.get_config(args.variant, dtype=dtype, ssd_impl=impl)
+  model = model_lib.MambaEye(config, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  host = _random_batch(args.batch, args.infer_len, config.num_classes)
+  patches, positions = jax.device_put(host["patches"]), jax.device_put(host["positions"])
+
+  @jax.jit
+  def forward(params, patches, positions):
+    return nnx.merge(graphdef, params)(patches, positions)
+
+  times = _time_calls(lambda: forward(params, patches, positions), args.iters)
+  median = statistics.median(times)
+  return {"case": "infer", "dtype": dtype, "impl": impl, "devices": 1, "batch": args.batch,
+          "length": args.infer_len, "ms": 1000 * median,
+          "images_per_sec": args.batch / median, "peak_gb": None, "device": _where()}
+
+
+def _available_impls(requested: list[str]) -> list[str]:
+  out = []
+  for impl in requested:
+    if impl == "pallas":
+      try:
+        from kernels import ssd_pallas  # pylint: disable=g-import-not-at-top,unused-import
+      except ImportError as e:
+        print(f"# skipping ssd_impl=pallas: kernels/ssd_pallas.py does not import ({e})",
+              flush=True)
+        continue
+    out.append(impl)
+  return out
+
+
+def _subprocess_case(args, case: str) -> list[dict]:
+  cmd = [sys.executable, os.path.abspath(__file__), "--case", case,
+         f"--variant={args.variant}", f"--batch={args.batch}",
+         f"--train_len={args.train_len}", f"--infer_len={args.infer_len}",
+         f"--iters={args.iters}"] + (["--remat"] if args.remat else [])
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout)
+  # A library may print on the same line before the JSON (no newline).
+  lines = [l[l.index('{"case"'):] for l in proc.stdout.splitlines() if '{"case"' in l]
+  if proc.returncode != 0 or not lines:
+    tail = (proc.stderr or proc.stdout)[-1500:]
+    print(f"# case {case} failed (rc {proc.returncode}):\n{tail}", flush=True)
+    return [{"case": case, "error": f"rc {proc.returncode}"}] + [json.loads(l) for l in lines]
+  return [json.loads(l) for l in lines]
+
+
+def _fmt(value, spec):
+  return "-" if value is None else format(value, spec)
+
+
+def print_table(rows: list[dict], args) -> None:
+  where = next((r["device"] for r in rows if "device" in r), "?")
+  print(f"\nMambaEye-{args.variant.capitalize()}, batch {args.batch} per device, {where}")
+  print(f"| workload | dtype | ssd_impl | devices | step ms (median) | images/s | "
+        f"peak GB |")
+  print("|---|---|---|---|---|---|---|")
+  for r in rows:
+    if "error" in r:
+      print(f"| {r['case']} | failed: {r['error']} | | | | | |")
+      continue
+    name = f"{r['case']} T={r['length']}" + (" remat" if r.get("remat") else "")
+    print(f"| {name} | {r['dtype']} | {r['impl']} | {r['devices']} | {r['ms']:.2f} | "
+          f"{r['images_per_sec']:.0f} | {_fmt(r['peak_gb'], '.2f')} |")
+  dp = [r for r in rows if r.get("case") == "train" and r.get("devices", 1) > 1]
+  for r in dp:
+    base = [b for b in rows if b.get("case") == "train" and b.get("devices") == 1
+            and b["dtype"] == r["dtype"] and b["impl"] == r["impl"]]
+    if base:
+      print(f"data parallel {r['dtype']} {r['impl']}: {r['devices']} devices "
+            f"{r['images_per_sec']:.0f} img/s = {r['images_per_sec'] / base[0]['images_per_sec']:.2f}x "
+            f"one device")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--variant", default="tiny")
+  parser.add_argument("--batch", type=int, default=64)
+  parser.add_argument("--train_len", type=int, default=1024)
+  parser.add_argument("--infer_len", type=int, default=4096)
+  parser.add_argument("--iters", type=int, default=20)
+  parser.add_argument("--dtypes", default="float32,bfloat16")
+  parser.add_argument("--impls", default="chunked,pallas")
+  parser.add_argument("--remat", action="store_true")
+  parser.add_argument("--dp", action="store_true", help="also data parallel on all devices")
+  parser.add_argument("--no_infer", action="store_true")
+  parser.add_argument("--case_timeout", type=int, default=300)
+  parser.add_argument("--case", default="", help=argparse.SUPPRESS)  # train:dtype:impl[:n]
+  args = parser.parse_args()
+
+  if args.case:
+    kind, dtype, impl, *n = args.case.split(":")
+    if kind == "train":
+      import jax  # pylint: disable=g-import-not-at-top
+      devices = jax.local_device_count() if n == ["all"] else int(n[0]) if n else 1
+      print(json.dumps(run_train(args, dtype, impl, devices)), flush=True)
+    else:  # Every inference case in this one process (no per-case memory).
+      for impl in impl.split("+"):
+        for dtype in dtype.split("+"):
+          print(json.dumps(run_infer(args, dtype, impl)), flush=True)
+    return
+
+  impls = _available_impls(args.impls.split(","))
+  dtypes = args.dtypes.split(",")
+  cases = [f"train:{dtype}:{impl}" for impl in impls for dtype in dtypes]
+  if args.dp:  # The driver never starts JAX: the GPU stays free for the cases.
+    cases += [f"train:bfloat16:{impl}:all" for impl in impls]
+  if not args.no_infer:
+    cases.append(f"infer:{'+'.join(dtypes)}:{'+'.join(impls)}")
+  rows = []
+  for case in cases:
+    new = _subprocess_case(args, case)
+    for row in new:
+      print("#", json.dumps(row), flush=True)
+    rows += new
+  print_table(rows, args)
+
+
+if __name__ == "__main__":
+  main()

@@ -739,5 +739,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   finally:
     manager.wait_until_finished()
     manager.close()
+    close = getattr(iterator, "close", None)
+    if close is not None:
+      close()  # Stops Grain's worker processes.
   return last_logged
 

@@ -84,6 +84,7 @@ def test_smoke_config_trains_end_to_end(tmp_path):
 
 def test_interrupt_and_resume_reproduces_the_loss_curve(tmp_path):
   c = fake_config(steps=6)
+  c.data.source = "synthetic"  # The real Grain pipeline, its state restored.
   train_lib.train_and_evaluate(c, str(tmp_path / "straight"))
 
   def interrupt(step):

@@ -166,8 +166,8 @@ def _fmt(value, spec):
 def print_table(rows: list[dict], args) -> None:
   where = next((r["device"] for r in rows if "device" in r), "?")
   print(f"\nMambaEye-{args.variant.capitalize()}, batch {args.batch} per device, {where}")
-  print(f"| workload | dtype | ssd_impl | devices | step ms (median) | images/s | "
-        f"peak GB |")
+  print("| workload | dtype | ssd_impl | devices | step ms (median) | images/s | "
+        "peak GB |")
   print("|---|---|---|---|---|---|---|")
   for r in rows:
     if "error" in r:
@@ -181,9 +181,9 @@ def print_table(rows: list[dict], args) -> None:
     base = [b for b in rows if b.get("case") == "train" and b.get("devices") == 1
             and b["dtype"] == r["dtype"] and b["impl"] == r["impl"]]
     if base:
+      ratio = r["images_per_sec"] / base[0]["images_per_sec"]
       print(f"data parallel {r['dtype']} {r['impl']}: {r['devices']} devices "
-            f"{r['images_per_sec']:.0f} img/s = {r['images_per_sec'] / base[0]['images_per_sec']:.2f}x "
-            f"one device")
+            f"{r['images_per_sec']:.0f} img/s = {ratio:.2f}x one device")
 
 
 def main():

@@ -14,12 +14,15 @@ root/<class>/<image>, --config.data.path = root) or "arrayrecord"
 (--config.data.path = shard glob).
 """
 
+import ml_collections
+
 from mambaeye_jax import train_lib
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
-def imagenet_config(variant: str, arg: str = "") -> "ml_collections.ConfigDict":
+def imagenet_config(variant: str, arg: str = "") -> ml_collections.ConfigDict:
+  """The official recipe for `variant` ("tiny", "small", "base") from source `arg`."""
   source = arg or "tfds"
   if source not in ("tfds", "folder", "arrayrecord"):
     raise ValueError(f"config argument {source!r}: choose tfds, folder or arrayrecord")

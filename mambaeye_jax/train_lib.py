@@ -37,7 +37,7 @@ import os
 import shutil
 import signal
 import time
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp

@@ -34,8 +34,10 @@ import json
 import logging
 import math
 import os
+import queue
 import shutil
 import signal
+import threading
 import time
 from typing import Callable, Iterator
 
@@ -135,6 +137,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.num_devices = -1  # -1: every device of every process.
   c.sync_stop_every_steps = 10  # multi-process: how often hosts agree to stop.
   c.export_model = True
+  # Batches read and placed on the devices ahead of the step, by a background
+  # thread (0: read on the loop's thread, between steps).
+  c.prefetch_to_device = 2
   return c
 
 
@@ -156,6 +161,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   data_config_from(config, local_batch_size=1)  # Pipeline checks every field.
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ValueError("set num_epochs > 0 or num_train_steps > 0")
+  if config.prefetch_to_device < 0:
+    raise ValueError(f"prefetch_to_device={config.prefetch_to_device} must be >= 0")
   for name in ("log_every_steps", "checkpoint_every_steps", "sync_stop_every_steps"):
     if config[name] < 1:
       raise ValueError(f"{name}={config[name]} must be >= 1")
@@ -295,6 +302,93 @@ def _pipeline_stats(iterator) -> dict[str, float]:
   if jax.process_count() > 1:
     skipped = multihost_utils.process_allgather(np.int64(skipped)).sum()
   return {"data/num_skipped": int(skipped)}
+
+
+class BatchPrefetcher:
+  """Reads batches and places them on the mesh ahead of the loop.
+
+  With depth > 0 a background thread keeps up to `depth` global batches
+  ready, so reading, host-to-device copies and the step overlap. Each batch
+  travels with the iterator's state just after it was read: `get_state()`
+  returns the position after the last batch the loop took, not the last one
+  read ahead, so a checkpoint resumes exactly there. Saved through Grain's
+  checkpoint handler (`get_state` returns JSON bytes, the same file Grain
+  writes for its own iterators); restore the underlying iterator instead,
+  before building the prefetcher.
+
+  `next(prefetcher)` -> (local, batch): this process's host rows (b_local, ...)
+  and the global arrays (b, ...) sharded over "data".
+  """
+
+  _DONE = object()
+
+  def __init__(self, iterator, mesh: jax.sharding.Mesh, depth: int):
+    self.iterator = iterator
+    self._mesh = mesh
+    self._depth = depth
+    self._state = iterator.get_state()
+    self._queue = queue.Queue(maxsize=max(depth, 1))
+    self._stop = threading.Event()
+    self._thread = None
+    if depth > 0:
+      self._thread = threading.Thread(target=self._fill, name="batch_prefetch", daemon=True)
+      self._thread.start()
+
+  def _read(self):
+    local = next(self.iterator)
+    batch = sharding_lib.global_batch({k: local[k] for k in BATCH_KEYS}, self._mesh)
+    return local, batch, self.iterator.get_state()
+
+  def _fill(self):
+    while not self._stop.is_set():
+      try:
+        item = self._read()
+      except StopIteration:
+        item = self._DONE
+      except Exception as e:  # pylint: disable=broad-except
+        item = e  # Raised on the loop's thread by __next__.
+      while not self._stop.is_set():
+        try:
+          self._queue.put(item, timeout=0.1)
+          break
+        except queue.Full:
+          continue
+      if item is self._DONE or isinstance(item, Exception):
+        return
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self._thread is None:
+      local, batch, self._state = self._read()
+      return local, batch
+    item = self._queue.get()
+    if item is self._DONE:
+      raise StopIteration
+    if isinstance(item, Exception):
+      raise item
+    local, batch, self._state = item
+    return local, batch
+
+  def get_state(self) -> bytes:
+    state = self._state
+    return state if isinstance(state, bytes) else json.dumps(state, indent=4).encode()
+
+  def start_prefetch(self) -> None:  # Part of Grain's handler protocol.
+    pass
+
+  @property
+  def num_skipped(self):
+    return getattr(self.iterator, "num_skipped", None)
+
+  def close(self) -> None:
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join(timeout=10)
+    close = getattr(self.iterator, "close", None)
+    if close is not None:
+      close()  # Stops Grain's worker processes.
 
 
 # ----------------------------------------------------------------------------
@@ -656,6 +750,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   step = int(start or 0)
   last_checkpoint = start
 
+  batches = BatchPrefetcher(iterator, mesh, config.prefetch_to_device)
   graphdef = model_graphdef(model_config)
   p_step = compile_train_step(make_train_step(graphdef, tx, schedule, accuracy_at),
                               state_shardings, mesh)
@@ -678,8 +773,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     with _StopRequest() as stop, writer:
       while step < total_steps:
         t0 = time.perf_counter()
-        local = next(iterator)
-        batch = sharding_lib.global_batch({k: local[k] for k in BATCH_KEYS}, mesh)
+        local, batch = next(batches)
         data_wait += time.perf_counter() - t0
         state, step_out = p_step(state, batch)
         step += 1
@@ -713,7 +807,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
               "perf/data_wait_ms": 1000.0 * data_wait / n,
               "perf/data_wait_fraction": data_wait / elapsed,
           })
-          scalars.update(_pipeline_stats(iterator))
+          scalars.update(_pipeline_stats(batches))
           if first_window:
             scalars["perf/first_step_sec"] = elapsed  # compilation included.
           writer.write(step, scalars)
@@ -727,7 +821,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
         if step % config.checkpoint_every_steps == 0 or done or stopping:
           check_pending()  # Never checkpoint a non-finite state.
-          _save(manager, step, state, iterator)
+          _save(manager, step, state, batches)
           last_checkpoint = step
         if stopping:
           logging.warning("stopped at step %d; checkpoint saved", step)
@@ -739,8 +833,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   finally:
     manager.wait_until_finished()
     manager.close()
-    close = getattr(iterator, "close", None)
-    if close is not None:
-      close()  # Stops Grain's worker processes.
+    batches.close()
   return last_logged
 

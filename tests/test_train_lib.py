@@ -199,3 +199,33 @@ def test_train_config_json_roundtrips(tmp_path):
   assert train_lib.model_config_from(back) == train_lib.model_config_from(c)
   with open(tmp_path / train_lib.TRAIN_CONFIG_FILE) as f:
     assert json.load(f)["data"]["source"] == "fake"
+
+
+def test_prefetcher_keeps_order_and_checkpoints_the_consumed_position():
+  from mambaeye_jax import sharding  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh()
+  plain = train_lib.BatchPrefetcher(train_lib.FakeBatches(2, 4, 3), mesh, depth=0)
+  ahead = train_lib.BatchPrefetcher(train_lib.FakeBatches(2, 4, 3), mesh, depth=3)
+  try:
+    for _ in range(3):
+      (a, _), (b, gb) = next(plain), next(ahead)
+      np.testing.assert_array_equal(a["patches"], b["patches"])
+      np.testing.assert_array_equal(np.asarray(gb["patches"]), b["patches"])
+    # The thread has read further; the state is the loop's position.
+    assert json.loads(ahead.get_state()) == {"index": 3}
+    assert ahead.get_state() == plain.get_state()
+  finally:
+    plain.close()
+    ahead.close()
+
+  class Broken:
+    def __next__(self):
+      raise OSError("disk gone")
+
+    def get_state(self):
+      return b"{}"
+
+  broken = train_lib.BatchPrefetcher(Broken(), mesh, depth=2)
+  with pytest.raises(OSError, match="disk gone"):
+    next(broken)  # Raised on the caller's thread.
+  broken.close()

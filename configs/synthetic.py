@@ -8,7 +8,7 @@ orientations, checkerboard, dots, crosshatch, noise, mosaic, gradient; random
 colours), no download. A small MambaEye (2 blocks of width 64) reads 64
 glimpses per image on canvases of 48..96 pixels, batch 32, 2,000 steps.
 
-Hardware and time: 2 CPU cores, 2 min 41 s wall clock including ~5 s of
+Hardware and time: 2 CPU cores, about 2 min 40 s wall clock including ~5 s of
 compilation (measured 2026-11-22 on a shared 2-core machine, jax 0.10.2).
 Expected result: the accuracy at the last glimpse stays at chance (10%) for
 about 1,000 steps, then climbs: 22% at step 1,200, 35% at 1,500, ~40% at

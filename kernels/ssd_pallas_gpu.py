@@ -80,9 +80,12 @@ class SSDGpuConfig:
       16..256). Independent of the model's `chunk_size`.
     num_warps: warps per forward program.
     num_stages: software-pipelining depth of the forward chunk loop.
-    bwd_block_q: tokens per chunk in the backward kernels.
+    bwd_block_q: tokens per chunk in the backward kernels (and in the
+      training forward, which stores a state per chunk); None: by state size
+      (see `resolved`).
     bwd_num_warps: warps per backward program.
-    bwd_num_stages: pipelining depth of the backward chunk loops.
+    bwd_num_stages: pipelining depth of the backward chunk loops; None: by
+      state size.
     min_programs: the length is split until batch * heads * splits reaches
       this many programs (about two per SM of an H100) ...
     min_split_chunks: ... while every split keeps at least this many chunks.
@@ -93,9 +96,9 @@ class SSDGpuConfig:
   block_q: int = 64
   num_warps: int = 4
   num_stages: int = 2
-  bwd_block_q: int = 64
+  bwd_block_q: Optional[int] = None
   bwd_num_warps: int = 4
-  bwd_num_stages: int = 2
+  bwd_num_stages: Optional[int] = None
   min_programs: int = 264
   min_split_chunks: int = 4
   split_chunks: Optional[int] = None
@@ -103,6 +106,8 @@ class SSDGpuConfig:
   def __post_init__(self):
     for name in ("block_q", "bwd_block_q"):
       v = getattr(self, name)
+      if v is None and name == "bwd_block_q":
+        continue
       if not (_is_pow2(v) and 16 <= v <= 256):
         raise ValueError(f"{name}={v} must be a power of 2 in [16, 256] "
                          "(Triton tiles are powers of 2; dots need >= 16)")
@@ -113,10 +118,29 @@ class SSDGpuConfig:
     for name in ("num_stages", "bwd_num_stages", "min_programs",
                  "min_split_chunks"):
       v = getattr(self, name)
+      if v is None and name == "bwd_num_stages":
+        continue
       if v < 1:
         raise ValueError(f"{name}={v} must be >= 1")
     if self.split_chunks is not None and self.split_chunks < 1:
       raise ValueError(f"split_chunks={self.split_chunks} must be >= 1 or None")
+
+
+  def resolved(self, p: int, n: int) -> "SSDGpuConfig":
+    """Fills the fields left None for a (p, n) state (padded sizes).
+
+    Measured on the H100 (docs/ssd_kernel_notes.md, run C): with a (64, 64)
+    state, 64-token backward chunks pipelined 2 deep are best; with (64, 128)
+    (Mamba2 LM) the 64-token backward spills and 32-token chunks without
+    pipelining run 1.3-1.4x faster end to end.
+    """
+    small = p * n <= 64 * 64
+    return dataclasses.replace(
+        self,
+        bwd_block_q=(self.bwd_block_q if self.bwd_block_q is not None
+                     else (64 if small else 32)),
+        bwd_num_stages=(self.bwd_num_stages if self.bwd_num_stages is not None
+                        else (2 if small else 1)))
 
 
 def split_plan(b: int, h: int, l: int, cfg: SSDGpuConfig):
@@ -124,7 +148,7 @@ def split_plan(b: int, h: int, l: int, cfg: SSDGpuConfig):
 
   split_len is a multiple of both block sizes; splits * split_len >= l.
   """
-  qmax = max(cfg.block_q, cfg.bwd_block_q)
+  qmax = max(cfg.block_q, cfg.bwd_block_q or cfg.block_q)
   total = -(-l // qmax)
   if cfg.split_chunks is not None:
     per = min(cfg.split_chunks, total)
@@ -561,6 +585,7 @@ def forward(x, dt, A, B, C, D, initial_state, segment_ids, *,
   """
   b, l, h, p = x.shape
   g, n = B.shape[2], B.shape[3]
+  cfg = cfg.resolved(_pow2_at_least_16(p), _pow2_at_least_16(n))
   q = cfg.bwd_block_q if for_backward else cfg.block_q
   pr = prepare(x, dt, A, B, C, segment_ids, cfg)
   cd = _compute_dtype(x, B, C)
@@ -628,6 +653,7 @@ def backward(x, dt, A, B, C, D, initial_state, segment_ids, states, dy,
   b, l, h, p = x.shape
   g, n = B.shape[2], B.shape[3]
   r = h // g
+  cfg = cfg.resolved(_pow2_at_least_16(p), _pow2_at_least_16(n))
   pr = prepare(x, dt, A, B, C, segment_ids, cfg)
   cd = _compute_dtype(x, B, C)
   sp = _specs(pr, r)

@@ -160,6 +160,11 @@ class TestSSDPallasCompiled(_SSDPallasCases):
     self._check_grads((2, 300, 8, 64, 1, 64), jnp.bfloat16, seg=True,
                       init=True, final=True, cfg=SSDGpuConfig())
 
+  def test_default_config_lm_state_bf16(self):
+    # d_state 128: the backward resolves to 32-token chunks, no pipelining.
+    self._check_grads((1, 300, 4, 64, 1, 128), jnp.bfloat16, seg=True,
+                      init=True, final=True, cfg=SSDGpuConfig())
+
   def test_default_config_long_split_f32(self):
     self._check_forward((1, 2000, 2, 64, 1, 128), jnp.float32, seg=False,
                         init=False, final=True, cfg=SSDGpuConfig())
@@ -181,6 +186,16 @@ def test_config_validation_messages():
     SSDGpuConfig(num_warps=3)
   with pytest.raises(ValueError, match="split_chunks=0"):
     SSDGpuConfig(split_chunks=0)
+
+
+def test_config_resolved_by_state_size():
+  cfg = SSDGpuConfig()
+  assert cfg.resolved(64, 64).bwd_block_q == 64
+  assert cfg.resolved(64, 64).bwd_num_stages == 2
+  assert cfg.resolved(64, 128).bwd_block_q == 32
+  assert cfg.resolved(64, 128).bwd_num_stages == 1
+  # Explicit values are kept.
+  assert SSDGpuConfig(bwd_block_q=16).resolved(64, 128).bwd_block_q == 16
 
 
 def test_split_plan_by_shape():

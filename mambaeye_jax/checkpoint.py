@@ -122,13 +122,18 @@ def load_model(path: str, **overrides) -> model_lib.MambaEye:
 
   Args:
     path: a directory from `save_params` / `python -m mambaeye_jax.convert`,
-      or an official `.pt` / `.pth` / `.safetensors` file.
+      a training work directory (its latest checkpoint), or an official
+      `.pt` / `.pth` / `.safetensors` file.
     **overrides: ModelConfig fields that do not change the parameters'
       shapes (dtype, ssd_impl, remat, chunk_size).
 
   Returns:
     The model, parameters on the default device.
   """
+  if os.path.isdir(path) and not os.path.exists(os.path.join(path, CONFIG_FILE)):
+    from mambaeye_jax import train_lib  # pylint: disable=g-import-not-at-top
+    if os.path.exists(os.path.join(path, train_lib.TRAIN_CONFIG_FILE)):
+      return train_lib.restore_model(path, **overrides)
   if os.path.isdir(path):
     config, params = load_params(path)
   else:

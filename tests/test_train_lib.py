@@ -77,9 +77,11 @@ def test_smoke_config_trains_end_to_end(tmp_path):
   # agrees with restore_model on the last checkpoint.
   exported = checkpoint.load_model(str(workdir / "model"))
   restored = train_lib.restore_model(str(workdir))
+  via_loader = checkpoint.load_model(str(workdir))  # A workdir loads too.
   a = jax.tree.leaves(checkpoint.nnx.state(exported))
-  b = jax.tree.leaves(checkpoint.nnx.state(restored))
-  assert all(np.array_equal(x, y) for x, y in zip(a, b))
+  for other in (restored, via_loader):
+    b = jax.tree.leaves(checkpoint.nnx.state(other))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
 def test_interrupt_and_resume_reproduces_the_loss_curve(tmp_path):

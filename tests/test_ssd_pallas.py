@@ -38,7 +38,8 @@ def _inputs(seed, b, l, h, p, g, n, dtype, *, seg, init):
   """Random SSD inputs; dt before the bias / softplus."""
   ks = jax.random.split(jax.random.PRNGKey(seed), 9)
   x = jax.random.normal(ks[0], (b, l, h, p)).astype(dtype)
-  dt = jax.random.normal(ks[1], (b, l, h)) * 0.5 - 1.0
+  # Step sizes ~0.1 after the softplus: decays over a chunk stay visible.
+  dt = jax.random.normal(ks[1], (b, l, h)) * 0.5 - 2.5
   A = -jnp.exp(jax.random.uniform(ks[2], (h,), minval=-1.0, maxval=1.5))
   B = jax.random.normal(ks[3], (b, l, g, n)).astype(dtype)
   C = jax.random.normal(ks[4], (b, l, g, n)).astype(dtype)
@@ -146,6 +147,26 @@ class _SSDPallasCases:
     cfg = SSDGpuConfig(block_q=32, bwd_block_q=16, split_chunks=1)
     self._check_grads((1, 75, 2, 16, 1, 32), jnp.bfloat16, seg=False,
                       init=True, final=False, cfg=cfg)
+
+  def test_grads_no_skip_no_bias_no_softplus_f32(self):
+    # D, dt_bias and the softplus are all optional: the kernels drop the
+    # skip connection and the gradient flows to the raw dt.
+    args, _ = _inputs(3, 1, 40, 2, 16, 1, 16, jnp.float32, seg=False,
+                      init=False)
+    x, dt, A, B, C = args[:5]
+    dt = jax.nn.softplus(dt)
+
+    def kernel(x, dt, A, B, C):
+      return ssd_pallas_mod.ssd_pallas(x, dt, A, B, C, interpret=self.interpret,
+                                       config=self.small_cfg)
+
+    ref, ref_vjp = jax.vjp(ssd_sequential, x, dt, A, B, C)
+    cot = jax.random.normal(jax.random.PRNGKey(9), ref.shape, ref.dtype)
+    out, grads = jax.jit(lambda *a: (kernel(*a), jax.vjp(kernel, *a)[1](cot)))(
+        x, dt, A, B, C)
+    assert _rel(out, ref) < _TOL[jnp.float32]
+    for name, g, r in zip(_NAMES, grads, ref_vjp(cot)):
+      assert _rel(g, r) < _TOL[jnp.float32], name
 
 
 @pytest.mark.gpu

@@ -237,11 +237,26 @@ def test_cpu_without_interpret_raises():
     ssd_pallas_mod.ssd_pallas(*args[:6])
 
 
-def test_tpu_dispatch_without_tpu_module(monkeypatch):
+def test_tpu_dispatch(monkeypatch):
+  """On TPU, ssd_pallas hands everything to kernels.ssd_pallas_tpu."""
   import importlib.util  # pylint: disable=g-import-not-at-top
-  if importlib.util.find_spec("kernels.ssd_pallas_tpu") is not None:
-    pytest.skip("kernels/ssd_pallas_tpu.py exists")
   monkeypatch.setattr(ssd_pallas_mod.jax, "default_backend", lambda: "tpu")
   args, _ = _inputs(0, 1, 8, 1, 16, 1, 16, jnp.float32, seg=False, init=False)
-  with pytest.raises(NotImplementedError, match="ssd_pallas_tpu"):
-    ssd_pallas_mod.ssd_pallas(*args[:6])
+  if importlib.util.find_spec("kernels.ssd_pallas_tpu") is None:
+    with pytest.raises(NotImplementedError, match="ssd_pallas_tpu"):
+      ssd_pallas_mod.ssd_pallas(*args[:6])
+    return
+  from kernels import ssd_pallas_tpu  # pylint: disable=g-import-not-at-top
+  calls = []
+
+  def fake(*a, **kw):
+    calls.append((a, kw))
+    return "from-tpu"
+
+  monkeypatch.setattr(ssd_pallas_tpu, "ssd_pallas_tpu", fake)
+  out = ssd_pallas_mod.ssd_pallas(*args[:6], dt_softplus=True, chunk_size=64,
+                                  return_final_state=True)
+  assert out == "from-tpu" and len(calls) == 1
+  assert calls[0][0][0] is args[0]
+  assert calls[0][1]["dt_softplus"] and calls[0][1]["chunk_size"] == 64
+  assert calls[0][1]["return_final_state"]

@@ -260,3 +260,14 @@ def test_tpu_dispatch(monkeypatch):
   assert calls[0][0][0] is args[0]
   assert calls[0][1]["dt_softplus"] and calls[0][1]["chunk_size"] == 64
   assert calls[0][1]["return_final_state"]
+
+
+def test_bench_smoke_runs_and_checks():
+  """`python -m kernels.bench_ssd --smoke` checks the kernel and times it."""
+  from kernels import bench_ssd  # pylint: disable=g-import-not-at-top
+  rows = bench_ssd.main(["--smoke", "--impls", "pallas", "chunked",
+                         "--modes", "fwdbwd"])
+  pallas = [r for r in rows if r["impl"].startswith("pallas")]
+  assert len(pallas) == 2 and all("error" not in r for r in rows)
+  for r in pallas:
+    assert r["err_y"] < 1e-2 and r["err_g"] < 1.5e-2 and r["fwdbwd"] > 0

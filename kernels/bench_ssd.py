@@ -197,7 +197,8 @@ def import_mamba_ssm():
   try:
     sys.modules.setdefault("selective_scan_cuda",
                            types.ModuleType("selective_scan_cuda"))
-    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined  # pylint: disable=g-import-not-at-top
+    # pylint: disable-next=g-import-not-at-top
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
     import torch  # pylint: disable=g-import-not-at-top
     if not torch.cuda.is_available():
       print("mamba_ssm: no CUDA device for torch")
@@ -216,7 +217,8 @@ class TorchRunner:
     self.torch = torch
     dev = "cuda"
     dtype = getattr(torch, inp["dtype"])
-    t = lambda a, d=torch.float32: torch.tensor(a, device=dev, dtype=d)  # pylint: disable=unnecessary-lambda-assignment
+    def t(a, d=torch.float32):
+      return torch.tensor(a, device=dev, dtype=d)
     self.x, self.B, self.C = (t(inp[k], dtype) for k in ("x", "B", "C"))
     self.dt, self.A, self.D = t(inp["dt"]), t(inp["A"]), t(inp["D"])
     self.dt_bias = t(inp["dt_bias"])

@@ -12,26 +12,27 @@ Design.
 * One program per (head, split, batch) walks its tokens in chunks of
   `block_q` with the (p, n) float32 state in registers: in the forward the
   chunk states never round-trip through device memory (mamba_ssm writes them
-  out in float32 and reads them back in three more launches). Per chunk the program does four
-  small matrix products (C B^T, (C B^T * decay) x, C S^T, x^T B) on the
-  tensor cores. The in-kernel chunk need not equal the model's `chunk_size`
+  out in float32 and reads them back in three more launches). Per chunk the
+  program does four small matrix products (C B^T, (C B^T * decay) x, C S^T,
+  x^T B) on the tensor cores. The in-kernel chunk need not equal the model's `chunk_size`
   (256 in Mamba2): the chunked form is exact for any chunk length.
 * Where batch * heads is small (length 16384 at batch 4 gives 32 sequences
   for 132 SMs), the length is cut into `s` splits: a cheap kernel computes
   each split's own final state from zero, an unrolled `lax.scan` over the
-  few splits (in XLA, on (b, h, s, p, n) float32, small) gives every split its incoming
-  state, and the main kernel runs all splits in parallel. The split count is
-  chosen by shape (`split_plan`).
+  few splits (in XLA, on (b, h, s, p, n) float32, small) gives every split
+  its incoming state, and the main kernel runs all splits in parallel. The
+  split count is chosen by shape (`split_plan`).
 * Numerically stable: every decay is the exp of a difference of cumulative
   log-decays inside one chunk, exp(cum_i - cum_j) with i >= j, masked before
   the exp, never exp(cum_i) * exp(-cum_j).
 * Backward. Under `jax.grad` the forward kernel also stores the state
   entering every chunk ((b, h, l / q, p, n) in the compute dtype: as large
-  as x when p = n = q = 64, written once and read once). `_bwd_kernel` then walks the chunks backward with the
-  (p, n) adjoint state dS (dS_t = a_{t+1} dS_{t+1} + dy_t C_t^T) on chip and
-  writes dx, dB, dC, both parts of d(dt), dD and d(initial state) in one
-  pass. d(dt * A) is summed over the (source j, output i) pairs that straddle
-  each token, so every term carries a decay <= 1; the shorter route through
+  as x when p = n = q = 64, written once and read once). `_bwd_kernel` then
+  walks the chunks backward with the (p, n) adjoint state dS
+  (dS_t = a_{t+1} dS_{t+1} + dy_t C_t^T) on chip and writes dx, dB, dC, both
+  parts of d(dt), dD and d(initial state) in one pass. d(dt * A) is summed
+  over the (source j, output i) pairs that straddle each token, so every
+  term carries a decay <= 1; the shorter route through
   d cum_t = dy_t . y_t - dt_t x_t . (dS_t B_t) and a reverse cumulative sum
   subtracts large sums and lost dA to bf16 rounding (measured: 5-50%
   relative error at 75 tokens).

@@ -509,7 +509,9 @@ class DeviceRunner:
 
   def run(self, arrays) -> dict[str, jax.Array]:
     """Dispatches one step (asynchronous)."""
-    return self._step(self.state, *arrays)
+    # The mesh lets the Pallas SSD kernel split over the batch (ssd.py).
+    with jax.set_mesh(self.mesh):
+      return self._step(self.state, *arrays)
 
   def warm_up(self, setting: Setting) -> float:
     """Compiles the step for a setting's shapes; returns seconds taken."""

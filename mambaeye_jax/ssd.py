@@ -14,7 +14,8 @@ Every implementation shares the signature of `kernels.ssd_reference`:
 
 `SSDImpl.AUTO` is resolved by `resolve_impl`, and only there: the Pallas
 kernel on GPU and TPU, the plain-XLA chunked form on CPU (where Pallas would
-run only in its slow interpreter).
+run only in its slow interpreter). Under `jax.set_mesh(mesh)` the kernel runs
+per device on its rows of the batch (`shard_over_batch`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import functools
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from kernels import ssd_reference
 
@@ -94,6 +97,64 @@ def get_ssd_fn(impl: "SSDImpl | str" = SSDImpl.AUTO) -> Callable[..., jax.Array]
   return ssd_pallas.ssd_pallas
 
 
+def shard_over_batch(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+  """Runs an SSD function on each device's rows when a mesh is set.
+
+  XLA's partitioner cannot split a Pallas kernel (an opaque custom call):
+  under `jax.jit` with a batch-sharded input it gathers the whole batch onto
+  every device and computes all of it there, so N devices run no faster than
+  one. Under `jax.set_mesh(mesh)` this wraps `fn` in `jax.shard_map` over the
+  batch axis instead (split over every mesh axis, as in pure data
+  parallelism). The per-head parameters (A, D, dt_bias) are broadcast to
+  one copy per device outside the map, so their gradients are summed over
+  devices by ordinary autodiff. Without a mesh, on one device, or when the
+  batch does not split evenly, `fn` runs as it is.
+
+  Args:
+    fn: an SSD function with the signature of `kernels.ssd_reference`.
+
+  Returns:
+    A function with the same signature.
+  """
+  def wrapped(x, dt, A, B, C, D=None, *, dt_bias=None, initial_state=None,
+              segment_ids=None, **kwargs):
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or x.shape[0] % mesh.size:
+      return fn(x, dt, A, B, C, D, dt_bias=dt_bias, initial_state=initial_state,
+                segment_ids=segment_ids, **kwargs)
+    copies = mesh.size
+    per_device = {name: None if v is None else jnp.broadcast_to(v, (copies,) + v.shape)
+                  for name, v in (("A", A), ("D", D), ("dt_bias", dt_bias))}
+    rows = dict(x=x, dt=dt, B=B, C=C, initial_state=initial_state, segment_ids=segment_ids)
+
+    def local(rows, per_device):
+      heads = {k: None if v is None else v[0] for k, v in per_device.items()}
+      return fn(rows["x"], rows["dt"], heads["A"], rows["B"], rows["C"], heads["D"],
+                dt_bias=heads["dt_bias"], initial_state=rows["initial_state"],
+                segment_ids=rows["segment_ids"], **kwargs)
+
+    spec = PartitionSpec(tuple(mesh.axis_names))
+    out_specs = (spec, spec) if kwargs.get("return_final_state") else spec
+    if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+      # Explicit meshes type every array's sharding; put the rows where the
+      # map expects them (a no-op for a batch already split this way).
+      rows, per_device = jax.tree.map(lambda v: jax.reshard(v, spec), (rows, per_device))
+    # Every input and output is split over the mesh, so no replication needs
+    # checking (and the kernel has no varying-axis typing rules to check).
+    return jax.shard_map(local, in_specs=(spec, spec), out_specs=out_specs,
+                         check_vma=False)(rows, per_device)
+
+  return wrapped
+
+
 def ssd(x, dt, A, B, C, D=None, *, impl: "SSDImpl | str" = SSDImpl.AUTO, **kwargs):
-  """Runs the SSD scan with the chosen implementation (see module docstring)."""
-  return get_ssd_fn(impl)(x, dt, A, B, C, D, **kwargs)
+  """Runs the SSD scan with the chosen implementation (see module docstring).
+
+  Kernel implementations are split over the batch when a mesh is set (see
+  `shard_over_batch`); XLA implementations are left to XLA's partitioner.
+  """
+  impl = resolve_impl(impl)
+  fn = get_ssd_fn(impl)
+  if impl in (SSDImpl.PALLAS, SSDImpl.PALLAS_INTERPRET):
+    fn = shard_over_batch(fn)
+  return fn(x, dt, A, B, C, D, **kwargs)

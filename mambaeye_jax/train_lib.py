@@ -503,11 +503,22 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
 
 
 def compile_train_step(train_step: Callable, state_shardings, mesh: jax.sharding.Mesh):
-  """jax.jit with the state donated and the batch split over "data"."""
-  return jax.jit(
+  """jax.jit with the state donated and the batch split over "data".
+
+  Calls run under `jax.set_mesh(mesh)` so that the Pallas SSD kernel, which
+  XLA cannot partition, is split over the batch (`ssd.shard_over_batch`).
+  """
+  jitted = jax.jit(
       train_step, donate_argnums=(0,),
       in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
       out_shardings=(state_shardings, sharding_lib.replicated(mesh)))
+
+  @functools.wraps(train_step)
+  def step(state, batch):
+    with jax.set_mesh(mesh):
+      return jitted(state, batch)
+
+  return step
 
 
 def summarize(window: list[dict], accuracy_at: tuple[int, ...]) -> dict[str, float]:

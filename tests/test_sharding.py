@@ -64,7 +64,7 @@ _EIGHT_DEVICES = """
     from mambaeye_jax import model as model_lib
     assert jax.device_count() == 8, jax.devices()
     mc = model_lib.get_config("tiny", depth=1, dim=32, d_state=8, headdim=32,
-                              num_classes=10, chunk_size=8)
+                              num_classes=10, chunk_size=8, ssd_impl=SSD_IMPL)
     ocfg = optim.OptimConfig(total_steps=10, warmup_steps=1)
     tx = optim.make_optimizer(ocfg)
     graphdef = train_lib.model_graphdef(mc)
@@ -94,9 +94,12 @@ _EIGHT_DEVICES = """
 """
 
 
-def test_eight_devices_match_one_device(cache_dir):
+@pytest.mark.parametrize("ssd_impl", ["chunked", "pallas_interpret"])
+def test_eight_devices_match_one_device(cache_dir, ssd_impl):
+  """Also through the kernel path, which ssd.shard_over_batch splits by hand."""
   import json  # pylint: disable=g-import-not-at-top
-  out = json.loads(_run(_EIGHT_DEVICES, _env(cache_dir, devices=8)).strip().splitlines()[-1])
+  script = _EIGHT_DEVICES.replace("SSD_IMPL", repr(ssd_impl))
+  out = json.loads(_run(script, _env(cache_dir, devices=8)).strip().splitlines()[-1])
   assert np.isfinite(out["loss1"])
   assert out["loss_diff"] < 1e-5, out
   assert out["grad_norm_rel_diff"] < 1e-5, out
@@ -163,3 +166,35 @@ def test_two_processes_train_and_checkpoint(cache_dir, tmp_path):
   data_files = set(os.listdir(workdir / "checkpoints" / "4" / "data"))
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= data_files, data_files
   assert (workdir / "model" / "config.json").exists()
+
+
+_KERNEL_SPLIT = """
+    import jax, jax.numpy as jnp, numpy as np
+    from mambaeye_jax import ssd
+    from kernels import ssd_reference
+    rng = np.random.default_rng(0)
+    b, l, h, p, g, n = 8, 20, 2, 8, 1, 4
+    args = [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in
+            [(b, l, h, p), (b, l, h), (h,), (b, l, g, n), (b, l, g, n), (h,)]]
+    args[2] = -jnp.exp(args[2])
+    def loss(args):
+      y = ssd.ssd(*args, impl="pallas_interpret", dt_softplus=True, chunk_size=16)
+      return jnp.sum(y * jnp.cos(jnp.arange(y.size).reshape(y.shape)))
+    ref = jax.grad(lambda a: jnp.sum(ssd_reference.ssd_sequential(*a, dt_softplus=True)
+                   * jnp.cos(jnp.arange(b * l * h * p).reshape(b, l, h, p))))(args)
+    auto = jax.sharding.Mesh(np.array(jax.devices()), ("data",))  # as train/eval build it
+    explicit = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    for mesh in (auto, explicit):
+      with jax.set_mesh(mesh):
+        text = str(jax.make_jaxpr(jax.grad(loss))(args))
+        grads = jax.jit(jax.grad(loss))(args)
+      assert "shard_map" in text, "kernel not split over the batch"
+      for got, want in zip(grads, ref):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-3, atol=1e-3)
+    print("ok")
+"""
+
+
+def test_kernel_is_split_over_the_batch_under_a_mesh(cache_dir):
+  """Under jax.set_mesh the kernel runs per device (XLA cannot split it)."""
+  assert _run(_KERNEL_SPLIT, _env(cache_dir, devices=4)).strip().splitlines()[-1] == "ok"

@@ -14,6 +14,7 @@ nothing, so callers never branch on the process index.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -59,6 +60,9 @@ class MetricWriter:
     self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a", encoding="utf-8")
     if tensorboard and tensorboardX is not None:
       self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, TB_DIR))
+    elif tensorboard:
+      logging.warning("tensorboardX does not import: metrics go to %s only, no "
+                      "TensorBoard events", METRICS_FILE)
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     """Records `scalars` (name -> number) at `step`."""

@@ -21,6 +21,8 @@ images/s = batch / median.
 
 --dp: the training step with batch b per device on every local device
 (global batch b * n) against one device; the ratio of images/s (ideal: n).
+--devices 1,2,4 --global_batch 1024: strong scaling at the recipe's fixed
+global batch (each device gets 1024 / n rows).
 
 Reference (DESIGN.md section 4, official PyTorch on one H100, Tiny, batch 64):
 training T=1024 bf16 704 img/s (91 ms, 8.4 GB), inference T=4096 bf16 866 img/s.
@@ -144,9 +146,20 @@ def _available_impls(requested: list[str]) -> list[str]:
   return out
 
 
+def _case_batch(args, case: str) -> int:
+  """Per-device batch of a case: --batch, or --global_batch over its devices."""
+  parts = case.split(":")
+  if args.global_batch and parts[0] == "train" and len(parts) > 3 and parts[3] != "all":
+    devices = int(parts[3])
+    if args.global_batch % devices:
+      raise ValueError(f"--global_batch={args.global_batch} does not split over {devices} devices")
+    return args.global_batch // devices
+  return args.batch
+
+
 def _subprocess_case(args, case: str) -> list[dict]:
   cmd = [sys.executable, os.path.abspath(__file__), "--case", case,
-         f"--variant={args.variant}", f"--batch={args.batch}",
+         f"--variant={args.variant}", f"--batch={_case_batch(args, case)}",
          f"--train_len={args.train_len}", f"--infer_len={args.infer_len}",
          f"--iters={args.iters}"] + (["--remat"] if args.remat else [])
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout)
@@ -165,7 +178,9 @@ def _fmt(value, spec):
 
 def print_table(rows: list[dict], args) -> None:
   where = next((r["device"] for r in rows if "device" in r), "?")
-  print(f"\nMambaEye-{args.variant.capitalize()}, batch {args.batch} per device, {where}")
+  per = (f"global batch {args.global_batch}" if args.global_batch
+         else f"batch {args.batch} per device")
+  print(f"\nMambaEye-{args.variant.capitalize()}, {per}, {where}")
   print("| workload | dtype | ssd_impl | devices | step ms (median) | images/s | "
         "peak GB |")
   print("|---|---|---|---|---|---|---|")
@@ -183,7 +198,8 @@ def print_table(rows: list[dict], args) -> None:
     if base:
       ratio = r["images_per_sec"] / base[0]["images_per_sec"]
       print(f"data parallel {r['dtype']} {r['impl']}: {r['devices']} devices "
-            f"{r['images_per_sec']:.0f} img/s = {ratio:.2f}x one device")
+            f"{r['images_per_sec']:.0f} img/s = {ratio:.2f}x one device "
+            f"({100 * ratio / r['devices']:.0f}% scaling efficiency)")
 
 
 def main():
@@ -197,6 +213,12 @@ def main():
   parser.add_argument("--impls", default="chunked,pallas")
   parser.add_argument("--remat", action="store_true")
   parser.add_argument("--dp", action="store_true", help="also data parallel on all devices")
+  parser.add_argument("--devices", default="",
+                      help="device counts for training cases, e.g. 1,2,4 (replaces the "
+                           "single-device cases)")
+  parser.add_argument("--global_batch", type=int, default=0,
+                      help="fixed global batch split over the devices (strong scaling); "
+                           "0: --batch per device")
   parser.add_argument("--no_infer", action="store_true")
   parser.add_argument("--case_timeout", type=int, default=300)
   parser.add_argument("--case", default="", help=argparse.SUPPRESS)  # train:dtype:impl[:n]
@@ -216,7 +238,8 @@ def main():
 
   impls = _available_impls(args.impls.split(","))
   dtypes = args.dtypes.split(",")
-  cases = [f"train:{dtype}:{impl}" for impl in impls for dtype in dtypes]
+  counts = [int(n) for n in args.devices.split(",")] if args.devices else [1]
+  cases = [f"train:{dtype}:{impl}:{n}" for impl in impls for dtype in dtypes for n in counts]
   if args.dp:  # The driver never starts JAX: the GPU stays free for the cases.
     cases += [f"train:bfloat16:{impl}:all" for impl in impls]
   if not args.no_infer:

@@ -91,7 +91,8 @@ def run_train(args, dtype: str, impl: str, num_devices: int = 1) -> dict:
   state, shardings, _ = train_lib.create_train_state(config, tx, 0, mesh)
   step = train_lib.compile_train_step(
       train_lib.make_train_step(train_lib.model_graphdef(config), tx,
-                                optim.learning_rate_schedule(ocfg), (16, 64, 256)),
+                                optim.learning_rate_schedule(ocfg), (16, 64, 256),
+                                packed=not args.padded),
       shardings, mesh)
   global_batch = args.batch * num_devices
   batch = sharding.global_batch(
@@ -161,7 +162,8 @@ def _subprocess_case(args, case: str) -> list[dict]:
   cmd = [sys.executable, os.path.abspath(__file__), "--case", case,
          f"--variant={args.variant}", f"--batch={_case_batch(args, case)}",
          f"--train_len={args.train_len}", f"--infer_len={args.infer_len}",
-         f"--iters={args.iters}"] + (["--remat"] if args.remat else [])
+         f"--iters={args.iters}"]
+  cmd += (["--remat"] if args.remat else []) + (["--padded"] if args.padded else [])
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout)
   # A library may print on the same line before the JSON (no newline).
   lines = [l[l.index('{"case"'):] for l in proc.stdout.splitlines() if '{"case"' in l]
@@ -189,6 +191,7 @@ def print_table(rows: list[dict], args) -> None:
       print(f"| {r['case']} | failed: {r['error']} | | | | | |")
       continue
     name = f"{r['case']} T={r['length']}" + (" remat" if r.get("remat") else "")
+    name += " padded" if args.padded and r["case"] == "train" else ""
     print(f"| {name} | {r['dtype']} | {r['impl']} | {r['devices']} | {r['ms']:.2f} | "
           f"{r['images_per_sec']:.0f} | {_fmt(r['peak_gb'], '.2f')} |")
   dp = [r for r in rows if r.get("case") == "train" and r.get("devices", 1) > 1]
@@ -212,6 +215,9 @@ def main():
   parser.add_argument("--dtypes", default="float32,bfloat16")
   parser.add_argument("--impls", default="chunked,pallas")
   parser.add_argument("--remat", action="store_true")
+  parser.add_argument("--padded", action="store_true",
+                      help="train on padded rows (no segment ids), as configs without "
+                           "packing do; default: segment ids, as packed rows need")
   parser.add_argument("--dp", action="store_true", help="also data parallel on all devices")
   parser.add_argument("--devices", default="",
                       help="device counts for training cases, e.g. 1,2,4 (replaces the "

@@ -475,17 +475,22 @@ def step_metrics(logits: jax.Array, batch: dict, accuracy_at: tuple[int, ...]) -
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    accuracy_at: tuple[int, ...]) -> Callable:
+                    accuracy_at: tuple[int, ...], packed: bool = True) -> Callable:
   """(state, batch) -> (state, metrics), to be jitted.
 
   batch: the contract's global arrays, (b, T, ...). metrics: () arrays,
   "loss", "grad_norm", "learning_rate" and the sums of `step_metrics`.
+  packed: whether rows may hold several sequences. When they cannot (padded
+  batches), the model is not given segment ids: a row's padding comes after
+  its real steps, which a causal model never lets it reach, so the ids would
+  only cost masking work in the conv and the SSD kernel.
   """
 
   def train_step(state: TrainState, batch: dict):
     def loss_fn(params):
       model = nnx.merge(graphdef, params)
-      logits = model(batch["patches"], batch["positions"], batch["segment_ids"])
+      segment_ids = batch["segment_ids"] if packed else None
+      logits = model(batch["patches"], batch["positions"], segment_ids)
       loss = loss_lib.stepwise_loss(logits, batch["labels"], batch["ratio"], batch["mask"])
       return loss, logits
 
@@ -763,7 +768,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   batches = BatchPrefetcher(iterator, mesh, config.prefetch_to_device)
   graphdef = model_graphdef(model_config)
-  p_step = compile_train_step(make_train_step(graphdef, tx, schedule, accuracy_at),
+  p_step = compile_train_step(make_train_step(graphdef, tx, schedule, accuracy_at,
+                                              packed=bool(config.data.packing)),
                               state_shardings, mesh)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_chief)
   last_logged: dict[str, float] = {"step": step}

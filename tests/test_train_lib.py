@@ -231,3 +231,30 @@ def test_prefetcher_keeps_order_and_checkpoints_the_consumed_position():
   with pytest.raises(OSError, match="disk gone"):
     next(broken)  # Raised on the caller's thread.
   broken.close()
+
+
+def test_padded_rows_need_no_segment_ids():
+  """packed=False (padded batches) gives the loss and gradients of packed=True."""
+  from mambaeye_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from mambaeye_jax import optim, sharding  # pylint: disable=g-import-not-at-top
+  mc = model_lib.get_config("tiny", depth=1, dim=32, d_state=8, headdim=32,
+                            num_classes=10, chunk_size=8)
+  ocfg = optim.OptimConfig(total_steps=10, warmup_steps=1)
+  tx = optim.make_optimizer(ocfg)
+  mesh = sharding.make_mesh(1)
+  batch = next(train_lib.FakeBatches(4, 12, 10, seed=5))
+  # Ragged rows: the last steps of two rows are padding (segment 0, masked).
+  for row, length in ((1, 7), (3, 9)):
+    batch["mask"][row, length:] = False
+    batch["segment_ids"][row, length:] = 0
+  batch = sharding.global_batch(batch, mesh)
+  out = {}
+  for packed in (True, False):
+    state, shardings, _ = train_lib.create_train_state(mc, tx, 0, mesh)
+    step = train_lib.compile_train_step(
+        train_lib.make_train_step(train_lib.model_graphdef(mc), tx,
+                                  optim.learning_rate_schedule(ocfg), (4,), packed=packed),
+        shardings, mesh)
+    _, metrics = step(state, batch)
+    out[packed] = (float(metrics["loss"]), float(metrics["grad_norm"]))
+  np.testing.assert_allclose(out[False], out[True], rtol=1e-5)

@@ -54,8 +54,8 @@ def test_gather_equals_canvas_gather(canvas_hw, box_hw, localized):
 def test_ratio_equals_reference(canvas_hw, box_hw, localized):
   rng = np.random.default_rng(hash((box_hw, canvas_hw, localized)) % 2**32)
   _, _, box, positions = _case(rng, canvas_hw, box_hw, 1024, localized)
-  got = glimpses.information_ratio(positions, box)
-  want = glimpse.information_ratio(positions, box)
+  got = glimpse.information_ratio(positions, box, method="sliding_min")
+  want = glimpse.information_ratio(positions, box, method="paint")
   assert got.dtype == np.float32
   np.testing.assert_array_equal(got, want)
   assert (np.diff(got) >= 0).all() and got[-1] <= 1.0
@@ -64,18 +64,19 @@ def test_ratio_equals_reference(canvas_hw, box_hw, localized):
 def test_ratio_repeated_corners_count_once():
   box = glimpse.ImageBox(0, 0, 32, 32)
   positions = np.array([[0, 0], [0, 0], [16, 16], [0, 0]])
-  np.testing.assert_array_equal(glimpses.information_ratio(positions, box),
-                                np.float32([0.25, 0.25, 0.5, 0.5]))
+  for method in ("sliding_min", "paint"):
+    np.testing.assert_array_equal(glimpse.information_ratio(positions, box, method),
+                                  np.float32([0.25, 0.25, 0.5, 0.5]))
 
 
-def test_ratio_uses_painter_above_area_threshold(monkeypatch):
-  # Both branches must agree; force the min-filter on a large image too.
+def test_ratio_methods_agree_on_a_large_image():
   rng = np.random.default_rng(3)
   _, _, box, positions = _case(rng, (1024, 1024), (1000, 900), 512, True)
-  want = glimpse.information_ratio(positions, box)
-  monkeypatch.setattr(glimpses, "_MIN_FILTER_MAX_AREA", 10**9)
-  np.testing.assert_array_equal(glimpses.information_ratio(positions, box),
-                                want)
+  np.testing.assert_array_equal(
+      glimpse.information_ratio(positions, box, method="sliding_min"),
+      glimpse.information_ratio(positions, box, method="paint"))
+  with pytest.raises(ValueError, match="method='fast'"):
+    glimpse.information_ratio(positions, box, method="fast")
 
 
 def test_rejects_corners_off_canvas():

@@ -6,10 +6,11 @@ import pytest
 from mambaeye_jax import glimpse
 
 
-def test_information_ratio_counts_union_inside_image():
+@pytest.mark.parametrize("method", ["sliding_min", "paint"])
+def test_information_ratio_counts_union_inside_image(method):
   box = glimpse.ImageBox(top=10, left=20, height=32, width=48)
   positions = np.array([[10, 20], [10, 20], [10, 28], [0, 0], [26, 52]])
-  ratio = glimpse.information_ratio(positions, box)
+  ratio = glimpse.information_ratio(positions, box, method)
   area = 32 * 48
   # 256 new; repeat adds nothing; shift by 8 adds 16x8; (0,0) covers only
   # rows 10..15 x cols 20..15 -> nothing; last one covers 16 x 16 new.
@@ -17,10 +18,11 @@ def test_information_ratio_counts_union_inside_image():
   np.testing.assert_allclose(ratio, expected, atol=1e-7)
 
 
-def test_information_ratio_clips_to_image_and_reaches_one():
+@pytest.mark.parametrize("method", ["sliding_min", "paint"])
+def test_information_ratio_clips_to_image_and_reaches_one(method):
   box = glimpse.ImageBox(0, 0, 20, 20)
   positions = np.array([[r, c] for r in (0, 4, 8) for c in (0, 4, 8)] + [[10, 10]])
-  ratio = glimpse.information_ratio(positions, box)
+  ratio = glimpse.information_ratio(positions, box, method)
   assert np.all(np.diff(ratio) >= 0)
   assert ratio[-1] == pytest.approx(1.0)
 

@@ -105,7 +105,7 @@ def bench_stages(files, cfg: pipeline.DataConfig, samples: int, seed: int):
     t4 = _clock()
     glimpses.gather_patches(pixels, (canvas, canvas), box, positions)
     t5 = _clock()
-    glimpses.information_ratio(positions, box)
+    glimpse.information_ratio(positions, box)
     t6 = _clock()
     plan_s = marks["plan1"] - marks["plan0"]
     totals["read file"] += t1 - t0
@@ -151,7 +151,7 @@ def bench_reference(files, cfg: pipeline.DataConfig, samples: int,
     positions = scan_patterns.generate("train", rng, (side, side), box,
                                        cfg.num_glimpses)
     glimpse.extract_patches(canvas, positions)
-    glimpse.information_ratio(positions, box)
+    glimpse.information_ratio(positions, box, method="paint")
   return (_clock() - t0) / samples
 
 

@@ -5,9 +5,10 @@ loops over the patches in Python for the coverage ratio. Here the canvas is
 never built: the image gets a 16-pixel zero border, every corner is moved
 onto the border where its patch misses the image (a patch that misses the
 image along an axis is all zeros there, wherever it lies), and the patches
-are one fancy-index of a strided window view. The results equal
-`glimpse.extract_patches` on the full canvas and `glimpse.information_ratio`
-exactly (tests/test_data_glimpses.py checks both).
+are one fancy-index of a strided window view. The patches equal
+`glimpse.extract_patches` on the full canvas exactly
+(tests/test_data_glimpses.py checks it); the ratio is
+`glimpse.information_ratio`, which never needs the canvas either.
 
 Example contract (numpy, per sequence of T glimpses):
   "patches" (T, 768) uint8, official (channel, row, col) order;
@@ -23,13 +24,6 @@ import numpy as np
 from mambaeye_jax import glimpse
 
 P = glimpse.PATCH_SIZE
-
-# Above this many image pixels the Python-loop painter of glimpse.py (cost
-# ~T slices plus one pass over the area) beats the sliding minimum below
-# (~10 passes over the area). Measured crossover on one core at T = 1024:
-# ~0.8 to 1 megapixel.
-_MIN_FILTER_MAX_AREA = 800_000
-
 
 def _check(canvas_hw: tuple[int, int], box: glimpse.ImageBox,
            positions: np.ndarray) -> None:
@@ -78,47 +72,6 @@ def gather_patches(pixels: np.ndarray, canvas_hw: tuple[int, int],
   return windows[rows, cols].reshape(len(positions), pixels.shape[2] * P * P)
 
 
-def information_ratio(positions: np.ndarray,
-                      box: glimpse.ImageBox) -> np.ndarray:
-  """Exactly `glimpse.information_ratio`, vectorised for small images.
-
-  Each corner grid cell holds the first step that put a corner there; a
-  16 x 16 sliding minimum over that grid (four doubling passes per axis) is
-  then each pixel's first-visit step, and a histogram of those, accumulated,
-  counts the covered pixels per step. Large images use glimpse.py's painter.
-
-  Args:
-    positions: (T, 2) int canvas corners.
-    box: where the image lies on the canvas.
-
-  Returns:
-    (T,) float32 in [0, 1], non-decreasing.
-  """
-  positions = np.asarray(positions, np.int64)
-  h, w = box.height, box.width
-  num_steps = len(positions)
-  if h * w > _MIN_FILTER_MAX_AREA or num_steps >= np.iinfo(np.int32).max:
-    return glimpse.information_ratio(positions, box)
-  if h * w <= 0:
-    raise ValueError(f"image box {box} has no pixels")
-  dtype = np.int16 if num_steps < np.iinfo(np.int16).max else np.int32
-  # Corner grid index g = image row + 15: pixel i is covered by g in
-  # [i, i + 15]. Corners whose patch misses the image are dropped.
-  g_rows = positions[:, 0] - box.top + (P - 1)
-  g_cols = positions[:, 1] - box.left + (P - 1)
-  keep = ((g_rows >= 0) & (g_rows < h + P - 1)
-          & (g_cols >= 0) & (g_cols < w + P - 1))
-  first = np.full((h + P - 1, w + P - 1), num_steps, dtype)
-  steps = np.arange(num_steps, dtype=dtype)
-  np.minimum.at(first, (g_rows[keep], g_cols[keep]), steps[keep])
-  for shift in (1, 2, 4, 8):  # Window 2, 4, 8, 16 along rows.
-    first = np.minimum(first[:-shift], first[shift:])
-  for shift in (1, 2, 4, 8):  # ... then along columns: (h, w).
-    first = np.minimum(first[:, :-shift], first[:, shift:])
-  newly_covered = np.bincount(first.ravel(), minlength=num_steps + 1)
-  return (np.cumsum(newly_covered[:num_steps]) / (h * w)).astype(np.float32)
-
-
 def make_example(pixels: np.ndarray, canvas_hw: tuple[int, int],
                  box: glimpse.ImageBox, positions: np.ndarray,
                  label: int) -> dict[str, np.ndarray]:
@@ -139,7 +92,7 @@ def make_example(pixels: np.ndarray, canvas_hw: tuple[int, int],
   return {
       "patches": gather_patches(pixels, canvas_hw, box, positions),
       "positions": positions,
-      "ratio": information_ratio(positions, box),
+      "ratio": glimpse.information_ratio(positions, box),
       "label": np.int32(label),
       "length": np.int32(len(positions)),
   }

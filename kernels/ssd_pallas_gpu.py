@@ -59,6 +59,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from kernels import ssd_reference
+
 try:  # The Triton compiler parameters; absent from some CPU-only installs.
   from jax.experimental.pallas import triton as pltriton
 except ImportError:  # pragma: no cover
@@ -447,6 +449,12 @@ def _pad_last(t, size):
   return jnp.pad(t, widths)
 
 
+def _pad_state(state, p2, n2):
+  """(b, h, p, n) -> (b, h, p2, n2) float32, zero-padded like x and B."""
+  p, n = state.shape[-2:]
+  return jnp.pad(state.astype(_F32), ((0, 0), (0, 0), (0, p2 - p), (0, n2 - n)))
+
+
 def _pow2_at_least_16(v):
   return max(16, 1 << max(0, (v - 1).bit_length()))
 
@@ -473,11 +481,9 @@ def prepare(x, dt, A, B, C, segment_ids, cfg: SSDGpuConfig) -> _Prepared:
   run = runp = None
   if segment_ids is not None:
     seg = _pad_len(segment_ids, extra, mode="edge")
-    starts = jnp.concatenate(
-        [jnp.zeros((b, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
     # Run ids count segment starts: nondecreasing, so a chunk's last run id is
     # its max and the previous token's is the min of runp.
-    run = jnp.cumsum(starts.astype(jnp.int32), axis=1)
+    run = ssd_reference.renumber_segments(seg)
     runp = jnp.concatenate([run[:, :1], run[:, :-1]], axis=1)
   return _Prepared(x, dt, la, B, C, run, runp, splits, split_len, l)
 
@@ -599,8 +605,7 @@ def forward(x, dt, A, B, C, D, initial_state, segment_ids, *,
   st_shape = jax.ShapeDtypeStruct((b, h, s, p2, n2), _F32)
   s0 = None
   if initial_state is not None:
-    s0 = _pad_last(jnp.pad(initial_state.astype(_F32),
-                           ((0, 0), (0, 0), (0, p2 - p), (0, 0))), n2)
+    s0 = _pad_state(initial_state, p2, n2)
   s_in = None
   if s > 1:
     kernel = functools.partial(_state_kernel, q=q, n_chunks=n_chunks, cd=cd,
@@ -671,8 +676,7 @@ def backward(x, dt, A, B, C, D, initial_state, segment_ids, states, dy,
 
   dfin = None
   if dfinal is not None:
-    dfin = _pad_last(jnp.pad(dfinal.astype(_F32),
-                             ((0, 0), (0, 0), (0, p2 - p), (0, 0))), n2)
+    dfin = _pad_state(dfinal, p2, n2)
   ds_in = None
   if s > 1:
     kernel = functools.partial(_state_kernel, q=q, n_chunks=n_chunks, cd=cd,

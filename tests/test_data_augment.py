@@ -252,3 +252,35 @@ def test_canvas_config_validated():
     augment.AugmentConfig(canvas_min=8, canvas_max=64)
   with pytest.raises(ValueError, match="canvas_min"):
     augment.AugmentConfig(canvas_min=64, canvas_max=32)
+
+
+@pytest.mark.parametrize("jitter", [False, True])
+def test_grayscale_runs_on_one_band_and_matches_reference(jitter):
+  # Grayscale samples are resampled, blurred and warped as one L band (a
+  # third of the work); the output still has three equal channels and is
+  # as close to the step-by-step chain as the same plan without grayscale
+  # is to its own (the plans force perspective and blur, so both differ).
+  diffs = {True: [], False: []}
+  for seed in range(30):
+    image = _photo(seed, 70 + seed, 120 - seed // 2)
+    rng = np.random.default_rng(seed)
+    params = augment.plan(rng, *image.size, SMALL)
+    params["jitter"] = (augment._jitter_plan(rng, SMALL) if jitter
+                        else None)
+    params["erase"] = False
+    if seed % 3 == 0:  # Every path: blur, perspective, both, neither.
+      params["blur_sigma"] = 1.5
+    if seed % 2 == 0 and params["perspective"] is None:
+      params["perspective"] = augment._perspective_plan(
+          rng, *params["fit"], 0.5)
+      params["crop"] = (0, 0) + params["perspective"][0]
+    for gray in (True, False):
+      params["gray"] = gray
+      fast = augment.apply(image, params, rng, SMALL)
+      ref = augment.apply_reference(image, params, rng, SMALL)
+      if gray:
+        np.testing.assert_array_equal(fast[..., 0], fast[..., 1])
+        np.testing.assert_array_equal(fast[..., 0], fast[..., 2])
+      diffs[gray].append(np.abs(fast.astype(np.int16) - ref).mean())
+  # Measured: 1.9 (gray) vs 1.7 (colour) without jitter, 1.6 vs 1.6 with.
+  assert np.mean(diffs[True]) < np.mean(diffs[False]) + 0.5, diffs

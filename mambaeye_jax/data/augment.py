@@ -42,6 +42,10 @@ What this implementation does differently, and why it is the same data:
     grayscale mean, is taken from a 64-pixel thumbnail of the whole
     (uncropped) image with the earlier adjustments applied, as the official
     takes it from the whole image (within a gray level or so).
+  * Grayscale samples run as one L band from the grayscale step on (its
+    three channels are equal; a third of the resampling work), and from
+    before the fit when there is no jitter (point-wise, as above). The
+    output is expanded to three channels at the end.
   * Step 2 uses LANCZOS when shrinking, as DESIGN.md says. (The official
     code compares the already-fitted size with the canvas, so it in fact
     always takes BICUBIC.)
@@ -162,19 +166,22 @@ def _adjust(image: Image.Image, op: str, factor: float,
 
 
 def _colour(image: Image.Image, jitter: list[tuple[str, float]] | None,
-            gray: bool, thumbnail: Image.Image | None = None) -> Image.Image:
+            gray: bool, thumbnail: Image.Image | None = None,
+            gray_as_l: bool = False) -> Image.Image:
   """ColorJitter (in its drawn order) then grayscale, as the official.
 
   Args:
-    image: RGB image to adjust.
+    image: RGB image to adjust (or L when only `gray` is asked: unchanged).
     jitter: the plan of `_jitter_plan`, or None (no jitter).
     gray: convert to 3-channel grayscale at the end.
     thumbnail: when `image` is a crop of the image the official adjusts, a
       small copy of the whole image: the contrast mean is taken from it with
       the adjustments drawn before contrast applied.
+    gray_as_l: return the grayscale image as one L band (its three equal
+      channels), for later steps to work on a third of the bytes.
 
   Returns:
-    The adjusted RGB image.
+    The adjusted RGB image, or L when `gray` and `gray_as_l`.
   """
   if jitter:
     for op, factor in jitter:
@@ -186,7 +193,9 @@ def _colour(image: Image.Image, jitter: list[tuple[str, float]] | None,
       if thumbnail is not None:
         thumbnail = _adjust(thumbnail, op, factor)
   if gray:
-    image = image.convert("L").convert("RGB")
+    image = image.convert("L")
+    if not gray_as_l:
+      image = image.convert("RGB")
   return image
 
 
@@ -199,7 +208,10 @@ def _gaussian_kernel(size: int, sigma: float) -> np.ndarray:
 
 def _blur(image: Image.Image, kernel_wh: tuple[int, int],
           sigma: float) -> Image.Image:
-  """torchvision gaussian_blur on uint8: float conv, reflect pad, round."""
+  """torchvision gaussian_blur on uint8: float conv, reflect pad, round.
+
+  Any 8-bit mode (RGB or L); returns the same mode.
+  """
   pixels = np.asarray(image)
   kx, ky = kernel_wh
   # torch "reflect" padding excludes the edge pixel: scipy's "mirror".
@@ -209,7 +221,7 @@ def _blur(image: Image.Image, kernel_wh: tuple[int, int],
                             output=np.float32, mode="mirror")
   # Float32 bounds: with Python ints np.clip takes a slow path (~20x).
   np.clip(np.rint(out, out=out), np.float32(0), np.float32(255), out=out)
-  return Image.fromarray(out.astype(np.uint8), "RGB")
+  return Image.fromarray(out.astype(np.uint8), image.mode)
 
 
 # ---------------------------------------------------------------- geometry
@@ -368,13 +380,17 @@ def _apply_axis_aligned(image: Image.Image, params: dict[str, Any],
   # thumbnail of the whole (only jitter has a contrast step).
   thumbnail = _thumbnail(image) if jitter is not None else None
   if shrink or blur is not None:
+    if gray and jitter is None:
+      # Grayscale alone is point-wise: take it before the fit (to +-1
+      # level of rounding), so that every later step runs on one band.
+      image, colour = image.convert("L"), False
     mx, my = ((k // 2 for k in cfg.blur_kernel) if blur is not None
               else (0, 0))
     window = (max(0, x - mx), max(0, y - my), min(w1, x + cw + mx),
               min(h1, y + ch + my))
     base = _fitted(image, params, window)
     if colour:  # Before the blur, as the official.
-      base = _colour(base, jitter, gray, thumbnail)
+      base = _colour(base, jitter, gray, thumbnail, gray_as_l=True)
       colour = False
     if blur is not None:
       # Beyond the margin the kernel sees real pixels; at the image's own
@@ -401,12 +417,13 @@ def _apply_axis_aligned(image: Image.Image, params: dict[str, Any],
     box = (box[0] - region[0], box[1] - region[1], box[2] - region[0],
            box[3] - region[1])
   if colour and base.size[0] * base.size[1] <= rw * rh:
-    base, colour = _colour(base, jitter, gray, thumbnail), False
+    base = _colour(base, jitter, gray, thumbnail, gray_as_l=True)
+    colour = False
   out = base.resize((rw, rh), Image.Resampling.LANCZOS, box=box)
   if params["flip"]:
     out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
   if colour:  # The output is smaller than the input: colour it instead.
-    out = _colour(out, jitter, gray, thumbnail)
+    out = _colour(out, jitter, gray, thumbnail, gray_as_l=True)
   return out
 
 
@@ -453,6 +470,8 @@ def _apply_perspective(image: Image.Image, params: dict[str, Any],
   thumbnail = _thumbnail(image) if jitter is not None else None
   shrink = w1 < image.size[0] or h1 < image.size[1]
   if shrink or blur is not None:
+    if gray and jitter is None:  # Point-wise: before the fit, on one band.
+      image, colour = image.convert("L"), False
     base = _fitted(image, params, (wx0, wy0, wx1, wy1))
     to_base = np.array([[1, 0, -wx0], [0, 1, -wy0], [0, 0, 1]], np.float64)
   else:  # The warp reads the decoded image (BICUBIC enlargement adds none).
@@ -465,7 +484,7 @@ def _apply_perspective(image: Image.Image, params: dict[str, Any],
     to_base = np.array([[sx, 0, -offset[0]], [0, sy, -offset[1]], [0, 0, 1]],
                        np.float64)
   if colour:
-    base = _colour(base, jitter, gray, thumbnail)
+    base = _colour(base, jitter, gray, thumbnail, gray_as_l=True)
   if blur is not None:
     base = _blur(base, cfg.blur_kernel, blur)
   crop_w, crop_h = cw * to_base[0, 0], ch * to_base[1, 1]  # Base pixels.
@@ -488,7 +507,7 @@ def _apply_perspective(image: Image.Image, params: dict[str, Any],
   m = m / m[2, 2]
   out = base.transform(grid, Image.Transform.PERSPECTIVE,
                        tuple(m.reshape(-1)[:8]), Image.Resampling.BICUBIC,
-                       fillcolor=(0, 0, 0))
+                       fillcolor=0 if base.mode == "L" else (0, 0, 0))
   if grid != (rw, rh):
     out = out.resize((rw, rh), Image.Resampling.LANCZOS)
   return out
@@ -512,6 +531,8 @@ def apply(image: Image.Image, params: dict[str, Any], rng: np.random.Generator,
     out = _apply_axis_aligned(image, params, cfg)
   else:
     out = _apply_perspective(image, params, cfg)
+  if out.mode == "L":  # Grayscale, kept as one band since the colour step.
+    out = out.convert("RGB")
   pixels = np.array(out, np.uint8)  # Writable copy for erasing.
   if params["erase"]:
     _random_erase(pixels, rng, cfg)

@@ -157,11 +157,13 @@ def _adjust(image: Image.Image, op: str, factor: float,
   if op == "saturation":
     return ImageEnhance.Color(image).enhance(factor)
   if op == "hue":
-    hsv = np.array(image.convert("HSV"))
     # torchvision adds np.uint8(hue * 255) to H with uint8 wrap-around;
     # int() truncates toward zero as that C cast does, % 256 wraps negatives.
-    hsv[..., 0] += np.uint8(int(factor * 255) % 256)
-    return Image.fromarray(hsv, "HSV").convert("RGB")
+    # A lookup table on the HSV image (identity on S and V) does it without
+    # a round trip through numpy.
+    shift = int(factor * 255) % 256
+    table = [(v + shift) % 256 for v in range(256)] + list(range(256)) * 2
+    return image.convert("HSV").point(table).convert("RGB")
   raise ValueError(f"unknown colour op {op!r}")
 
 

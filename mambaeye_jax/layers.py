@@ -5,8 +5,11 @@ Dimension letters: b batch, t time (glimpses), d features, k conv taps.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from kernels import ssd_reference
@@ -56,6 +59,71 @@ class RMSNorm(nnx.Module):
     return rms_normalize(x, self.weight[...], self.eps)
 
 
+def _silu_and_grad(z: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """silu(z) and its derivative, float32 in, float32 out."""
+  sig = jax.nn.sigmoid(z)
+  return z * sig, sig * (1.0 + z * (1.0 - sig))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def gated_rms_norm(y: jax.Array, z: jax.Array, weight: jax.Array, eps: float,
+                   group_size: int, out_dtype) -> jax.Array:
+  """norm(y * silu(z)) * weight, computed in float32, returned in out_dtype.
+
+  A custom VJP so that the backward pass reads y and z in their own (bf16)
+  dtype plus one float32 scale per row and group, instead of autodiff's saved
+  float32 copies of y * silu(z) (measured: the float32 intermediates of this
+  norm were a tenth of the training step on an H100).
+
+  Args:
+    y: (..., d) SSD output.
+    z: (..., d) gate.
+    weight: (d,) scale.
+    eps: added to the mean square.
+    group_size: features per normalised group (d // ngroups).
+    out_dtype: dtype of the result (the compute dtype of the next matmul).
+
+  Returns:
+    (..., d) in out_dtype.
+  """
+  return _gated_rms_norm_fwd(y, z, weight, eps, group_size, out_dtype)[0]
+
+
+def _grouped(x: jax.Array, group_size: int) -> jax.Array:
+  return x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
+
+
+def _gated_rms_norm_fwd(y, z, weight, eps, group_size, out_dtype):
+  gated = _grouped(y.astype(jnp.float32) * _silu_and_grad(z.astype(jnp.float32))[0], group_size)
+  rstd = jax.lax.rsqrt(jnp.mean(gated * gated, axis=-1, keepdims=True) + eps)
+  # The barrier keeps XLA's GPU normalisation fusion from taking this norm:
+  # that fusion cannot absorb the gating product, so it wrote y * silu(z) in
+  # float32 and read it back (measured: 0.64 ms a layer at 262k tokens, against
+  # one reduction pass and one elementwise pass over the bf16 inputs).
+  rstd = jax.lax.optimization_barrier(rstd)
+  out = (gated * rstd).reshape(y.shape) * weight.astype(jnp.float32)
+  return out.astype(out_dtype), (y, z, weight, rstd)
+
+
+def _gated_rms_norm_bwd(eps, group_size, out_dtype, residuals, d_out):
+  del eps, out_dtype
+  y, z, weight, rstd = residuals
+  silu_z, dsilu_z = _silu_and_grad(z.astype(jnp.float32))
+  y32 = y.astype(jnp.float32)
+  normed = _grouped(y32 * silu_z, group_size) * rstd  # (..., groups, group_size)
+  d_out = d_out.astype(jnp.float32)
+  d_weight = jnp.sum((d_out * normed.reshape(y.shape)).reshape(-1, y.shape[-1]), axis=0)
+  d_normed = _grouped(d_out * weight.astype(jnp.float32), group_size)
+  # d gated = rstd * (d_normed - normed * mean(d_normed * normed)) per group.
+  d_gated = rstd * (d_normed - normed * jnp.mean(d_normed * normed, axis=-1, keepdims=True))
+  d_gated = d_gated.reshape(y.shape)
+  return ((d_gated * silu_z).astype(y.dtype), (d_gated * y32 * dsilu_z).astype(z.dtype),
+          d_weight.astype(weight.dtype))
+
+
+gated_rms_norm.defvjp(_gated_rms_norm_fwd, _gated_rms_norm_bwd)
+
+
 class GatedRMSNorm(nnx.Module):
   """mamba_ssm's RMSNormGated with norm_before_gate=False: norm(y * silu(z))."""
 
@@ -66,10 +134,9 @@ class GatedRMSNorm(nnx.Module):
     self.group_size = group_size
     self.eps = eps
 
-  def __call__(self, y: jax.Array, z: jax.Array) -> jax.Array:
-    """y, z: (..., dim) -> (..., dim) float32."""
-    gated = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
-    return rms_normalize(gated, self.weight[...], self.eps, self.group_size)
+  def __call__(self, y: jax.Array, z: jax.Array, out_dtype=jnp.float32) -> jax.Array:
+    """y, z: (..., dim) -> (..., dim) in out_dtype (computed in float32)."""
+    return gated_rms_norm(y, z, self.weight[...], self.eps, self.group_size, out_dtype)
 
 
 def causal_depthwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array,
@@ -111,3 +178,100 @@ def causal_depthwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array,
       window = jnp.where(same[..., None], window, 0.0)
     out = out + window * kernel[k].astype(jnp.float32)
   return out
+
+
+def _shift_back(x: jax.Array, lag: int) -> jax.Array:
+  """x_{t - lag} along axis 1 with zeros before the start: (b, t, d)."""
+  if not lag:
+    return x
+  return jnp.pad(x, ((0, 0), (lag, 0), (0, 0)))[:, :x.shape[1]]
+
+
+def _shift_forward(x: jax.Array, lag: int) -> jax.Array:
+  """x_{t + lag} along axis 1 with zeros past the end: (b, t, d)."""
+  if not lag:
+    return x
+  return jnp.pad(x, ((0, 0), (0, lag), (0, 0)))[:, lag:]
+
+
+def _same_segment(segment_ids: jax.Array | None, lag: int) -> jax.Array | None:
+  """(b, t, 1) bool: token t and token t - lag share a segment (None: always)."""
+  if segment_ids is None or not lag:
+    return None
+  earlier = jnp.pad(segment_ids, ((0, 0), (lag, 0)), mode="edge")[:, :segment_ids.shape[1]]
+  return (earlier == segment_ids)[..., None]
+
+
+def _conv_taps(x: jax.Array, segment_ids: jax.Array | None, taps: int):
+  """The K causal windows of x: [(k, x_{t - (K-1-k)} masked to t's segment)], f32."""
+  x32 = x.astype(jnp.float32)
+  out = []
+  for k in range(taps):
+    lag = taps - 1 - k
+    window = _shift_back(x32, lag)
+    same = _same_segment(segment_ids, lag)
+    out.append(window if same is None else jnp.where(same, window, 0.0))
+  return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def causal_conv_silu(x: jax.Array, kernel: jax.Array, bias: jax.Array,
+                     segment_ids: jax.Array | None, out_dtype) -> jax.Array:
+  """silu(causal_depthwise_conv(x)), computed in float32, returned in out_dtype.
+
+  The parallel form used in training and evaluation (no history). A custom
+  VJP recomputes the convolution from x in the backward pass and takes the
+  kernel's gradient for all taps in one reduction; autodiff of the plain
+  form saved a float32 copy of the conv input's gradient and read it once per
+  tap (measured on an H100: ~0.5 ms a layer at 65k tokens).
+
+  Args:
+    x: (b, t, d) conv input, any float dtype.
+    kernel: (K, d) taps, kernel[K - 1] multiplies the current token.
+    bias: (d,).
+    segment_ids: (b, t) int or None; taps never reach into another segment.
+    out_dtype: dtype of the result.
+
+  Returns:
+    (b, t, d) in out_dtype.
+  """
+  return _causal_conv_silu_fwd(x, kernel, bias, segment_ids, out_dtype)[0]
+
+
+def _conv_pre_activation(windows, kernel, bias):
+  """bias + sum_k windows[k] * kernel[k], float32 (b, t, d)."""
+  out = bias.astype(jnp.float32)
+  for k, window in enumerate(windows):
+    out = out + window * kernel[k].astype(jnp.float32)
+  return out
+
+
+def _causal_conv_silu_fwd(x, kernel, bias, segment_ids, out_dtype):
+  if segment_ids is not None:
+    segment_ids = ssd_reference.renumber_segments(segment_ids)
+  pre = _conv_pre_activation(_conv_taps(x, segment_ids, kernel.shape[0]), kernel, bias)
+  return _silu_and_grad(pre)[0].astype(out_dtype), (x, kernel, bias, segment_ids)
+
+
+def _causal_conv_silu_bwd(out_dtype, residuals, d_out):
+  del out_dtype
+  x, kernel, bias, segment_ids = residuals
+  taps = kernel.shape[0]
+  windows = _conv_taps(x, segment_ids, taps)
+  pre = _conv_pre_activation(windows, kernel, bias)
+  d_pre = d_out.astype(jnp.float32) * _silu_and_grad(pre)[1]
+  # One reduction over (b, t) for every tap and the bias.
+  stacked = jnp.stack(windows + [jnp.ones_like(d_pre)], axis=-2)  # (b, t, K + 1, d)
+  d_params = jnp.sum(d_pre[..., None, :] * stacked, axis=(0, 1))
+  d_x = 0.0
+  for k in range(taps):
+    lag = taps - 1 - k
+    same = _same_segment(segment_ids, lag)
+    contrib = d_pre if same is None else jnp.where(same, d_pre, 0.0)
+    d_x = d_x + _shift_forward(contrib, lag) * kernel[k].astype(jnp.float32)
+  d_segments = None if segment_ids is None else np.zeros(segment_ids.shape, jax.dtypes.float0)
+  return (d_x.astype(x.dtype), d_params[:taps].astype(kernel.dtype),
+          d_params[taps].astype(bias.dtype), d_segments)
+
+
+causal_conv_silu.defvjp(_causal_conv_silu_fwd, _causal_conv_silu_bwd)

@@ -68,7 +68,7 @@ def _time_calls(fn, iters: int) -> list[float]:
   return times
 
 
-def _where() -> str:
+def where() -> str:
   import jax  # pylint: disable=g-import-not-at-top
   return f"{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}"
 
@@ -79,58 +79,91 @@ def _peak_gb(device) -> float | None:
   return None if peak is None else peak / 1e9
 
 
-def run_train(args, dtype: str, impl: str, num_devices: int = 1) -> dict:
-  """One training case; returns images/s, median ms, peak GB."""
+def make_train_call(variant: str, dtype: str, impl: str, *, remat: bool, padded: bool,
+                    batch: int, length: int, num_devices: int = 1, scan_layers: bool = True):
+  """The real training step on a random batch of `batch` rows per device.
+
+  Returns:
+    call: () -> loss, one training step (the state is donated and kept).
+    lower: () -> the jax `Lowered` step, for its HLO.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   from mambaeye_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   from mambaeye_jax import optim, sharding, train_lib  # pylint: disable=g-import-not-at-top
-  config = model_lib.get_config(args.variant, dtype=dtype, ssd_impl=impl, remat=args.remat)
+  config = model_lib.get_config(variant, dtype=dtype, ssd_impl=impl, remat=remat,
+                                scan_layers=scan_layers)
   ocfg = optim.OptimConfig(total_steps=10_000, warmup_steps=100)
   tx = optim.make_optimizer(ocfg)
   mesh = sharding.make_mesh(num_devices)
   state, shardings, _ = train_lib.create_train_state(config, tx, 0, mesh)
-  step = train_lib.compile_train_step(
-      train_lib.make_train_step(train_lib.model_graphdef(config), tx,
-                                optim.learning_rate_schedule(ocfg), (16, 64, 256),
-                                packed=not args.padded),
-      shardings, mesh)
-  global_batch = args.batch * num_devices
-  batch = sharding.global_batch(
-      _random_batch(global_batch, args.train_len, config.num_classes), mesh)
+  train_step = train_lib.make_train_step(
+      train_lib.model_graphdef(config), tx, optim.learning_rate_schedule(ocfg), (16, 64, 256),
+      packed=not padded)
+  step = train_lib.compile_train_step(train_step, shardings, mesh)
+  global_batch = sharding.global_batch(
+      _random_batch(batch * num_devices, length, config.num_classes), mesh)
   holder = {"state": state}
 
   def call():
-    holder["state"], metrics = step(holder["state"], batch)
+    holder["state"], metrics = step(holder["state"], global_batch)
     return metrics["loss"]
 
+  def lower():
+    with jax.set_mesh(mesh):
+      return step.jitted.lower(holder["state"], global_batch)
+
+  return call, lower
+
+
+def run_train(args, dtype: str, impl: str, num_devices: int = 1) -> dict:
+  """One training case; returns images/s, median ms, peak GB."""
+  import jax  # pylint: disable=g-import-not-at-top
+  call, _ = make_train_call(args.variant, dtype, impl, remat=args.remat, padded=args.padded,
+                            batch=args.batch, length=args.train_len, num_devices=num_devices,
+                            scan_layers=not args.unroll_layers)
   times = _time_calls(call, args.iters)
   median = statistics.median(times)
+  global_batch = args.batch * num_devices
   return {"case": "train", "dtype": dtype, "impl": impl, "devices": num_devices,
           "remat": args.remat,
           "batch": global_batch, "length": args.train_len, "ms": 1000 * median,
           "images_per_sec": global_batch / median,
-          "peak_gb": _peak_gb(jax.local_devices()[0]), "device": _where()}
+          "peak_gb": _peak_gb(jax.local_devices()[0]), "device": where()}
 
 
-def run_infer(args, dtype: str, impl: str) -> dict:
+def make_infer_call(variant: str, dtype: str, impl: str, *, batch: int, length: int,
+                    scan_layers: bool = True):
+  """The parallel forward (logits of every step) on a random batch.
+
+  Returns:
+    call: () -> logits (batch, length, classes) float32.
+    lower: () -> the jax `Lowered` forward, for its HLO.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from mambaeye_jax import model as model_lib  # pylint: disable=g-import-not-at-top
-  config = model_lib.get_config(args.variant, dtype=dtype, ssd_impl=impl)
+  config = model_lib.get_config(variant, dtype=dtype, ssd_impl=impl, scan_layers=scan_layers)
   model = model_lib.MambaEye(config, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model)
-  host = _random_batch(args.batch, args.infer_len, config.num_classes)
+  host = _random_batch(batch, length, config.num_classes)
   patches, positions = jax.device_put(host["patches"]), jax.device_put(host["positions"])
 
   @jax.jit
   def forward(params, patches, positions):
     return nnx.merge(graphdef, params)(patches, positions)
 
-  times = _time_calls(lambda: forward(params, patches, positions), args.iters)
+  return (lambda: forward(params, patches, positions),
+          lambda: forward.lower(params, patches, positions))
+
+
+def run_infer(args, dtype: str, impl: str) -> dict:
+  call, _ = make_infer_call(args.variant, dtype, impl, batch=args.batch, length=args.infer_len,
+                            scan_layers=not args.unroll_layers)
+  times = _time_calls(call, args.iters)
   median = statistics.median(times)
   return {"case": "infer", "dtype": dtype, "impl": impl, "devices": 1, "batch": args.batch,
           "length": args.infer_len, "ms": 1000 * median,
-          "images_per_sec": args.batch / median, "peak_gb": None, "device": _where()}
+          "images_per_sec": args.batch / median, "peak_gb": None, "device": where()}
 
 
 def _available_impls(requested: list[str]) -> list[str]:
@@ -164,6 +197,7 @@ def _subprocess_case(args, case: str) -> list[dict]:
          f"--train_len={args.train_len}", f"--infer_len={args.infer_len}",
          f"--iters={args.iters}"]
   cmd += (["--remat"] if args.remat else []) + (["--padded"] if args.padded else [])
+  cmd += ["--unroll_layers"] if args.unroll_layers else []
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout)
   # A library may print on the same line before the JSON (no newline).
   lines = [l[l.index('{"case"'):] for l in proc.stdout.splitlines() if '{"case"' in l]
@@ -191,6 +225,7 @@ def print_table(rows: list[dict], args) -> None:
       print(f"| {r['case']} | failed: {r['error']} | | | | | |")
       continue
     name = f"{r['case']} T={r['length']}" + (" remat" if r.get("remat") else "")
+    name += " unrolled" if args.unroll_layers else ""
     name += " padded" if args.padded and r["case"] == "train" else ""
     print(f"| {name} | {r['dtype']} | {r['impl']} | {r['devices']} | {r['ms']:.2f} | "
           f"{r['images_per_sec']:.0f} | {_fmt(r['peak_gb'], '.2f')} |")
@@ -218,6 +253,8 @@ def main():
   parser.add_argument("--padded", action="store_true",
                       help="train on padded rows (no segment ids), as configs without "
                            "packing do; default: segment ids, as packed rows need")
+  parser.add_argument("--unroll_layers", action="store_true",
+                      help="ModelConfig.scan_layers=False: the blocks unrolled, not scanned")
   parser.add_argument("--dp", action="store_true", help="also data parallel on all devices")
   parser.add_argument("--devices", default="",
                       help="device counts for training cases, e.g. 1,2,4 (replaces the "

@@ -523,6 +523,7 @@ def compile_train_step(train_step: Callable, state_shardings, mesh: jax.sharding
     with jax.set_mesh(mesh):
       return jitted(state, batch)
 
+  step.jitted = jitted  # For lowering (HLO dumps, cost analysis).
   return step
 
 

@@ -1,0 +1,148 @@
+r"""Where the time of a MambaEye step goes: a GPU kernel table from a JAX trace.
+
+    python benchmarks/profile_step.py --case train --remat --padded
+    python benchmarks/profile_step.py --case infer --length 4096
+    python benchmarks/profile_step.py --case train --hlo_out /tmp/step.hlo.txt
+
+Runs the real training step (or the inference forward) of
+`benchmarks/bench_model.py` a few times under `jax.profiler.trace`, reads the
+Perfetto trace back and prints, per step, the device time of each kernel
+grouped into categories (matmuls, the SSD kernel, XLA fusions, copies,
+collectives), then the longest kernels with the HLO op that launched them.
+`--hlo_out` also writes the optimised HLO so that a fusion's name can be
+looked up (what it reads, writes and computes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench_model  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# Kernel name -> category, first match wins.
+_CATEGORIES = (
+    ("ssd kernel", re.compile(r"ssd|_chunk_", re.I)),
+    ("matmul", re.compile(r"gemm|cutlass|xmma|nvjet|sm90|sm80|cublas|dot|matmul", re.I)),
+    ("collective", re.compile(r"nccl|all_reduce|all-reduce|allreduce", re.I)),
+    ("copy/memset", re.compile(r"memcpy|memset|copy", re.I)),
+    ("reduction fusion", re.compile(r"reduce", re.I)),
+    ("other fusion", re.compile(r"fusion|loop_|input_|wrapped_", re.I)),
+)
+
+
+def _category(name: str) -> str:
+  for label, pattern in _CATEGORIES:
+    if pattern.search(name):
+      return label
+  return "other"
+
+
+def read_trace(logdir: str) -> list[dict]:
+  """The Perfetto trace events written by jax.profiler.trace under logdir."""
+  files = glob.glob(os.path.join(logdir, "**", "perfetto_trace.json.gz"), recursive=True)
+  if not files:
+    raise FileNotFoundError(f"no perfetto_trace.json.gz under {logdir}")
+  with gzip.open(sorted(files)[-1]) as f:
+    trace = json.load(f)
+  return trace["traceEvents"] if isinstance(trace, dict) else trace
+
+
+def device_kernels(events: list[dict]) -> list[dict]:
+  """Complete events on the GPU streams (not the derived 'XLA Ops' rows)."""
+  process = {e["pid"]: e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+  thread = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+            if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  gpu_pids = {pid for pid, name in process.items() if "/device:GPU" in name}
+  out = []
+  for e in events:
+    if e.get("ph") != "X" or e.get("pid") not in gpu_pids:
+      continue
+    tname = thread.get((e["pid"], e.get("tid")), "")
+    if "Stream" not in tname:
+      continue
+    out.append(e)
+  return out
+
+
+def print_profile(kernels: list[dict], steps: int, top: int) -> None:
+  """Per-step ms by category and the `top` longest kernels."""
+  by_name = collections.defaultdict(lambda: [0.0, 0, ""])
+  for e in kernels:
+    entry = by_name[e["name"]]
+    entry[0] += e.get("dur", 0.0) / 1000.0
+    entry[1] += 1
+    args = e.get("args") or {}
+    entry[2] = entry[2] or args.get("hlo_op", "") or args.get("long_name", "")[:60]
+  total = sum(v[0] for v in by_name.values()) / steps
+  cats = collections.defaultdict(float)
+  for name, (ms, _, hlo) in by_name.items():
+    cats[_category(name + " " + hlo)] += ms / steps
+  print(f"\ndevice time per step: {total:.2f} ms ({len(kernels) // steps} kernels per step)")
+  print(f"{'category':<20} {'ms/step':>9} {'share':>7}")
+  for label, ms in sorted(cats.items(), key=lambda kv: -kv[1]):
+    print(f"{label:<20} {ms:9.3f} {100 * ms / total:6.1f}%")
+  print(f"\n{'kernel':<60} {'hlo op':<28} {'calls':>6} {'ms/step':>9} {'share':>7}")
+  for name, (ms, calls, hlo) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]:
+    print(f"{name[:60]:<60} {hlo[:28]:<28} {calls // steps:6d} {ms / steps:9.3f} "
+          f"{100 * ms / steps / total:6.1f}%")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--case", choices=("train", "infer"), default="train")
+  parser.add_argument("--variant", default="tiny")
+  parser.add_argument("--dtype", default="bfloat16")
+  parser.add_argument("--impl", default="pallas")
+  parser.add_argument("--batch", type=int, default=64)
+  parser.add_argument("--length", type=int, default=1024)
+  parser.add_argument("--remat", action="store_true")
+  parser.add_argument("--padded", action="store_true")
+  parser.add_argument("--unroll_layers", action="store_true")
+  parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--top", type=int, default=40)
+  parser.add_argument("--hlo_out", default="", help="write the optimised HLO text here")
+  args = parser.parse_args()
+
+  import jax  # pylint: disable=g-import-not-at-top
+  if args.case == "train":
+    call, lowered = bench_model.make_train_call(
+        args.variant, args.dtype, args.impl, remat=args.remat, padded=args.padded,
+        batch=args.batch, length=args.length, scan_layers=not args.unroll_layers)
+  else:
+    call, lowered = bench_model.make_infer_call(
+        args.variant, args.dtype, args.impl, batch=args.batch, length=args.length,
+        scan_layers=not args.unroll_layers)
+  if args.hlo_out:
+    with open(args.hlo_out, "w") as f:
+      f.write(lowered().compile().as_text())
+  for _ in range(3):
+    jax.block_until_ready(call())
+  logdir = tempfile.mkdtemp(prefix="mambaeye_profile_")
+  with jax.profiler.trace(logdir, create_perfetto_trace=True):
+    for _ in range(args.steps):
+      jax.block_until_ready(call())
+  kernels = device_kernels(read_trace(logdir))
+  print(f"{args.case} {args.variant} {args.dtype} {args.impl} batch {args.batch} "
+        f"T {args.length}{' remat' if args.remat else ''}{' padded' if args.padded else ''}"
+        f"{' unrolled' if args.unroll_layers else ''}, "
+        f"{bench_model.where()}")
+  if not kernels:
+    print("no GPU kernels in the trace (is this a GPU?)")
+    return
+  print_profile(kernels, args.steps, args.top)
+
+
+if __name__ == "__main__":
+  main()

@@ -36,8 +36,9 @@ What this implementation does differently, and why it is the same data:
     bounds it against `apply_reference`, the step-by-step chain).
   * Point-wise colour steps (jitter, grayscale) run on the smallest image
     where the official order allows: before the geometry (the official
-    order), or after it when there is no perspective (whose black fill the
-    official never colours). Point-wise maps commute with resampling up to
+    order; on the decoded pixels, before the fit, when the fit enlarges),
+    or after it when there is no perspective (whose black fill the
+    official never colours) and blur. Point-wise maps commute with resampling up to
     8-bit rounding; the one non-point-wise input, the contrast adjustment's
     grayscale mean, is taken from a 64-pixel thumbnail of the whole
     (uncropped) image with the earlier adjustments applied, as the official
@@ -332,8 +333,16 @@ def plan(rng: np.random.Generator, width: int, height: int,
 
 
 def _fitted(image: Image.Image, params: dict[str, Any],
-            window: tuple[int, int, int, int] | None = None) -> Image.Image:
-  """The official fitted image (step 2), or only a window of it.
+            window: tuple[int, int, int, int],
+            jitter: list[tuple[str, float]] | None = None, gray: bool = False,
+            thumbnail: Image.Image | None = None) -> Image.Image:
+  """A window of the official fitted image (step 2), colour steps applied.
+
+  The colour steps are point-wise, so they run on the smaller of the two
+  images they may see (to +-1 level of rounding): the part of the decoded
+  image that the fit reads when the fit enlarges, the fitted window when it
+  shrinks. Grayscale alone always runs first, so that the fit resamples
+  one band.
 
   Args:
     image: decoded RGB image (maybe DCT-reduced: any size >= the fit).
@@ -341,17 +350,38 @@ def _fitted(image: Image.Image, params: dict[str, Any],
     window: (x0, y0, x1, y1) in fitted pixels; PIL resamples a box exactly
       as the whole image (to +-1 level of rounding), so the window equals
       that part of the full fitted image.
+    jitter, gray, thumbnail: as `_colour`.
 
   Returns:
-    RGB image of the window's size (default: the whole fitted size).
+    The window: RGB, or L when `gray`.
   """
   w1, h1 = params["fit"]
-  x0, y0, x1, y1 = window or (0, 0, w1, h1)
-  sx, sy = image.size[0] / w1, image.size[1] / h1
-  shrink = w1 < image.size[0] or h1 < image.size[1]
-  return image.resize((x1 - x0, y1 - y0), Image.Resampling.LANCZOS if shrink
-                      else Image.Resampling.BICUBIC,
-                      box=(x0 * sx, y0 * sy, x1 * sx, y1 * sy))
+  x0, y0, x1, y1 = window
+  width, height = image.size
+  sx, sy = width / w1, height / h1
+  shrink = w1 < width or h1 < height
+  box = (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
+  colour = jitter is not None or gray
+  if colour and (not shrink or jitter is None):
+    # Only the part the resize reads: the box plus the filter's support
+    # (LANCZOS 3, BICUBIC 2 input pixels, times the shrink) and one, so
+    # that the resize sees the same pixels as on the whole image.
+    support = 3.0 if shrink else 2.0
+    pad_x, pad_y = support * max(1.0, sx) + 1, support * max(1.0, sy) + 1
+    region = (max(0, math.floor(box[0] - pad_x)),
+              max(0, math.floor(box[1] - pad_y)),
+              min(width, math.ceil(box[2] + pad_x)),
+              min(height, math.ceil(box[3] + pad_y)))
+    image = _colour(image.crop(region), jitter, gray, thumbnail,
+                    gray_as_l=True)
+    box = (box[0] - region[0], box[1] - region[1], box[2] - region[0],
+           box[3] - region[1])
+    colour = False
+  out = image.resize((x1 - x0, y1 - y0), Image.Resampling.LANCZOS if shrink
+                     else Image.Resampling.BICUBIC, box=box)
+  if colour:
+    out = _colour(out, jitter, gray, thumbnail, gray_as_l=True)
+  return out
 
 
 def _thumbnail(image: Image.Image) -> Image.Image:
@@ -382,18 +412,13 @@ def _apply_axis_aligned(image: Image.Image, params: dict[str, Any],
   # thumbnail of the whole (only jitter has a contrast step).
   thumbnail = _thumbnail(image) if jitter is not None else None
   if shrink or blur is not None:
-    if gray and jitter is None:
-      # Grayscale alone is point-wise: take it before the fit (to +-1
-      # level of rounding), so that every later step runs on one band.
-      image, colour = image.convert("L"), False
     mx, my = ((k // 2 for k in cfg.blur_kernel) if blur is not None
               else (0, 0))
     window = (max(0, x - mx), max(0, y - my), min(w1, x + cw + mx),
               min(h1, y + ch + my))
-    base = _fitted(image, params, window)
-    if colour:  # Before the blur, as the official.
-      base = _colour(base, jitter, gray, thumbnail, gray_as_l=True)
-      colour = False
+    # Coloured before the blur, as the official.
+    base = _fitted(image, params, window, jitter, gray, thumbnail)
+    colour = False
     if blur is not None:
       # Beyond the margin the kernel sees real pixels; at the image's own
       # edges the window edge is the image edge, reflected as the official.
@@ -472,9 +497,9 @@ def _apply_perspective(image: Image.Image, params: dict[str, Any],
   thumbnail = _thumbnail(image) if jitter is not None else None
   shrink = w1 < image.size[0] or h1 < image.size[1]
   if shrink or blur is not None:
-    if gray and jitter is None:  # Point-wise: before the fit, on one band.
-      image, colour = image.convert("L"), False
-    base = _fitted(image, params, (wx0, wy0, wx1, wy1))
+    base = _fitted(image, params, (wx0, wy0, wx1, wy1), jitter, gray,
+                   thumbnail)
+    colour = False
     to_base = np.array([[1, 0, -wx0], [0, 1, -wy0], [0, 0, 1]], np.float64)
   else:  # The warp reads the decoded image (BICUBIC enlargement adds none).
     sx, sy = image.size[0] / w1, image.size[1] / h1

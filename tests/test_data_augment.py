@@ -284,3 +284,15 @@ def test_grayscale_runs_on_one_band_and_matches_reference(jitter):
       diffs[gray].append(np.abs(fast.astype(np.int16) - ref).mean())
   # Measured: 1.9 (gray) vs 1.7 (colour) without jitter, 1.6 vs 1.6 with.
   assert np.mean(diffs[True]) < np.mean(diffs[False]) + 0.5, diffs
+
+
+def test_contrast_thumbnail_keeps_the_gray_mean():
+  # The contrast adjustment's level comes from a 64 x 64 thumbnail; its
+  # gray mean must be the whole image's to well within a level.
+  for seed, (h, w) in enumerate([(90, 130), (375, 500), (700, 40), (5, 3)]):
+    image = _photo(seed, h, w)
+    thumb = augment._thumbnail(image)
+    assert thumb.size == (64, 64)
+    whole = np.asarray(image.convert("L"), np.float64).mean()
+    assert abs(np.asarray(thumb.convert("L"), np.float64).mean()
+               - whole) < 1.0

@@ -296,3 +296,27 @@ def test_contrast_thumbnail_keeps_the_gray_mean():
     whole = np.asarray(image.convert("L"), np.float64).mean()
     assert abs(np.asarray(thumb.convert("L"), np.float64).mean()
                - whole) < 1.0
+
+
+def test_colour_jitter_equals_the_adjustments_one_by_one():
+  # Brightness and contrast run as composed lookup tables; the result must
+  # equal torchvision's adjustments applied one by one, for any drawn order
+  # and factors (including extrapolating ones, which clip).
+  image = _photo(3, 60, 80)
+  for seed in range(40):
+    jitter = augment._jitter_plan(np.random.default_rng(seed),
+                                  augment.AugmentConfig())
+    want = image
+    for op, factor in jitter:
+      want = augment._adjust(want, op, factor)
+    np.testing.assert_array_equal(
+        np.asarray(augment._colour(image, jitter, False)), np.asarray(want))
+    # With a thumbnail equal to the image, the contrast level is the same.
+    np.testing.assert_array_equal(
+        np.asarray(augment._colour(image, jitter, False, thumbnail=image)),
+        np.asarray(want))
+  for factor in (0.0, 0.6, 1.0, 1.4, 2.5):  # Exact blend, clipping included.
+    np.testing.assert_array_equal(
+        np.asarray(augment._apply_table(image,
+                                        augment._blend_table(0, factor))),
+        np.asarray(ImageEnhance.Brightness(image).enhance(factor)))

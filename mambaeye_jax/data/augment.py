@@ -168,6 +168,24 @@ def _adjust(image: Image.Image, op: str, factor: float,
   raise ValueError(f"unknown colour op {op!r}")
 
 
+def _blend_table(level: int, factor: float) -> list[int]:
+  """`Image.blend(constant level, image, factor)` for each 8-bit value.
+
+  PIL's own blend of the 256 levels (its float arithmetic and clipping), so
+  `image.point` of this table equals the blend exactly.
+  """
+  ramp = Image.frombytes("L", (256, 1), bytes(range(256)))
+  return list(Image.blend(Image.new("L", (256, 1), level), ramp,
+                          factor).tobytes())
+
+
+def _apply_table(image: Image.Image, table: list[int] | None) -> Image.Image:
+  """The same 8-bit lookup table on every band (None: unchanged)."""
+  if table is None:
+    return image
+  return image.point(table * len(image.getbands()))
+
+
 def _colour(image: Image.Image, jitter: list[tuple[str, float]] | None,
             gray: bool, thumbnail: Image.Image | None = None,
             gray_as_l: bool = False) -> Image.Image:
@@ -186,15 +204,29 @@ def _colour(image: Image.Image, jitter: list[tuple[str, float]] | None,
   Returns:
     The adjusted RGB image, or L when `gray` and `gray_as_l`.
   """
-  if jitter:
-    for op, factor in jitter:
-      mean = None
-      if op == "contrast" and thumbnail is not None:
-        mean = _gray_mean(thumbnail)
-        thumbnail = None  # Later adjustments never read it.
-      image = _adjust(image, op, factor, mean)
-      if thumbnail is not None:
-        thumbnail = _adjust(thumbnail, op, factor)
+  # Brightness and contrast are the same map on every channel value: one
+  # lookup table each (PIL's own blend of the 256 levels, so identical),
+  # composed while adjacent, applied before any other step reads the image.
+  pending = None
+  for op, factor in jitter or ():
+    if op in ("brightness", "contrast"):
+      if op == "brightness":
+        level = 0  # ImageEnhance.Brightness blends with black.
+      elif thumbnail is not None:
+        level = _gray_mean(thumbnail)
+      else:
+        image, pending = _apply_table(image, pending), None
+        level = _gray_mean(image)
+      table = _blend_table(level, factor)
+      pending = table if pending is None else [table[v] for v in pending]
+    else:
+      image, pending = _apply_table(image, pending), None
+      image = _adjust(image, op, factor)
+    if op == "contrast":
+      thumbnail = None  # Later adjustments never read it.
+    if thumbnail is not None:
+      thumbnail = _adjust(thumbnail, op, factor)
+  image = _apply_table(image, pending)
   if gray:
     image = image.convert("L")
     if not gray_as_l:

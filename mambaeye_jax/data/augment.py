@@ -37,12 +37,14 @@ What this implementation does differently, and why it is the same data:
   * Point-wise colour steps (jitter, grayscale) run on the smallest image
     where the official order allows: before the geometry (the official
     order; on the decoded pixels, before the fit, when the fit enlarges),
-    or after it when there is no perspective (whose black fill the
-    official never colours) and blur. Point-wise maps commute with resampling up to
-    8-bit rounding; the one non-point-wise input, the contrast adjustment's
-    grayscale mean, is taken from a 64-pixel thumbnail of the whole
-    (uncropped) image with the earlier adjustments applied, as the official
-    takes it from the whole image (within a gray level or so).
+    or after it when there is neither blur nor perspective (whose black
+    fill the official never colours). Point-wise maps commute with
+    resampling up to 8-bit rounding; the one non-point-wise input, the
+    contrast adjustment's grayscale mean, is taken from a 64-pixel
+    thumbnail of the whole (uncropped) image with the earlier adjustments
+    applied, as the official takes it from the whole image (within a gray
+    level or so). Brightness and contrast run as lookup tables of PIL's own
+    blend (identical output), the hue shift as one on the HSV image.
   * Grayscale samples run as one L band from the grayscale step on (its
     three channels are equal; a third of the resampling work), and from
     before the fit when there is no jitter (point-wise, as above). The

@@ -123,6 +123,8 @@ def bench_stages(files, cfg: pipeline.DataConfig, samples: int, seed: int):
       paths["neither (one resize)"].append(t3 - t2)
     if params["jitter"] is not None:
       paths["any, with colour jitter"].append(t3 - t2)
+    if params["gray"]:
+      paths["any, with grayscale"].append(t3 - t2)
   return totals, paths, samples
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import enum
 import functools
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -97,18 +97,58 @@ def get_ssd_fn(impl: "SSDImpl | str" = SSDImpl.AUTO) -> Callable[..., jax.Array]
   return ssd_pallas.ssd_pallas
 
 
-def shard_over_batch(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
-  """Runs an SSD function on each device's rows when a mesh is set.
+def batch_sharded_call(fn: Callable[[dict, dict], Any], rows: dict, shared: dict,
+                       num_outputs: int = 1):
+  """fn(rows, shared) on each device's rows when a mesh is set.
 
   XLA's partitioner cannot split a Pallas kernel (an opaque custom call):
   under `jax.jit` with a batch-sharded input it gathers the whole batch onto
   every device and computes all of it there, so N devices run no faster than
-  one. Under `jax.set_mesh(mesh)` this wraps `fn` in `jax.shard_map` over the
+  one. Under `jax.set_mesh(mesh)` this runs `fn` in `jax.shard_map` over the
   batch axis instead (split over every mesh axis, as in pure data
-  parallelism). The per-head parameters (A, D, dt_bias) are broadcast to
-  one copy per device outside the map, so their gradients are summed over
-  devices by ordinary autodiff. Without a mesh, on one device, or when the
-  batch does not split evenly, `fn` runs as it is.
+  parallelism). The `shared` parameters are broadcast to one copy per device
+  outside the map, so their gradients are summed over devices by ordinary
+  autodiff. Without a mesh, on one device, or when the batch does not split
+  evenly, `fn` runs as it is.
+
+  Args:
+    fn: (rows, shared) -> one array or a tuple of num_outputs arrays, each
+      with the batch as its leading axis.
+    rows: name -> (batch, ...) array or None.
+    shared: name -> parameter array (no batch axis) or None.
+    num_outputs: how many arrays fn returns (1: a single array).
+
+  Returns:
+    fn's result over the whole batch.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  batch = next(v for v in rows.values() if v is not None).shape[0]
+  if mesh.empty or mesh.size == 1 or batch % mesh.size:
+    return fn(rows, shared)
+  copies = mesh.size
+  per_device = {name: None if v is None else jnp.broadcast_to(v, (copies,) + v.shape)
+                for name, v in shared.items()}
+
+  def local(rows, per_device):
+    return fn(rows, {k: None if v is None else v[0] for k, v in per_device.items()})
+
+  spec = PartitionSpec(tuple(mesh.axis_names))
+  out_specs = (spec,) * num_outputs if num_outputs > 1 else spec
+  if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    # Explicit meshes type every array's sharding; put the rows where the
+    # map expects them (a no-op for a batch already split this way).
+    rows, per_device = jax.tree.map(lambda v: jax.reshard(v, spec), (rows, per_device))
+  # Every input and output is split over the mesh, so no replication needs
+  # checking (and the kernels have no varying-axis typing rules to check).
+  return jax.shard_map(local, in_specs=(spec, spec), out_specs=out_specs,
+                       check_vma=False)(rows, per_device)
+
+
+def shard_over_batch(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+  """An SSD function run on each device's rows when a mesh is set.
+
+  See `batch_sharded_call`; the per-head parameters (A, D, dt_bias) are the
+  shared ones.
 
   Args:
     fn: an SSD function with the signature of `kernels.ssd_reference`.
@@ -118,31 +158,14 @@ def shard_over_batch(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
   """
   def wrapped(x, dt, A, B, C, D=None, *, dt_bias=None, initial_state=None,
               segment_ids=None, **kwargs):
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1 or x.shape[0] % mesh.size:
-      return fn(x, dt, A, B, C, D, dt_bias=dt_bias, initial_state=initial_state,
-                segment_ids=segment_ids, **kwargs)
-    copies = mesh.size
-    per_device = {name: None if v is None else jnp.broadcast_to(v, (copies,) + v.shape)
-                  for name, v in (("A", A), ("D", D), ("dt_bias", dt_bias))}
-    rows = dict(x=x, dt=dt, B=B, C=C, initial_state=initial_state, segment_ids=segment_ids)
-
-    def local(rows, per_device):
-      heads = {k: None if v is None else v[0] for k, v in per_device.items()}
+    def local(rows, heads):
       return fn(rows["x"], rows["dt"], heads["A"], rows["B"], rows["C"], heads["D"],
                 dt_bias=heads["dt_bias"], initial_state=rows["initial_state"],
                 segment_ids=rows["segment_ids"], **kwargs)
 
-    spec = PartitionSpec(tuple(mesh.axis_names))
-    out_specs = (spec, spec) if kwargs.get("return_final_state") else spec
-    if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
-      # Explicit meshes type every array's sharding; put the rows where the
-      # map expects them (a no-op for a batch already split this way).
-      rows, per_device = jax.tree.map(lambda v: jax.reshard(v, spec), (rows, per_device))
-    # Every input and output is split over the mesh, so no replication needs
-    # checking (and the kernel has no varying-axis typing rules to check).
-    return jax.shard_map(local, in_specs=(spec, spec), out_specs=out_specs,
-                         check_vma=False)(rows, per_device)
+    rows = dict(x=x, dt=dt, B=B, C=C, initial_state=initial_state, segment_ids=segment_ids)
+    return batch_sharded_call(local, rows, dict(A=A, D=D, dt_bias=dt_bias),
+                              2 if kwargs.get("return_final_state") else 1)
 
   return wrapped
 

@@ -1,0 +1,100 @@
+r"""Causal conv + SiLU: the Pallas kernels against XLA, and a sweep of tiles.
+
+    python -m kernels.bench_conv                 # MambaEye shapes, default tiles
+    python -m kernels.bench_conv --sweep         # + other tiles of each kernel
+
+Shapes are (batch, tokens, channels) of one Mamba2 layer of MambaEye-Tiny:
+the x part (512 channels) and a B or C part (64) at training size (64 x
+1024) and the x part at inference size (64 x 4096). Times are medians over
+--reps batches of --inner back-to-back calls, in ms per call; "fwd" is the
+forward alone, "bwd" the backward alone (from saved inputs), as a training
+step runs them. The byte floor counts reading x (and the output gradient)
+and writing the output (or dx) once, in bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from kernels import conv_pallas_gpu
+from mambaeye_jax import layers
+
+SHAPES = ((64, 1024, 512), (64, 1024, 64), (64, 4096, 512))
+FWD_TILES = ((64, 128, 4), (32, 128, 4), (64, 64, 4), (32, 64, 2), (128, 64, 4), (16, 128, 2))
+BWD_TILES = ((32, 64, 4), (16, 128, 4), (32, 32, 2), (16, 64, 2), (64, 64, 4), (32, 128, 4))
+
+
+def _median_ms(fn, reps: int, inner: int) -> float:
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    for _ in range(inner):
+      out = fn()
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / inner * 1e3)
+  return statistics.median(times)
+
+
+def bench_shape(shape, cfgs, reps, inner):
+  """Rows (name, fwd ms, bwd ms, max errors vs XLA) for one shape."""
+  b, t, c = shape
+  keys = jax.random.split(jax.random.key(0), 4)
+  x = jax.random.normal(keys[0], shape, jnp.bfloat16)
+  kernel = jax.random.normal(keys[1], (4, c)) * 0.5
+  bias = jax.random.normal(keys[2], (c,)) * 0.1
+  d_out = jax.random.normal(keys[3], shape, jnp.bfloat16)
+  xla_fwd = jax.jit(lambda x, k, b: layers.causal_conv_silu(x, k, b, None, jnp.bfloat16))
+  xla_bwd = jax.jit(lambda x, k, b, g: jax.vjp(
+      lambda x, k, b: layers.causal_conv_silu(x, k, b, None, jnp.bfloat16), x, k, b)[1](g))
+  ref_out, ref_grads = xla_fwd(x, kernel, bias), xla_bwd(x, kernel, bias, d_out)
+  rows = [("xla (custom vjp)", _median_ms(lambda: xla_fwd(x, kernel, bias), reps, inner),
+           _median_ms(lambda: xla_bwd(x, kernel, bias, d_out), reps, inner), 0.0, 0.0)]
+  for name, cfg in cfgs:
+    fwd = jax.jit(lambda x, k, b, cfg=cfg: conv_pallas_gpu.forward(x, k, b, None, jnp.bfloat16,
+                                                                    cfg=cfg))
+    bwd = jax.jit(lambda x, k, b, g, cfg=cfg: conv_pallas_gpu.backward(x, k, b, None, g,
+                                                                        cfg=cfg))
+    out, grads = fwd(x, kernel, bias), bwd(x, kernel, bias, d_out)
+    err_out = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref_out.astype(jnp.float32))))
+    err_grad = max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - r.astype(jnp.float32))))
+                   for g, r in zip(grads, ref_grads))
+    rows.append((name, _median_ms(lambda: fwd(x, kernel, bias), reps, inner),
+                 _median_ms(lambda: bwd(x, kernel, bias, d_out), reps, inner),
+                 err_out, err_grad))
+  return rows
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--sweep", action="store_true")
+  parser.add_argument("--reps", type=int, default=7)
+  parser.add_argument("--inner", type=int, default=10)
+  args = parser.parse_args()
+  default = conv_pallas_gpu.ConvGpuConfig()
+  cfgs = [("pallas[default]", default)]
+  if args.sweep:
+    n = max(len(FWD_TILES), len(BWD_TILES))
+    for i in range(n):
+      f = FWD_TILES[i % len(FWD_TILES)]
+      g = BWD_TILES[i % len(BWD_TILES)]
+      cfgs.append((f"fwd {f[0]}x{f[1]} w{f[2]} / bwd {g[0]}x{g[1]} w{g[2]}",
+                   conv_pallas_gpu.ConvGpuConfig(*f, *g)))
+  print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}")
+  print(f"{'shape':<18} {'impl':<34} {'fwd ms':>8} {'bwd ms':>8} {'floor f/b':>12} "
+        f"{'err out':>8} {'err grad':>8}")
+  for shape in SHAPES:
+    elems = shape[0] * shape[1] * shape[2]
+    floor = (2 * elems * 2 / 3.0e12 * 1e3, 3 * elems * 2 / 3.0e12 * 1e3)  # bf16 at 3 TB/s
+    for name, fwd, bwd, e1, e2 in bench_shape(shape, cfgs, args.reps, args.inner):
+      print(f"{'x'.join(map(str, shape)):<18} {name:<34} {fwd:8.3f} {bwd:8.3f} "
+            f"{floor[0]:5.3f}/{floor[1]:5.3f} {e1:8.1e} {e2:8.1e}", flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,54 @@
+"""Mamba2's causal conv + SiLU, on the Pallas kernel or in XLA.
+
+The choice follows the block's SSD implementation (`ssd.SSDImpl`), so one
+setting picks the kernels: PALLAS uses `kernels.conv_pallas_gpu` on GPUs
+(TPUs have no conv kernel and use XLA), PALLAS_INTERPRET runs the kernel's
+logic anywhere (tests on the CPU), the XLA implementations use
+`layers.causal_conv_silu`. Shapes the kernel's tiles do not divide (length
+not a multiple of 16, channels not of 32) also use XLA.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from kernels import conv_pallas_gpu
+from mambaeye_jax import layers
+from mambaeye_jax import ssd as ssd_lib
+
+
+def uses_kernel(impl: "ssd_lib.SSDImpl | str", shape: tuple[int, ...]) -> bool:
+  """Whether `causal_conv_silu` runs the Pallas kernel for impl and x's shape."""
+  impl = ssd_lib.resolve_impl(impl)
+  on_gpu = impl is ssd_lib.SSDImpl.PALLAS and jax.default_backend() == "gpu"
+  fits = conv_pallas_gpu.tiles(shape[1], shape[2]) is not None
+  return (on_gpu or impl is ssd_lib.SSDImpl.PALLAS_INTERPRET) and fits
+
+
+def causal_conv_silu(x: jax.Array, kernel: jax.Array, bias: jax.Array,
+                     segment_ids: jax.Array | None, out_dtype,
+                     impl: "ssd_lib.SSDImpl | str" = "auto") -> jax.Array:
+  """silu(causal depthwise conv(x)) in out_dtype.
+
+  Args:
+    x: (b, t, c) conv input.
+    kernel: (K, c) taps, kernel[K - 1] multiplies the current token.
+    bias: (c,).
+    segment_ids: (b, t) int or None; taps never reach into another segment.
+    out_dtype: the result's dtype.
+    impl: the block's SSD implementation (see the module docstring).
+
+  Returns:
+    (b, t, c) in out_dtype.
+  """
+  if not uses_kernel(impl, x.shape):
+    return layers.causal_conv_silu(x, kernel, bias, segment_ids, out_dtype)
+  interpret = ssd_lib.resolve_impl(impl) is ssd_lib.SSDImpl.PALLAS_INTERPRET
+
+  def local(rows, params):
+    return conv_pallas_gpu.causal_conv_silu(rows["x"], params["kernel"], params["bias"],
+                                            rows["segment_ids"], out_dtype,
+                                            interpret=interpret)
+
+  return ssd_lib.batch_sharded_call(local, dict(x=x, segment_ids=segment_ids),
+                                    dict(kernel=kernel, bias=bias))

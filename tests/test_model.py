@@ -113,7 +113,9 @@ def test_ssd_implementations_agree_in_the_model():
                                atol=1e-4, rtol=1e-4)
 
 
-def test_remat_gives_same_gradients():
+@pytest.mark.parametrize("variant", [dict(remat=True), dict(scan_layers=False),
+                                     dict(remat=True, scan_layers=False)])
+def test_remat_and_unrolled_layers_give_same_gradients(variant):
   patches, positions = random_glimpses(9, 1, 20)
 
   def grads(model):
@@ -122,7 +124,7 @@ def test_remat_gives_same_gradients():
     return nnx.grad(loss)(model)
 
   g0 = jax.tree.leaves(grads(tiny_model()))
-  g1 = jax.tree.leaves(grads(tiny_model(remat=True)))
+  g1 = jax.tree.leaves(grads(tiny_model(**variant)))
   for a, b in zip(g0, g1):
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
 

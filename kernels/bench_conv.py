@@ -1,4 +1,4 @@
-r"""Causal conv + SiLU: the Pallas kernels against XLA, and a sweep of tiles.
+r"""The block's small kernels against XLA: causal conv + SiLU, gated RMSNorm.
 
     python -m kernels.bench_conv                 # MambaEye shapes, default tiles
     python -m kernels.bench_conv --sweep         # + other tiles of each kernel
@@ -9,7 +9,9 @@ the x part (512 channels) and a B or C part (64) at training size (64 x
 --reps batches of --inner back-to-back calls, in ms per call; "fwd" is the
 forward alone, "bwd" the backward alone (from saved inputs), as a training
 step runs them. The byte floor counts reading x (and the output gradient)
-and writing the output (or dx) once, in bf16.
+and writing the output (or dx) once, in bf16. The gated norm's rows are
+(64 x 1024) and (64 x 4096) tokens of 512 features, forward only (its
+backward is XLA).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import conv_pallas_gpu
+from kernels import gated_norm_pallas_gpu
 from mambaeye_jax import layers
 
 SHAPES = ((64, 1024, 512), (64, 1024, 64), (64, 4096, 512))
@@ -70,6 +73,28 @@ def bench_shape(shape, cfgs, reps, inner):
   return rows
 
 
+NORM_CFGS = ((16, 8), (8, 4), (16, 4), (32, 8), (8, 8))
+
+
+def bench_gated_norm(rows, cfgs, reps, inner):
+  """Rows (name, fwd ms, max error vs XLA) at (rows, 512) bf16."""
+  keys = jax.random.split(jax.random.key(1), 2)
+  y = jax.random.normal(keys[0], (rows, 512), jnp.bfloat16)
+  z = jax.random.normal(keys[1], (rows, 512), jnp.bfloat16)
+  weight = jnp.ones((512,))
+  xla = jax.jit(lambda y, z, w: layers.gated_rms_norm(y, z, w, 1e-5, 512, jnp.bfloat16))
+  want = xla(y, z, weight).astype(jnp.float32)
+  out = [("xla (reduce + elementwise)", _median_ms(lambda: xla(y, z, weight), reps, inner), 0.0)]
+  for bt, warps in cfgs:
+    cfg = gated_norm_pallas_gpu.GatedNormGpuConfig(bt, warps)
+    fn = jax.jit(lambda y, z, w, cfg=cfg: gated_norm_pallas_gpu.forward(
+        y, z, w, 1e-5, jnp.bfloat16, cfg=cfg)[0])
+    err = float(jnp.max(jnp.abs(fn(y, z, weight).astype(jnp.float32) - want)))
+    out.append((f"pallas rows {bt} w{warps}", _median_ms(lambda: fn(y, z, weight), reps, inner),
+                err))
+  return out
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--sweep", action="store_true")
@@ -94,6 +119,12 @@ def main():
     for name, fwd, bwd, e1, e2 in bench_shape(shape, cfgs, args.reps, args.inner):
       print(f"{'x'.join(map(str, shape)):<18} {name:<34} {fwd:8.3f} {bwd:8.3f} "
             f"{floor[0]:5.3f}/{floor[1]:5.3f} {e1:8.1e} {e2:8.1e}", flush=True)
+  print(f"\n{'gated norm rows':<18} {'impl':<34} {'fwd ms':>8} {'floor':>8} {'err out':>8}")
+  for rows in (64 * 1024, 64 * 4096):
+    floor = rows * 512 * 2 * 3 / 3.0e12 * 1e3  # read y, z; write out (bf16)
+    cfgs = NORM_CFGS if args.sweep else NORM_CFGS[:1]
+    for name, ms, err in bench_gated_norm(rows, cfgs, args.reps, args.inner):
+      print(f"{rows:<18} {name:<34} {ms:8.3f} {floor:8.3f} {err:8.1e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,8 @@ from mambaeye_jax import ssd as ssd_lib
 
 def uses_kernel(impl: "ssd_lib.SSDImpl | str", shape: tuple[int, ...]) -> bool:
   """Whether `causal_conv_silu` runs the Pallas kernel for impl and x's shape."""
-  impl = ssd_lib.resolve_impl(impl)
-  on_gpu = impl is ssd_lib.SSDImpl.PALLAS and jax.default_backend() == "gpu"
   fits = conv_pallas_gpu.tiles(shape[1], shape[2]) is not None
-  return (on_gpu or impl is ssd_lib.SSDImpl.PALLAS_INTERPRET) and fits
+  return ssd_lib.gpu_kernel_mode(impl) is not None and fits
 
 
 def causal_conv_silu(x: jax.Array, kernel: jax.Array, bias: jax.Array,
@@ -43,7 +41,7 @@ def causal_conv_silu(x: jax.Array, kernel: jax.Array, bias: jax.Array,
   """
   if not uses_kernel(impl, x.shape):
     return layers.causal_conv_silu(x, kernel, bias, segment_ids, out_dtype)
-  interpret = ssd_lib.resolve_impl(impl) is ssd_lib.SSDImpl.PALLAS_INTERPRET
+  interpret = ssd_lib.gpu_kernel_mode(impl) == "interpret"
 
   def local(rows, params):
     return conv_pallas_gpu.causal_conv_silu(rows["x"], params["kernel"], params["bias"],

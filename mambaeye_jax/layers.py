@@ -12,7 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kernels import gated_norm_pallas_gpu
 from kernels import ssd_reference
+from mambaeye_jax import ssd as ssd_lib
 
 RMS_EPS = 1e-5
 
@@ -65,9 +67,9 @@ def _silu_and_grad(z: jax.Array) -> tuple[jax.Array, jax.Array]:
   return z * sig, sig * (1.0 + z * (1.0 - sig))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def gated_rms_norm(y: jax.Array, z: jax.Array, weight: jax.Array, eps: float,
-                   group_size: int, out_dtype) -> jax.Array:
+                   group_size: int, out_dtype, kernel: str | None = None) -> jax.Array:
   """norm(y * silu(z)) * weight, computed in float32, returned in out_dtype.
 
   A custom VJP so that the backward pass reads y and z in their own (bf16)
@@ -82,18 +84,57 @@ def gated_rms_norm(y: jax.Array, z: jax.Array, weight: jax.Array, eps: float,
     eps: added to the mean square.
     group_size: features per normalised group (d // ngroups).
     out_dtype: dtype of the result (the compute dtype of the next matmul).
+    kernel: None (XLA), or "gpu" / "interpret" to run the forward and the
+      backward on `kernels.gated_norm_pallas_gpu` where it takes the shape.
 
   Returns:
     (..., d) in out_dtype.
   """
-  return _gated_rms_norm_fwd(y, z, weight, eps, group_size, out_dtype)[0]
+  return _gated_rms_norm_fwd(y, z, weight, eps, group_size, out_dtype, kernel)[0]
 
 
 def _grouped(x: jax.Array, group_size: int) -> jax.Array:
   return x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
 
 
-def _gated_rms_norm_fwd(y, z, weight, eps, group_size, out_dtype):
+def _flat(v):
+  return v.reshape(-1, v.shape[-1])
+
+
+def _gated_rms_norm_kernel_fwd(y, z, weight, eps, out_dtype, kernel):
+  """The Pallas forward on (rows, d), split over the batch under a mesh."""
+
+  def local(rows, params):
+    r = rows["y"]
+    out, rstd = gated_norm_pallas_gpu.forward(
+        _flat(r), _flat(rows["z"]), params["weight"], eps, out_dtype,
+        interpret=kernel == "interpret")
+    return out.reshape(r.shape), rstd.reshape(*r.shape[:-1], 1, 1)
+
+  return ssd_lib.batch_sharded_call(local, dict(y=y, z=z), dict(weight=weight), 2)
+
+
+def _gated_rms_norm_kernel_bwd(y, z, weight, rstd, d_out, kernel):
+  """The Pallas backward; the weight gradient is summed over devices."""
+
+  def local(rows, params):
+    r = rows["y"]
+    dy, dz, dw = gated_norm_pallas_gpu.backward(
+        _flat(r), _flat(rows["z"]), rows["rstd"].reshape(-1), params["weight"],
+        _flat(rows["d_out"]), interpret=kernel == "interpret")
+    # One weight-gradient row per example, so that it splits with the batch.
+    per_row = jnp.zeros((r.shape[0], dw.shape[0]), dw.dtype).at[0].set(dw)
+    return dy.reshape(r.shape), dz.reshape(r.shape), per_row
+
+  dy, dz, dw = ssd_lib.batch_sharded_call(
+      local, dict(y=y, z=z, rstd=rstd, d_out=d_out), dict(weight=weight), 3)
+  return dy, dz, dw.sum(0).astype(weight.dtype)
+
+
+def _gated_rms_norm_fwd(y, z, weight, eps, group_size, out_dtype, kernel):
+  if kernel is not None and _kernel_takes(y, group_size):
+    out, rstd = _gated_rms_norm_kernel_fwd(y, z, weight, eps, out_dtype, kernel)
+    return out, (y, z, weight, rstd)
   gated = _grouped(y.astype(jnp.float32) * _silu_and_grad(z.astype(jnp.float32))[0], group_size)
   rstd = jax.lax.rsqrt(jnp.mean(gated * gated, axis=-1, keepdims=True) + eps)
   # The barrier keeps XLA's GPU normalisation fusion from taking this norm:
@@ -105,9 +146,19 @@ def _gated_rms_norm_fwd(y, z, weight, eps, group_size, out_dtype):
   return out.astype(out_dtype), (y, z, weight, rstd)
 
 
-def _gated_rms_norm_bwd(eps, group_size, out_dtype, residuals, d_out):
+def _kernel_takes(y, group_size):
+  """Whether the Pallas forward takes y (b, ..., d), also split over the batch."""
+  if y.ndim < 3:
+    return False
+  rows_per_example = y.size // (y.shape[0] * y.shape[-1])
+  return gated_norm_pallas_gpu.supported(rows_per_example, y.shape[-1], group_size)
+
+
+def _gated_rms_norm_bwd(eps, group_size, out_dtype, kernel, residuals, d_out):
   del eps, out_dtype
   y, z, weight, rstd = residuals
+  if kernel is not None and _kernel_takes(y, group_size):
+    return _gated_rms_norm_kernel_bwd(y, z, weight, rstd, d_out, kernel)
   silu_z, dsilu_z = _silu_and_grad(z.astype(jnp.float32))
   y32 = y.astype(jnp.float32)
   normed = _grouped(y32 * silu_z, group_size) * rstd  # (..., groups, group_size)
@@ -134,9 +185,14 @@ class GatedRMSNorm(nnx.Module):
     self.group_size = group_size
     self.eps = eps
 
-  def __call__(self, y: jax.Array, z: jax.Array, out_dtype=jnp.float32) -> jax.Array:
-    """y, z: (..., dim) -> (..., dim) in out_dtype (computed in float32)."""
-    return gated_rms_norm(y, z, self.weight[...], self.eps, self.group_size, out_dtype)
+  def __call__(self, y: jax.Array, z: jax.Array, out_dtype=jnp.float32,
+               kernel: str | None = None) -> jax.Array:
+    """y, z: (..., dim) -> (..., dim) in out_dtype (computed in float32).
+
+    kernel: see `gated_rms_norm`.
+    """
+    return gated_rms_norm(y, z, self.weight[...], self.eps, self.group_size, out_dtype,
+                          kernel)
 
 
 def causal_depthwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array,

@@ -80,6 +80,21 @@ def resolve_impl(impl: "SSDImpl | str" = SSDImpl.AUTO,
   return SSDImpl.CHUNKED
 
 
+def gpu_kernel_mode(impl: "SSDImpl | str" = SSDImpl.AUTO) -> str | None:
+  """How the block's other GPU Pallas kernels (conv, gated norm) run for impl.
+
+  Returns "gpu" (compiled: PALLAS on a GPU), "interpret" (PALLAS_INTERPRET,
+  any backend) or None (XLA: the XLA implementations, and TPUs, which have
+  no such kernels).
+  """
+  impl = resolve_impl(impl)
+  if impl is SSDImpl.PALLAS_INTERPRET:
+    return "interpret"
+  if impl is SSDImpl.PALLAS and jax.default_backend() == "gpu":
+    return "gpu"
+  return None
+
+
 def get_ssd_fn(impl: "SSDImpl | str" = SSDImpl.AUTO) -> Callable[..., jax.Array]:
   """Returns the SSD function for `impl` (AUTO resolved for the default backend)."""
   impl = resolve_impl(impl)

@@ -1,0 +1,129 @@
+"""Mamba2's gated RMSNorm, norm(y * silu(z)) * weight, as Pallas GPU kernels.
+
+Dimension letters: r rows (tokens, batch flattened), d features, rr rows per
+program (`block_rows`).
+
+One pass each way: a forward program reads rr rows of y and z (any float
+dtype), computes in float32 and writes the normalised rows in the output
+dtype and one float32 1/rms per row; the backward program reads y, z, the
+output gradient and 1/rms once and writes dy, dz and its rows' share of the
+weight gradient (XLA adds the (r / rr, d) shares). XLA splits each direction
+into a row reduction and a second elementwise pass over the same inputs
+(measured on an H100, forward at 262k tokens x 512: 0.46 ms against 0.29 for
+the kernel). The reference is `mambaeye_jax.layers.gated_rms_norm` (XLA, with
+its own custom VJP); tests/test_gated_norm_pallas.py checks both kernels
+against it in interpret mode on the CPU. One group (ngroups = 1) and a
+power-of-two d: other shapes use XLA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+try:  # The Triton compiler params exist wherever the GPU lowering does.
+  from jax.experimental.pallas import triton as pltriton
+except ImportError:  # pragma: no cover
+  pltriton = None
+
+_F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class GatedNormGpuConfig:
+  """Rows per program and warps (picked on an H100, `python -m kernels.bench_conv`)."""
+  block_rows: int = 16
+  num_warps: int = 8
+
+
+def supported(rows: int, features: int, group_size: int,
+              cfg: GatedNormGpuConfig = GatedNormGpuConfig()) -> bool:
+  """Whether the kernel takes these shapes (else use XLA)."""
+  power_of_two = features & (features - 1) == 0
+  return group_size == features and power_of_two and rows % cfg.block_rows == 0
+
+
+def _kernel(y_ref, z_ref, w_ref, out_ref, rstd_ref, *, eps):
+  y = y_ref[...].astype(_F32)
+  z = z_ref[...].astype(_F32)
+  gated = y * (z * jax.nn.sigmoid(z))
+  rstd = jax.lax.rsqrt(jnp.mean(gated * gated, axis=1) + eps)
+  out_ref[...] = (gated * rstd[:, None] * w_ref[...].astype(_F32)[None, :]).astype(out_ref.dtype)
+  rstd_ref[...] = rstd
+
+
+def forward(y, z, weight, eps, out_dtype, *, cfg=GatedNormGpuConfig(), interpret=False):
+  """norm(y * silu(z)) * weight and 1/rms.
+
+  Args:
+    y, z: (r, d); r a multiple of cfg.block_rows, d a power of two.
+    weight: (d,).
+    eps: added to the mean square.
+    out_dtype: dtype of the normalised output.
+
+  Returns:
+    out (r, d) out_dtype, rstd (r,) float32.
+  """
+  r, d = y.shape
+  if not supported(r, d, d, cfg):
+    raise ValueError(f"gated norm kernel needs rows % {cfg.block_rows} == 0 and a power-of-two "
+                     f"width, got {y.shape}; use mambaeye_jax.layers.gated_rms_norm")
+  rr = cfg.block_rows
+  rows = pl.BlockSpec((rr, d), lambda i: (i, 0))
+  params = None if pltriton is None else pltriton.CompilerParams(num_warps=cfg.num_warps,
+                                                                 num_stages=1)
+  return pl.pallas_call(
+      functools.partial(_kernel, eps=eps), grid=(r // rr,),
+      in_specs=[rows, rows, pl.BlockSpec((d,), lambda i: (0,))],
+      out_specs=[rows, pl.BlockSpec((rr,), lambda i: (i,))],
+      out_shape=[jax.ShapeDtypeStruct((r, d), out_dtype), jax.ShapeDtypeStruct((r,), _F32)],
+      compiler_params=params, interpret=interpret, name="gated_norm_fwd",
+  )(y, z, weight)
+
+
+def _bwd_kernel(y_ref, z_ref, rstd_ref, w_ref, dout_ref, dy_ref, dz_ref, dw_ref):
+  y = y_ref[...].astype(_F32)
+  z = z_ref[...].astype(_F32)
+  sig = jax.nn.sigmoid(z)
+  silu_z = z * sig
+  rstd = rstd_ref[...][:, None]
+  normed = y * silu_z * rstd
+  d_out = dout_ref[...].astype(_F32)
+  d_normed = d_out * w_ref[...].astype(_F32)[None, :]
+  # d gated = rstd * (d_normed - normed * mean(d_normed * normed)) per row.
+  d_gated = rstd * (d_normed - normed * jnp.mean(d_normed * normed, axis=1)[:, None])
+  dy_ref[...] = (d_gated * silu_z).astype(dy_ref.dtype)
+  dz_ref[...] = (d_gated * y * (sig * (1.0 + z * (1.0 - sig)))).astype(dz_ref.dtype)
+  dw_ref[...] = jnp.sum(d_out * normed, axis=0)
+
+
+def backward(y, z, rstd, weight, d_out, *, cfg=GatedNormGpuConfig(), interpret=False):
+  """Gradients of `forward`'s output w.r.t. y, z (their dtypes) and weight (float32).
+
+  Args:
+    y, z, d_out: (r, d) as in `forward`.
+    rstd: (r,) float32 from `forward`.
+    weight: (d,).
+  """
+  r, d = y.shape
+  if not supported(r, d, d, cfg):
+    raise ValueError(f"gated norm kernel needs rows % {cfg.block_rows} == 0 and a power-of-two "
+                     f"width, got {y.shape}; use mambaeye_jax.layers.gated_rms_norm")
+  rr = cfg.block_rows
+  rows = pl.BlockSpec((rr, d), lambda i: (i, 0))
+  params = None if pltriton is None else pltriton.CompilerParams(num_warps=cfg.num_warps,
+                                                                 num_stages=1)
+  dy, dz, dw_parts = pl.pallas_call(
+      _bwd_kernel, grid=(r // rr,),
+      in_specs=[rows, rows, pl.BlockSpec((rr,), lambda i: (i,)),
+                pl.BlockSpec((d,), lambda i: (0,)), rows],
+      out_specs=[rows, rows, pl.BlockSpec((None, d), lambda i: (i, 0))],
+      out_shape=[jax.ShapeDtypeStruct((r, d), y.dtype), jax.ShapeDtypeStruct((r, d), z.dtype),
+                 jax.ShapeDtypeStruct((r // rr, d), _F32)],
+      compiler_params=params, interpret=interpret, name="gated_norm_bwd",
+  )(y, z, rstd, weight, d_out)
+  return dy, dz, dw_parts.sum(0)

@@ -51,14 +51,14 @@ class ConvGpuConfig:
   `python -m kernels.bench_conv`). The backward keeps more (tt, cc) float32
   tiles alive, so it takes smaller ones."""
   block_t: int = 64
-  block_c: int = 128
+  block_c: int = 64
   num_warps: int = 4
   bwd_block_t: int = 32
   bwd_block_c: int = 64
   bwd_num_warps: int = 4
 
 
-def tiles(length: int, channels: int, block_t: int = 64, block_c: int = 128):
+def tiles(length: int, channels: int, block_t: int = 64, block_c: int = 64):
   """(tt, cc) dividing (length, channels), at most (block_t, block_c), or None.
 
   Powers of two (Triton's tile shapes) down to 16 tokens and 32 channels.

@@ -117,8 +117,8 @@ class Mamba2(nnx.Module):
       u: (..., d) input.
 
     Returns:
-      z (..., e), x (..., e), B (..., g * n), C (..., g * n), dt (..., h), in
-      the compute dtype. x, B and C are the conv's input channels in order.
+      z (..., e), x (..., e), BC (..., 2 g n), dt (..., h), in the compute
+      dtype; x then BC are the conv's input channels in order.
 
     The checkpoint's single (d, in_proj_dim) matrix is split by columns
     rather than its product: each consumer then reads a contiguous array, and
@@ -131,26 +131,31 @@ class Mamba2(nnx.Module):
     return tuple(jnp.dot(u, kernel[:, lo:hi]) for lo, hi in self._column_bounds())
 
   def _column_bounds(self) -> list[tuple[int, int]]:
-    """[lo, hi) of z, x, B, C, dt in in_proj's output (conv channels: x, B, C)."""
+    """[lo, hi) of z, x, BC, dt in in_proj's output (conv channels: x, BC).
+
+    B and C share one product and one conv launch (64 columns each are too
+    few to keep apart: two more launches a layer each way).
+    """
     c = self.config
-    gn = c.ngroups * c.d_state
-    widths = (c.d_inner, c.d_inner, gn, gn, c.nheads)
+    widths = (c.d_inner, c.d_inner, 2 * c.ngroups * c.d_state, c.nheads)
     ends = [sum(widths[:i + 1]) for i in range(len(widths))]
     return list(zip([0] + ends[:-1], ends))
 
   def _conv_silu(self, parts, segment_ids):
-    """The conv + SiLU of x, B and C, each from its own slice of the conv weights."""
+    """The conv + SiLU of x and BC, each with its own slice of the conv weights."""
     lo0 = self._column_bounds()[1][0]
     out = []
-    for part, (lo, hi) in zip(parts, self._column_bounds()[1:4]):
+    for part, (lo, hi) in zip(parts, self._column_bounds()[1:3]):
       channels = slice(lo - lo0, hi - lo0)
       out.append(conv_lib.causal_conv_silu(
           part, self.conv_kernel[...][:, channels], self.conv_bias[...][channels],
           segment_ids, self.dtype, impl=self.ssd_impl))
     return out
 
-  def _heads(self, x, B, C):
+  def _heads(self, x, bc):
+    """x (..., e), BC (..., 2 g n) -> x (..., h, p), B and C (..., g, n)."""
     c = self.config
+    B, C = jnp.split(bc, 2, axis=-1)
     shape = x.shape[:-1]
     return (x.reshape(*shape, c.nheads, c.headdim),
             B.reshape(*shape, c.ngroups, c.d_state),
@@ -167,14 +172,16 @@ class Mamba2(nnx.Module):
       (b, t, d) in the compute dtype.
     """
     c = self.config
-    z, x, B, C, dt = self._project(u)
-    x, B, C = self._heads(*self._conv_silu((x, B, C), segment_ids))
+    z, x, bc, dt = self._project(u)
+    x, B, C = self._heads(*self._conv_silu((x, bc), segment_ids))
     y = ssd_lib.ssd(
         x, dt.astype(jnp.float32), -jnp.exp(self.A_log[...]), B, C, self.D[...],
         dt_bias=self.dt_bias[...], dt_softplus=True, segment_ids=segment_ids,
         chunk_size=c.chunk_size, impl=self.ssd_impl)
     y = y.reshape(*y.shape[:-2], c.d_inner)
-    return self.out_proj(self.norm(y, z, out_dtype=self.dtype))
+    normed = self.norm(y, z, out_dtype=self.dtype,
+                       kernel=ssd_lib.gpu_kernel_mode(self.ssd_impl))
+    return self.out_proj(normed)
 
   def init_cache(self, batch: int) -> MixerCache:
     """Zero state for `batch` sequences."""
@@ -194,14 +201,13 @@ class Mamba2(nnx.Module):
       (b, d) output in the compute dtype, and the new cache.
     """
     c = self.config
-    z, x, B, C, dt = self._project(u)
-    xbc = jnp.concatenate([x, B, C], axis=-1)
+    z, x, bc, dt = self._project(u)
+    xbc = jnp.concatenate([x, bc], axis=-1)
     conv_out = layers.causal_depthwise_conv(
         xbc[:, None], self.conv_kernel[...], self.conv_bias[...], history=cache.conv)[:, 0]
     new_conv = jnp.concatenate([cache.conv[:, 1:], xbc[:, None].astype(jnp.float32)], axis=1)
-    gn = c.ngroups * c.d_state
     x, B, C = self._heads(*jnp.split(jax.nn.silu(conv_out).astype(self.dtype),
-                                      [c.d_inner, c.d_inner + gn], axis=-1))
+                                      [c.d_inner], axis=-1))
     x, B, C = (v.astype(jnp.float32) for v in (x, B, C))
     dt = jax.nn.softplus(dt.astype(jnp.float32) + self.dt_bias[...])  # (b, h)
     A = -jnp.exp(self.A_log[...])

@@ -65,7 +65,8 @@ def test_kernel_bf16_close_to_xla_reference():
 
 
 def test_tiles_and_unsupported_shapes():
-  assert conv_pallas_gpu.tiles(1024, 640) == (64, 128)
+  assert conv_pallas_gpu.tiles(1024, 640) == (64, 64)
+  assert conv_pallas_gpu.tiles(1024, 640, 32, 128) == (32, 128)
   assert conv_pallas_gpu.tiles(48, 96) == (16, 32)
   assert conv_pallas_gpu.tiles(50, 640) is None
   x, kernel, bias, _ = _problem(t=50)

@@ -17,6 +17,7 @@ backward is XLA).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -102,7 +103,8 @@ def main():
   parser.add_argument("--inner", type=int, default=10)
   args = parser.parse_args()
   default = conv_pallas_gpu.ConvGpuConfig()
-  cfgs = [("pallas[default]", default)]
+  cfgs = [("pallas[default]", default),
+          ("pallas, one-pass backward", dataclasses.replace(default, bwd_two_pass=False))]
   if args.sweep:
     n = max(len(FWD_TILES), len(BWD_TILES))
     for i in range(n):

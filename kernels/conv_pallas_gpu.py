@@ -16,14 +16,13 @@ no padded copy of x is made and interpret mode reads the same rows as the
 GPU. Everything is computed in float32; x, the output and dx keep their
 dtype (bf16 in training).
 
-The backward program recomputes the pre-activation at the K - 1 tokens after
-its tile (those gradients reach its x through the later taps) instead of
-reading a float32 d(pre-activation) written by another pass; each shifted
-row set of x is loaded once (2K - 1 loads, not K^2); it writes dx and
-per-tile partial sums of the kernel and bias gradients, which XLA adds up
-(small: (b, t / tt, K + 1, c) float32). Measured on an H100 (docs/training.md):
-XLA's fusions of the same math took ~0.5 ms a layer at 65k tokens in
-training, most of it a column reduction for the kernel gradient.
+The backward runs in two passes: the first writes d(pre-activation) in
+float32 (one sigmoid per token), the second reads it at the K shifted rows
+for dx and sums its products with x into per-tile partial sums of the kernel
+and bias gradients, which XLA adds up (small: (b, t / tt, K + 1, c)
+float32). A one-pass variant (`bwd_two_pass=False`) recomputes the
+pre-activation at the K - 1 tokens after its tile instead (K sigmoids a
+token). Times of both and of XLA: `python -m kernels.bench_conv`.
 """
 
 from __future__ import annotations
@@ -56,6 +55,9 @@ class ConvGpuConfig:
   bwd_block_t: int = 32
   bwd_block_c: int = 64
   bwd_num_warps: int = 4
+  # Two backward passes: d(pre-activation) once per token in float32, then
+  # dx and the parameter sums from it; one pass recomputes it at K offsets.
+  bwd_two_pass: bool = True
 
 
 def tiles(length: int, channels: int, block_t: int = 64, block_c: int = 64):
@@ -131,6 +133,7 @@ def _fwd_kernel(*refs, tt, length, has_seg):
 
 
 def _bwd_kernel(*refs, tt, length, has_seg):
+  """The one-pass backward (`bwd_two_pass=False`)."""
   if has_seg:
     x_ref, dout_ref, w_ref, b_ref, seg_ref, dx_ref, dw_ref, db_ref = refs
   else:
@@ -149,6 +152,37 @@ def _bwd_kernel(*refs, tt, length, has_seg):
       for k in range(taps):
         window = rows.load(x_ref, -(taps - 1 - k), same_as=0)
         dw_ref[k, :] = jnp.sum(dpre * window, axis=0).astype(dw_ref.dtype)
+  dx_ref[...] = dx.astype(dx_ref.dtype)
+
+
+def _bwd_pre_kernel(*refs, tt, length, has_seg):
+  """Pass 1 of 2: d pre-activation = d_out * silu'(pre), float32 (tt, cc)."""
+  if has_seg:
+    x_ref, dout_ref, w_ref, b_ref, seg_ref, dpre_ref = refs
+  else:
+    (x_ref, dout_ref, w_ref, b_ref, dpre_ref), seg_ref = refs, None
+  rows = _Rows(pl.program_id(1) * tt, tt, length, seg_ref)
+  pre = _pre_activation(rows, x_ref, _taps(w_ref), b_ref[...].astype(_F32), 0)
+  dpre_ref[...] = rows.load(dout_ref, 0) * _silu_and_grad(pre)[1]
+
+
+def _bwd_grads_kernel(*refs, tt, length, has_seg):
+  """Pass 2 of 2: dx, and this tile's kernel and bias gradient sums."""
+  if has_seg:
+    x_ref, dpre_ref, w_ref, seg_ref, dx_ref, dw_ref, db_ref = refs
+  else:
+    (x_ref, dpre_ref, w_ref, dx_ref, dw_ref, db_ref), seg_ref = refs, None
+  w = _taps(w_ref)
+  taps = len(w)
+  rows = _Rows(pl.program_id(1) * tt, tt, length, seg_ref)
+  dx = jnp.zeros((tt, w_ref.shape[1]), _F32)
+  for offset in range(taps):  # x_t feeds token t + offset through tap K-1-offset.
+    dx = dx + rows.load(dpre_ref, offset, same_as=0 if offset else None) * w[taps - 1 - offset]
+  dpre = rows.load(dpre_ref, 0)
+  db_ref[...] = jnp.sum(dpre, axis=0)
+  for k in range(taps):
+    window = rows.load(x_ref, -(taps - 1 - k), same_as=0)
+    dw_ref[k, :] = jnp.sum(dpre * window, axis=0)
   dx_ref[...] = dx.astype(dx_ref.dtype)
 
 
@@ -213,15 +247,30 @@ def backward(x, kernel, bias, segment_ids, d_out, *, cfg=ConvGpuConfig(), interp
   taps = kernel.shape[0]
   s = _specs(t, taps, tt, cc)
   has_seg = segment_ids is not None
-  dx, dw_parts, db_parts = _launch(
-      functools.partial(_bwd_kernel, tt=tt, length=t, has_seg=has_seg), "conv_silu_bwd",
-      (b, t // tt, c // cc),
-      [(x, s["whole_rows"]), (d_out, s["whole_rows"]), (kernel, s["taps"]),
-       (bias, s["channels"]), (segment_ids, s["segments"])],
-      [(jax.ShapeDtypeStruct((b, t, c), x.dtype), s["tile"]),
-       (jax.ShapeDtypeStruct((b, t // tt, taps, c), _F32), s["tile_taps"]),
-       (jax.ShapeDtypeStruct((b, t // tt, c), _F32), s["tile_channels"])],
-      cfg.bwd_num_warps, interpret)
+  grid = (b, t // tt, c // cc)
+  grads = [(jax.ShapeDtypeStruct((b, t, c), x.dtype), s["tile"]),
+           (jax.ShapeDtypeStruct((b, t // tt, taps, c), _F32), s["tile_taps"]),
+           (jax.ShapeDtypeStruct((b, t // tt, c), _F32), s["tile_channels"])]
+  if cfg.bwd_two_pass:
+    (dpre,) = _launch(
+        functools.partial(_bwd_pre_kernel, tt=tt, length=t, has_seg=has_seg),
+        "conv_silu_bwd_pre", grid,
+        [(x, s["whole_rows"]), (d_out, s["whole_rows"]), (kernel, s["taps"]),
+         (bias, s["channels"]), (segment_ids, s["segments"])],
+        [(jax.ShapeDtypeStruct((b, t, c), _F32), s["tile"])], cfg.bwd_num_warps, interpret)
+    dx, dw_parts, db_parts = _launch(
+        functools.partial(_bwd_grads_kernel, tt=tt, length=t, has_seg=has_seg),
+        "conv_silu_bwd", grid,
+        [(x, s["whole_rows"]), (dpre, s["whole_rows"]), (kernel, s["taps"]),
+         (segment_ids, s["segments"])],
+        grads, cfg.bwd_num_warps, interpret)
+  else:
+    dx, dw_parts, db_parts = _launch(
+        functools.partial(_bwd_kernel, tt=tt, length=t, has_seg=has_seg), "conv_silu_bwd",
+        grid,
+        [(x, s["whole_rows"]), (d_out, s["whole_rows"]), (kernel, s["taps"]),
+         (bias, s["channels"]), (segment_ids, s["segments"])],
+        grads, cfg.bwd_num_warps, interpret)
   return dx, dw_parts.sum((0, 1)), db_parts.sum((0, 1))
 
 

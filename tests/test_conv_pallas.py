@@ -29,13 +29,14 @@ SEGMENTS = {
 }
 
 
+@pytest.mark.parametrize("two_pass", [True, False])
 @pytest.mark.parametrize("segments", sorted(SEGMENTS))
 @pytest.mark.parametrize("taps", [4, 2])
-def test_kernel_matches_oracle_values_and_gradients(segments, taps):
+def test_kernel_matches_oracle_values_and_gradients(segments, taps, two_pass):
   x, kernel, bias, cot = _problem(taps=taps)
   seg = SEGMENTS[segments]
-  cfg = conv_pallas_gpu.ConvGpuConfig(block_t=16, block_c=32, bwd_block_t=16,
-                                       bwd_block_c=32)  # Several tiles each way.
+  cfg = conv_pallas_gpu.ConvGpuConfig(block_t=16, block_c=32, bwd_block_t=16, bwd_block_c=32,
+                                       bwd_two_pass=two_pass)  # Several tiles each way.
   fused = lambda x, k, b: conv_pallas_gpu.causal_conv_silu(x, k, b, seg, jnp.float32, cfg=cfg,
                                                            interpret=True)
   plain = lambda x, k, b: _plain(x, k, b, seg)

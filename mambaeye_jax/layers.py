@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kernels import add_norm_pallas_gpu
 from kernels import gated_norm_pallas_gpu
 from kernels import ssd_reference
 from mambaeye_jax import ssd as ssd_lib
@@ -61,6 +62,90 @@ class RMSNorm(nnx.Module):
     return rms_normalize(x, self.weight[...], self.eps)
 
 
+def add_rms_norm(hidden: jax.Array, residual: jax.Array, weight: jax.Array, eps: float,
+                 out_dtype, kernel: str | None = None) -> tuple[jax.Array, jax.Array]:
+  """The pre-norm step: s = hidden + residual (float32) and RMSNorm(s) * weight.
+
+  A custom VJP that saves s and one 1/rms per token and returns the same
+  gradient to hidden and residual, so the backward reads the residual stream
+  once (autodiff of the plain form re-read it for each of its terms).
+
+  Args:
+    hidden: (..., d) the previous block's output (compute dtype).
+    residual: (..., d) float32 residual stream.
+    weight: (d,) norm scale.
+    eps: added to the mean square.
+    out_dtype: dtype of the normalised output (the next matmul's).
+    kernel: None (XLA), or "gpu" / "interpret" to run both directions on
+      `kernels.add_norm_pallas_gpu` where it takes the shape.
+
+  Returns:
+    s (..., d) float32 (the new residual), normed (..., d) out_dtype.
+  """
+  return _add_rms_norm(hidden, residual, weight, eps, out_dtype, kernel,
+                       (jnp.dtype(hidden.dtype), jnp.dtype(residual.dtype)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _add_rms_norm(hidden, residual, weight, eps, out_dtype, kernel, in_dtypes):
+  return _add_rms_norm_fwd(hidden, residual, weight, eps, out_dtype, kernel, in_dtypes)[0]
+
+
+def _add_norm_kernel_takes(x: jax.Array) -> bool:
+  """Whether the kernels take x (b, ..., d), also split over the batch."""
+  if x.ndim < 3:
+    return False
+  return add_norm_pallas_gpu.supported(x.size // (x.shape[0] * x.shape[-1]), x.shape[-1])
+
+
+def _add_rms_norm_fwd(hidden, residual, weight, eps, out_dtype, kernel, in_dtypes):
+  del in_dtypes  # The backward's: gradients in the inputs' dtypes.
+  if kernel is not None and _add_norm_kernel_takes(hidden):
+    def local(rows, params):
+      shape = rows["hidden"].shape
+      s, normed, rstd = add_norm_pallas_gpu.forward(
+          _flat(rows["hidden"]), _flat(rows["residual"]), params["weight"], eps, out_dtype,
+          interpret=kernel == "interpret")
+      return s.reshape(shape), normed.reshape(shape), rstd.reshape(*shape[:-1], 1)
+
+    s, normed, rstd = ssd_lib.batch_sharded_call(
+        local, dict(hidden=hidden, residual=residual), dict(weight=weight), 3)
+  else:
+    s = hidden.astype(jnp.float32) + residual.astype(jnp.float32)
+    rstd = jax.lax.rsqrt(jnp.mean(s * s, axis=-1, keepdims=True) + eps)
+    normed = (s * rstd * weight.astype(jnp.float32)).astype(out_dtype)
+  return (s, normed), (s, rstd, weight)
+
+
+def _add_rms_norm_bwd(eps, out_dtype, kernel, in_dtypes, residuals, cotangents):
+  del eps, out_dtype
+  s, rstd, weight = residuals
+  hidden_dtype, residual_dtype = in_dtypes
+  d_s, d_normed = cotangents
+  if kernel is not None and _add_norm_kernel_takes(s):
+    def local(rows, params):
+      shape = rows["s"].shape
+      dh, dr, dw = add_norm_pallas_gpu.backward(
+          _flat(rows["s"]), rows["rstd"].reshape(-1), params["weight"], _flat(rows["d_s"]),
+          _flat(rows["d_normed"]), hidden_dtype, residual_dtype,
+          interpret=kernel == "interpret")
+      return dh.reshape(shape), dr.reshape(shape), _as_batch_rows(dw, shape[0])
+
+    dh, dr, dw = ssd_lib.batch_sharded_call(
+        local, dict(s=s, rstd=rstd, d_s=d_s, d_normed=d_normed), dict(weight=weight), 3)
+    return dh, dr, dw.sum(0).astype(weight.dtype)
+  normed = s * rstd
+  d_normed = d_normed.astype(jnp.float32)
+  g = d_normed * weight.astype(jnp.float32)
+  ds = d_s.astype(jnp.float32) + rstd * (g - normed * jnp.mean(g * normed, axis=-1,
+                                                                 keepdims=True))
+  d_weight = jnp.sum((d_normed * normed).reshape(-1, s.shape[-1]), axis=0)
+  return ds.astype(hidden_dtype), ds.astype(residual_dtype), d_weight.astype(weight.dtype)
+
+
+_add_rms_norm.defvjp(_add_rms_norm_fwd, _add_rms_norm_bwd)
+
+
 def _silu_and_grad(z: jax.Array) -> tuple[jax.Array, jax.Array]:
   """silu(z) and its derivative, float32 in, float32 out."""
   sig = jax.nn.sigmoid(z)
@@ -101,6 +186,15 @@ def _flat(v):
   return v.reshape(-1, v.shape[-1])
 
 
+def _as_batch_rows(total: jax.Array, batch: int) -> jax.Array:
+  """(d,) -> (batch, d) holding it in row 0: a sum that splits with the batch.
+
+  A kernel's parameter gradient inside `ssd.batch_sharded_call` is one
+  device's share; returned this way, summing the global rows adds the shares.
+  """
+  return jnp.zeros((batch, total.shape[0]), total.dtype).at[0].set(total)
+
+
 def _gated_rms_norm_kernel_fwd(y, z, weight, eps, out_dtype, kernel):
   """The Pallas forward on (rows, d), split over the batch under a mesh."""
 
@@ -122,9 +216,7 @@ def _gated_rms_norm_kernel_bwd(y, z, weight, rstd, d_out, kernel):
     dy, dz, dw = gated_norm_pallas_gpu.backward(
         _flat(r), _flat(rows["z"]), rows["rstd"].reshape(-1), params["weight"],
         _flat(rows["d_out"]), interpret=kernel == "interpret")
-    # One weight-gradient row per example, so that it splits with the batch.
-    per_row = jnp.zeros((r.shape[0], dw.shape[0]), dw.dtype).at[0].set(dw)
-    return dy.reshape(r.shape), dz.reshape(r.shape), per_row
+    return dy.reshape(r.shape), dz.reshape(r.shape), _as_batch_rows(dw, r.shape[0])
 
   dy, dz, dw = ssd_lib.batch_sharded_call(
       local, dict(y=y, z=z, rstd=rstd, d_out=d_out), dict(weight=weight), 3)

@@ -26,6 +26,7 @@ from flax import nnx
 from mambaeye_jax import glimpse
 from mambaeye_jax import layers
 from mambaeye_jax import mamba2
+from mambaeye_jax import ssd as ssd_lib
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -183,12 +184,14 @@ class MambaEye(nnx.Module):
     """
     hidden = self.embed(patches, positions, segment_ids)
     block_def, block_state = nnx.split(self.blocks)
+    kernel = ssd_lib.gpu_kernel_mode(self.config.ssd_impl)
 
     def body(carry, state):
       hidden, residual = carry
       block = nnx.merge(block_def, state)
-      residual = hidden.astype(jnp.float32) + residual
-      hidden = block.mixer(block.norm(residual), segment_ids)
+      residual, normed = layers.add_rms_norm(hidden, residual, block.norm.weight[...],
+                                             block.norm.eps, self.config.compute_dtype, kernel)
+      hidden = block.mixer(normed, segment_ids)
       return (hidden, residual), None
 
     if self.config.remat:
@@ -202,8 +205,9 @@ class MambaEye(nnx.Module):
       for layer in range(self.config.depth):
         carry, _ = body(carry, jax.tree.map(lambda p, i=layer: p[i], block_state))
       hidden, residual = carry
-    out = self.norm_f(hidden.astype(jnp.float32) + residual)
-    return self.head(out.astype(self.config.compute_dtype)).astype(jnp.float32)
+    _, out = layers.add_rms_norm(hidden, residual, self.norm_f.weight[...], self.norm_f.eps,
+                                 self.config.compute_dtype, kernel)
+    return self.head(out).astype(jnp.float32)
 
   def init_cache(self, batch: int) -> Cache:
     """Empty streaming state for `batch` sequences."""

@@ -80,7 +80,7 @@ def _peak_gb(device) -> float | None:
 
 
 def make_train_call(variant: str, dtype: str, impl: str, *, remat: bool, padded: bool,
-                    batch: int, length: int, num_devices: int = 1, scan_layers: bool = True):
+                    batch: int, length: int, num_devices: int = 1, scan_layers: bool = False):
   """The real training step on a random batch of `batch` rows per device.
 
   Returns:
@@ -120,7 +120,7 @@ def run_train(args, dtype: str, impl: str, num_devices: int = 1) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   call, _ = make_train_call(args.variant, dtype, impl, remat=args.remat, padded=args.padded,
                             batch=args.batch, length=args.train_len, num_devices=num_devices,
-                            scan_layers=not args.unroll_layers)
+                            scan_layers=args.scan_layers)
   times = _time_calls(call, args.iters)
   median = statistics.median(times)
   global_batch = args.batch * num_devices
@@ -132,7 +132,7 @@ def run_train(args, dtype: str, impl: str, num_devices: int = 1) -> dict:
 
 
 def make_infer_call(variant: str, dtype: str, impl: str, *, batch: int, length: int,
-                    scan_layers: bool = True):
+                    scan_layers: bool = False):
   """The parallel forward (logits of every step) on a random batch.
 
   Returns:
@@ -158,7 +158,7 @@ def make_infer_call(variant: str, dtype: str, impl: str, *, batch: int, length: 
 
 def run_infer(args, dtype: str, impl: str) -> dict:
   call, _ = make_infer_call(args.variant, dtype, impl, batch=args.batch, length=args.infer_len,
-                            scan_layers=not args.unroll_layers)
+                            scan_layers=args.scan_layers)
   times = _time_calls(call, args.iters)
   median = statistics.median(times)
   return {"case": "infer", "dtype": dtype, "impl": impl, "devices": 1, "batch": args.batch,
@@ -197,7 +197,7 @@ def _subprocess_case(args, case: str) -> list[dict]:
          f"--train_len={args.train_len}", f"--infer_len={args.infer_len}",
          f"--iters={args.iters}"]
   cmd += (["--remat"] if args.remat else []) + (["--padded"] if args.padded else [])
-  cmd += ["--unroll_layers"] if args.unroll_layers else []
+  cmd += ["--scan_layers"] if args.scan_layers else []
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout)
   # A library may print on the same line before the JSON (no newline).
   lines = [l[l.index('{"case"'):] for l in proc.stdout.splitlines() if '{"case"' in l]
@@ -225,7 +225,7 @@ def print_table(rows: list[dict], args) -> None:
       print(f"| {r['case']} | failed: {r['error']} | | | | | |")
       continue
     name = f"{r['case']} T={r['length']}" + (" remat" if r.get("remat") else "")
-    name += " unrolled" if args.unroll_layers else ""
+    name += " scan" if args.scan_layers else ""
     name += " padded" if args.padded and r["case"] == "train" else ""
     print(f"| {name} | {r['dtype']} | {r['impl']} | {r['devices']} | {r['ms']:.2f} | "
           f"{r['images_per_sec']:.0f} | {_fmt(r['peak_gb'], '.2f')} |")
@@ -253,8 +253,8 @@ def main():
   parser.add_argument("--padded", action="store_true",
                       help="train on padded rows (no segment ids), as configs without "
                            "packing do; default: segment ids, as packed rows need")
-  parser.add_argument("--unroll_layers", action="store_true",
-                      help="ModelConfig.scan_layers=False: the blocks unrolled, not scanned")
+  parser.add_argument("--scan_layers", action="store_true",
+                      help="ModelConfig.scan_layers=True: the blocks under lax.scan, not unrolled")
   parser.add_argument("--dp", action="store_true", help="also data parallel on all devices")
   parser.add_argument("--devices", default="",
                       help="device counts for training cases, e.g. 1,2,4 (replaces the "

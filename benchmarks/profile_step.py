@@ -109,7 +109,7 @@ def main():
   parser.add_argument("--length", type=int, default=1024)
   parser.add_argument("--remat", action="store_true")
   parser.add_argument("--padded", action="store_true")
-  parser.add_argument("--unroll_layers", action="store_true")
+  parser.add_argument("--scan_layers", action="store_true")
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--top", type=int, default=40)
   parser.add_argument("--hlo_out", default="", help="write the optimised HLO text here")
@@ -119,11 +119,11 @@ def main():
   if args.case == "train":
     call, lowered = bench_model.make_train_call(
         args.variant, args.dtype, args.impl, remat=args.remat, padded=args.padded,
-        batch=args.batch, length=args.length, scan_layers=not args.unroll_layers)
+        batch=args.batch, length=args.length, scan_layers=args.scan_layers)
   else:
     call, lowered = bench_model.make_infer_call(
         args.variant, args.dtype, args.impl, batch=args.batch, length=args.length,
-        scan_layers=not args.unroll_layers)
+        scan_layers=args.scan_layers)
   if args.hlo_out:
     with open(args.hlo_out, "w") as f:
       f.write(lowered().compile().as_text())
@@ -136,7 +136,7 @@ def main():
   kernels = device_kernels(read_trace(logdir))
   print(f"{args.case} {args.variant} {args.dtype} {args.impl} batch {args.batch} "
         f"T {args.length}{' remat' if args.remat else ''}{' padded' if args.padded else ''}"
-        f"{' unrolled' if args.unroll_layers else ''}, "
+        f"{' scan' if args.scan_layers else ''}, "
         f"{bench_model.where()}")
   if not kernels:
     print("no GPU kernels in the trace (is this a GPU?)")

@@ -10,8 +10,7 @@ Command:
 The config argument is the directory holding cifar10/ (default "data").
 Canvas and T are scaled to 32x32 images: canvas 32..64 (images are enlarged
 to fit it, as the official transform does), T = 128 glimpses, 100 epochs,
-warm-up 5, global batch 256, bfloat16 compute, blocks recomputed in the
-backward pass (see configs/imagenet.py).
+warm-up 5, global batch 256, bfloat16 compute (see configs/imagenet.py).
 
 Hardware and time: not yet measured.
 Expected result: not yet measured.
@@ -28,7 +27,7 @@ def get_config(arg: str = ""):
   root = arg or "data"
   c = train_lib.default_config()
   c.model = train_lib.model_config_dict("tiny", num_classes=10, dtype="bfloat16",
-                                        chunk_size=128, remat=True)
+                                        chunk_size=128)
   c.data.source = "folder"
   c.data.path = os.path.join(root, "cifar10", "train")
   c.data.num_glimpses = 128

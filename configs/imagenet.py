@@ -5,8 +5,9 @@ cosine schedule with 20 warm-up epochs of 300, gradient clip 1.0, global
 batch 1024, T = 1024 glimpses, canvas 256..1024, the official augmentation,
 no Mixup/CutMix. The official code trains in float32 (TF32); these configs
 use bfloat16 compute with float32 master weights (--config.model.dtype=float32
-for the official precision) and recompute each block in the backward pass
-(model.remat), which is both smaller and faster here.
+for the official precision) with the blocks unrolled and nothing recomputed
+in the backward pass (model.remat=False): on one H100 that is the fastest
+form and fits in 8 GB per 64 sequences of 1024 glimpses (docs/training.md).
 
 Config argument (after the colon): "tfds" (default; imagenet2012 via TFDS,
 --config.data.path = TFDS data_dir), "folder" (the official layout
@@ -27,11 +28,10 @@ def imagenet_config(variant: str, arg: str = "") -> ml_collections.ConfigDict:
   if source not in ("tfds", "folder", "arrayrecord"):
     raise ValueError(f"config argument {source!r}: choose tfds, folder or arrayrecord")
   c = train_lib.default_config()
-  # remat: on one H100, Tiny batch 64 T=1024 bf16 (Pallas SSD) steps in 47 ms
-  # at 2.8 GB with it against 78 ms at 31.5 GB without (bench_model.py):
-  # recomputing the blocks costs less than storing their activations.
-  c.model = train_lib.model_config_dict(variant, num_classes=1000, dtype="bfloat16",
-                                        remat=True)
+  # On one H100, Tiny batch 64 T=1024 bf16 (Pallas kernels), bench_model.py:
+  # unrolled without remat ~32 ms at 7.9 GB; with remat (lax.scan) 43 ms at
+  # 2.5 GB. --config.model.remat=True trades speed for memory.
+  c.model = train_lib.model_config_dict(variant, num_classes=1000, dtype="bfloat16")
   c.data.source = source
   if source == "tfds":
     c.data.tfds_name = "imagenet2012"

@@ -10,8 +10,8 @@ L layers (depth).
     logits   = head(RMSNorm_f(hidden + residual))          (b, t, K)
 
 The layers are stored stacked (every parameter has a leading axis of size L)
-and applied with `lax.scan`, so compile time does not grow with depth, or
-unrolled (`ModelConfig.scan_layers=False`, faster to train on GPUs).
+and unrolled (the default, faster on GPUs) or applied with `lax.scan`
+(`ModelConfig.scan_layers=True`: compile time does not grow with depth).
 """
 
 from __future__ import annotations
@@ -45,9 +45,11 @@ class ModelConfig:
     ssd_impl: an `ssd.SSDImpl` name ("auto" picks per backend).
     remat: recompute each block in the backward pass (less memory).
     scan_layers: apply the blocks with `lax.scan` (compile time independent
-      of depth); False unrolls them in Python, which lets XLA keep each
-      layer's saved activations in their own buffers instead of copying them
-      into stacked ones (faster training without remat, slower compiles).
+      of depth). The default, False, unrolls them in Python, which lets XLA
+      keep each layer's saved activations in their own buffers instead of
+      copying them into stacked ones, and schedule across layers (H100,
+      Tiny, batch 64: training 43.0 -> 35.2 ms, inference 28.7 -> 26.5 ms
+      when introduced); compiles take longer with depth.
   """
   depth: int = 12
   dim: int = 256
@@ -61,7 +63,7 @@ class ModelConfig:
   dtype: str = "float32"
   ssd_impl: str = "auto"
   remat: bool = False
-  scan_layers: bool = True
+  scan_layers: bool = False
 
   def __post_init__(self):
     if self.dtype not in _DTYPES:

@@ -113,9 +113,9 @@ def test_ssd_implementations_agree_in_the_model():
                                atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("variant", [dict(remat=True), dict(scan_layers=False),
-                                     dict(remat=True, scan_layers=False)])
-def test_remat_and_unrolled_layers_give_same_gradients(variant):
+@pytest.mark.parametrize("variant", [dict(remat=True), dict(scan_layers=True),
+                                     dict(remat=True, scan_layers=True)])
+def test_remat_and_scanned_layers_give_same_gradients(variant):
   patches, positions = random_glimpses(9, 1, 20)
 
   def grads(model):

@@ -791,7 +791,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     with _StopRequest() as stop, writer:
       while step < total_steps:
         t0 = time.perf_counter()
-        local, batch = next(batches)
+        try:
+          local, batch = next(batches)
+        except Exception:  # pylint: disable=broad-except
+          if not (stop.requested and jax.process_count() == 1):
+            raise
+          # A terminal's Ctrl-C and `timeout` signal the whole process group,
+          # so the data workers may die of the same signal while the loop
+          # waits for them: the batch in flight is lost, not the run. (With
+          # several processes the others would wait in the save: raise.)
+          logging.warning("the data pipeline stopped after the stop signal; saving step %d",
+                          step)
+          check_pending()
+          if last_checkpoint != step:
+            _save(manager, step, state, batches)
+            last_checkpoint = step
+          break
         data_wait += time.perf_counter() - t0
         state, step_out = p_step(state, batch)
         step += 1

@@ -109,6 +109,36 @@ def test_interrupt_and_resume_reproduces_the_loss_curve(tmp_path):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
 
 
+def test_stop_signal_that_also_kills_the_data_workers_still_saves(tmp_path, monkeypatch):
+  """Ctrl-C / `timeout` reach Grain's workers too: the loop must save, not crash."""
+  c = fake_config(steps=6)
+  real_next = train_lib.BatchPrefetcher.__next__
+  calls = []
+
+  def dying_next(self):
+    calls.append(1)
+    if len(calls) == 4:  # While the loop waits for step 4's batch:
+      os.kill(os.getpid(), signal.SIGTERM)
+      raise RuntimeError("Worker process was terminated unexpectedly with exit code -15.")
+    return real_next(self)
+
+  monkeypatch.setattr(train_lib.BatchPrefetcher, "__next__", dying_next)
+  stopped = train_lib.train_and_evaluate(c, str(tmp_path))
+  assert stopped["step"] == 3
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
+  monkeypatch.setattr(train_lib.BatchPrefetcher, "__next__", real_next)
+  assert train_lib.train_and_evaluate(c, str(tmp_path))["step"] == 6
+
+
+def test_data_errors_without_a_stop_signal_still_raise(tmp_path, monkeypatch):
+  def broken(self):
+    raise RuntimeError("disk on fire")
+
+  monkeypatch.setattr(train_lib.BatchPrefetcher, "__next__", broken)
+  with pytest.raises(RuntimeError, match="disk on fire"):
+    train_lib.train_and_evaluate(fake_config(steps=2), str(tmp_path))
+
+
 def test_nan_loss_stops_loudly_and_saves_the_batch(tmp_path, monkeypatch):
   real = train_lib.make_train_iterator
 

@@ -10,8 +10,7 @@ the x part (512 channels) and a B or C part (64) at training size (64 x
 forward alone, "bwd" the backward alone (from saved inputs), as a training
 step runs them. The byte floor counts reading x (and the output gradient)
 and writing the output (or dx) once, in bf16. The gated norm's rows are
-(64 x 1024) and (64 x 4096) tokens of 512 features, forward only (its
-backward is XLA).
+(64 x 1024) and (64 x 4096) tokens of 512 features, forward and backward.
 """
 
 from __future__ import annotations
@@ -74,25 +73,33 @@ def bench_shape(shape, cfgs, reps, inner):
   return rows
 
 
-NORM_CFGS = ((16, 8), (8, 4), (16, 4), (32, 8), (8, 8))
+NORM_CFGS = ((8, 8), (8, 4), (16, 8), (16, 4), (32, 8))
 
 
 def bench_gated_norm(rows, cfgs, reps, inner):
-  """Rows (name, fwd ms, max error vs XLA) at (rows, 512) bf16."""
-  keys = jax.random.split(jax.random.key(1), 2)
+  """Rows (name, fwd ms, bwd ms, max error vs XLA) at (rows, 512) bf16."""
+  keys = jax.random.split(jax.random.key(1), 3)
   y = jax.random.normal(keys[0], (rows, 512), jnp.bfloat16)
   z = jax.random.normal(keys[1], (rows, 512), jnp.bfloat16)
+  d_out = jax.random.normal(keys[2], (rows, 512), jnp.bfloat16)
   weight = jnp.ones((512,))
   xla = jax.jit(lambda y, z, w: layers.gated_rms_norm(y, z, w, 1e-5, 512, jnp.bfloat16))
+  xla_bwd = jax.jit(lambda y, z, w, g: jax.vjp(
+      lambda y, z, w: layers.gated_rms_norm(y, z, w, 1e-5, 512, jnp.bfloat16), y, z, w)[1](g))
   want = xla(y, z, weight).astype(jnp.float32)
-  out = [("xla (reduce + elementwise)", _median_ms(lambda: xla(y, z, weight), reps, inner), 0.0)]
+  out = [("xla (reduce + elementwise)", _median_ms(lambda: xla(y, z, weight), reps, inner),
+          _median_ms(lambda: xla_bwd(y, z, weight, d_out), reps, inner), 0.0)]
+  rstd = gated_norm_pallas_gpu.forward(y, z, weight, 1e-5, jnp.bfloat16)[1]
   for bt, warps in cfgs:
-    cfg = gated_norm_pallas_gpu.GatedNormGpuConfig(bt, warps)
+    cfg = gated_norm_pallas_gpu.GatedNormGpuConfig(bt, warps, bt, warps)
     fn = jax.jit(lambda y, z, w, cfg=cfg: gated_norm_pallas_gpu.forward(
         y, z, w, 1e-5, jnp.bfloat16, cfg=cfg)[0])
+    bwd = jax.jit(lambda y, z, r, w, g, cfg=cfg: gated_norm_pallas_gpu.backward(
+        y, z, r, w, g, cfg=cfg))
     err = float(jnp.max(jnp.abs(fn(y, z, weight).astype(jnp.float32) - want)))
-    out.append((f"pallas rows {bt} w{warps}", _median_ms(lambda: fn(y, z, weight), reps, inner),
-                err))
+    name = "pallas[default]" if cfg == gated_norm_pallas_gpu.GatedNormGpuConfig() else ""
+    out.append((name or f"pallas rows {bt} w{warps}", _median_ms(lambda: fn(y, z, weight), reps, inner),
+                _median_ms(lambda: bwd(y, z, rstd, weight, d_out), reps, inner), err))
   return out
 
 
@@ -121,12 +128,15 @@ def main():
     for name, fwd, bwd, e1, e2 in bench_shape(shape, cfgs, args.reps, args.inner):
       print(f"{'x'.join(map(str, shape)):<18} {name:<34} {fwd:8.3f} {bwd:8.3f} "
             f"{floor[0]:5.3f}/{floor[1]:5.3f} {e1:8.1e} {e2:8.1e}", flush=True)
-  print(f"\n{'gated norm rows':<18} {'impl':<34} {'fwd ms':>8} {'floor':>8} {'err out':>8}")
+  print(f"\n{'gated norm rows':<18} {'impl':<34} {'fwd ms':>8} {'bwd ms':>8} {'floor f/b':>12} "
+        f"{'err out':>8}")
   for rows in (64 * 1024, 64 * 4096):
-    floor = rows * 512 * 2 * 3 / 3.0e12 * 1e3  # read y, z; write out (bf16)
+    # Forward: read y, z, write out; backward: read y, z, d_out, write dy, dz (bf16).
+    floor = tuple(rows * 512 * 2 * k / 3.0e12 * 1e3 for k in (3, 5))
     cfgs = NORM_CFGS if args.sweep else NORM_CFGS[:1]
-    for name, ms, err in bench_gated_norm(rows, cfgs, args.reps, args.inner):
-      print(f"{rows:<18} {name:<34} {ms:8.3f} {floor:8.3f} {err:8.1e}", flush=True)
+    for name, fwd, bwd, err in bench_gated_norm(rows, cfgs, args.reps, args.inner):
+      print(f"{rows:<18} {name:<34} {fwd:8.3f} {bwd:8.3f} {floor[0]:5.3f}/{floor[1]:5.3f} "
+            f"{err:8.1e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ class ConvGpuConfig:
   block_c: int = 64
   num_warps: int = 4
   bwd_block_t: int = 32
-  bwd_block_c: int = 64
+  bwd_block_c: int = 128
   bwd_num_warps: int = 4
   # Two backward passes: d(pre-activation) once per token in float32, then
   # dx and the parameter sums from it; one pass recomputes it at K offsets.

@@ -35,16 +35,27 @@ _F32 = jnp.float32
 
 @dataclasses.dataclass(frozen=True)
 class GatedNormGpuConfig:
-  """Rows per program and warps (picked on an H100, `python -m kernels.bench_conv`)."""
-  block_rows: int = 16
+  """Rows per program and warps of each kernel (picked on an H100 with
+  `python -m kernels.bench_conv --sweep`)."""
+  block_rows: int = 8
   num_warps: int = 8
+  bwd_block_rows: int = 8
+  bwd_num_warps: int = 4
 
 
 def supported(rows: int, features: int, group_size: int,
               cfg: GatedNormGpuConfig = GatedNormGpuConfig()) -> bool:
   """Whether the kernel takes these shapes (else use XLA)."""
   power_of_two = features & (features - 1) == 0
-  return group_size == features and power_of_two and rows % cfg.block_rows == 0
+  return (group_size == features and power_of_two and rows % cfg.block_rows == 0
+          and rows % cfg.bwd_block_rows == 0)
+
+
+def _check(rows, features, cfg):
+  if not supported(rows, features, features, cfg):
+    raise ValueError(
+        f"gated norm kernel needs rows % {max(cfg.block_rows, cfg.bwd_block_rows)} == 0 and a "
+        f"power-of-two width, got ({rows}, {features}); use mambaeye_jax.layers.gated_rms_norm")
 
 
 def _kernel(y_ref, z_ref, w_ref, out_ref, rstd_ref, *, eps):
@@ -69,9 +80,7 @@ def forward(y, z, weight, eps, out_dtype, *, cfg=GatedNormGpuConfig(), interpret
     out (r, d) out_dtype, rstd (r,) float32.
   """
   r, d = y.shape
-  if not supported(r, d, d, cfg):
-    raise ValueError(f"gated norm kernel needs rows % {cfg.block_rows} == 0 and a power-of-two "
-                     f"width, got {y.shape}; use mambaeye_jax.layers.gated_rms_norm")
+  _check(r, d, cfg)
   rr = cfg.block_rows
   rows = pl.BlockSpec((rr, d), lambda i: (i, 0))
   params = None if pltriton is None else pltriton.CompilerParams(num_warps=cfg.num_warps,
@@ -110,12 +119,10 @@ def backward(y, z, rstd, weight, d_out, *, cfg=GatedNormGpuConfig(), interpret=F
     weight: (d,).
   """
   r, d = y.shape
-  if not supported(r, d, d, cfg):
-    raise ValueError(f"gated norm kernel needs rows % {cfg.block_rows} == 0 and a power-of-two "
-                     f"width, got {y.shape}; use mambaeye_jax.layers.gated_rms_norm")
-  rr = cfg.block_rows
+  _check(r, d, cfg)
+  rr = cfg.bwd_block_rows
   rows = pl.BlockSpec((rr, d), lambda i: (i, 0))
-  params = None if pltriton is None else pltriton.CompilerParams(num_warps=cfg.num_warps,
+  params = None if pltriton is None else pltriton.CompilerParams(num_warps=cfg.bwd_num_warps,
                                                                  num_stages=1)
   dy, dz, dw_parts = pl.pallas_call(
       _bwd_kernel, grid=(r // rr,),

@@ -196,8 +196,13 @@ def information_ratio(positions: np.ndarray, box: ImageBox,
   else:
     raise ValueError(f"information_ratio method={method!r}; choose auto, "
                      "sliding_min or paint")
-  # first_visit holds num_steps for pixels no patch covers.
-  newly_covered = np.bincount(first_visit.ravel(), minlength=num_steps + 1)
+  # first_visit holds num_steps for pixels no patch covers. Its rows are long
+  # runs of equal values: counting runs weighted by their length gives the
+  # same histogram as counting pixels, at ~half the cost on real samples.
+  flat = first_visit.ravel()
+  starts = np.flatnonzero(np.concatenate(([True], flat[1:] != flat[:-1])))
+  newly_covered = np.bincount(flat[starts], weights=np.diff(starts, append=flat.size),
+                              minlength=num_steps + 1)
   return (np.cumsum(newly_covered[:num_steps]) / area).astype(np.float32)
 
 

@@ -24,10 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-try:  # The Triton compiler params exist wherever the GPU lowering does.
-  from jax.experimental.pallas import triton as pltriton
-except ImportError:  # pragma: no cover
-  pltriton = None
+from kernels import pallas_gpu
 
 _F32 = jnp.float32
 
@@ -50,11 +47,6 @@ def _check(rows, features, cfg):
                      f"width, got ({rows}, {features}); use mambaeye_jax.layers.add_rms_norm")
 
 
-def _params(cfg):
-  return None if pltriton is None else pltriton.CompilerParams(num_warps=cfg.num_warps,
-                                                               num_stages=1)
-
-
 def _fwd_kernel(h_ref, r_ref, w_ref, s_ref, out_ref, rstd_ref, *, eps):
   s = h_ref[...].astype(_F32) + r_ref[...].astype(_F32)
   rstd = jax.lax.rsqrt(jnp.mean(s * s, axis=1) + eps)
@@ -70,14 +62,13 @@ def forward(hidden, residual, weight, eps, out_dtype, *, cfg=AddNormGpuConfig(),
   _check(r, d, cfg)
   rr = cfg.block_rows
   rows = pl.BlockSpec((rr, d), lambda i: (i, 0))
-  return pl.pallas_call(
-      lambda *refs: _fwd_kernel(*refs, eps=eps), grid=(r // rr,),
-      in_specs=[rows, rows, pl.BlockSpec((d,), lambda i: (0,))],
-      out_specs=[rows, rows, pl.BlockSpec((rr,), lambda i: (i,))],
-      out_shape=[jax.ShapeDtypeStruct((r, d), _F32), jax.ShapeDtypeStruct((r, d), out_dtype),
-                 jax.ShapeDtypeStruct((r,), _F32)],
-      compiler_params=_params(cfg), interpret=interpret, name="add_norm_fwd",
-  )(hidden, residual, weight)
+  return pallas_gpu.launch(
+      lambda *refs: _fwd_kernel(*refs, eps=eps), "add_norm_fwd", (r // rr,),
+      [(hidden, rows), (residual, rows), (weight, pl.BlockSpec((d,), lambda i: (0,)))],
+      [(jax.ShapeDtypeStruct((r, d), _F32), rows),
+       (jax.ShapeDtypeStruct((r, d), out_dtype), rows),
+       (jax.ShapeDtypeStruct((r,), _F32), pl.BlockSpec((rr,), lambda i: (i,)))],
+      cfg.num_warps, interpret)
 
 
 def _bwd_kernel(s_ref, rstd_ref, w_ref, ds_ref, dn_ref, dh_ref, dr_ref, dw_ref):
@@ -104,14 +95,12 @@ def backward(s, rstd, weight, d_s, d_normed, hidden_dtype, residual_dtype, *,
   _check(r, d, cfg)
   rr = cfg.block_rows
   rows = pl.BlockSpec((rr, d), lambda i: (i, 0))
-  dh, dr, dw_parts = pl.pallas_call(
-      _bwd_kernel, grid=(r // rr,),
-      in_specs=[rows, pl.BlockSpec((rr,), lambda i: (i,)), pl.BlockSpec((d,), lambda i: (0,)),
-                rows, rows],
-      out_specs=[rows, rows, pl.BlockSpec((None, d), lambda i: (i, 0))],
-      out_shape=[jax.ShapeDtypeStruct((r, d), hidden_dtype),
-                 jax.ShapeDtypeStruct((r, d), residual_dtype),
-                 jax.ShapeDtypeStruct((r // rr, d), _F32)],
-      compiler_params=_params(cfg), interpret=interpret, name="add_norm_bwd",
-  )(s, rstd, weight, d_s, d_normed)
+  dh, dr, dw_parts = pallas_gpu.launch(
+      _bwd_kernel, "add_norm_bwd", (r // rr,),
+      [(s, rows), (rstd, pl.BlockSpec((rr,), lambda i: (i,))),
+       (weight, pl.BlockSpec((d,), lambda i: (0,))), (d_s, rows), (d_normed, rows)],
+      [(jax.ShapeDtypeStruct((r, d), hidden_dtype), rows),
+       (jax.ShapeDtypeStruct((r, d), residual_dtype), rows),
+       (jax.ShapeDtypeStruct((r // rr, d), _F32), pl.BlockSpec((None, d), lambda i: (i, 0)))],
+      cfg.num_warps, interpret)
   return dh, dr, dw_parts.sum(0)

@@ -34,12 +34,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from kernels import pallas_gpu
 from kernels import ssd_reference
-
-try:  # The Triton compiler params exist wherever the GPU lowering does.
-  from jax.experimental.pallas import triton as pltriton
-except ImportError:  # pragma: no cover
-  pltriton = None
 
 _F32 = jnp.float32
 
@@ -186,18 +182,6 @@ def _bwd_grads_kernel(*refs, tt, length, has_seg):
   dx_ref[...] = dx.astype(dx_ref.dtype)
 
 
-def _launch(kernel, name, grid, inputs, outputs, num_warps, interpret):
-  """pallas_call with the Triton lowering; inputs/outputs: lists of (array/shape, spec)."""
-  inputs = [(a, s) for a, s in inputs if a is not None]
-  params = None if pltriton is None else pltriton.CompilerParams(num_warps=num_warps,
-                                                                 num_stages=1)
-  return pl.pallas_call(
-      kernel, grid=grid, in_specs=[s for _, s in inputs],
-      out_specs=[s for _, s in outputs], out_shape=[o for o, _ in outputs],
-      compiler_params=params, interpret=interpret, name=name,
-  )(*[a for a, _ in inputs])
-
-
 def _specs(length, taps, tt, cc):
   """BlockSpecs over grid (b, t / tt, c / cc)."""
   return dict(
@@ -232,7 +216,7 @@ def forward(x, kernel, bias, segment_ids, out_dtype, *, cfg=ConvGpuConfig(),
   b, t, c, (tt, cc) = _check(x, kernel, cfg.block_t, cfg.block_c)
   s = _specs(t, kernel.shape[0], tt, cc)
   has_seg = segment_ids is not None
-  (out,) = _launch(
+  (out,) = pallas_gpu.launch(
       functools.partial(_fwd_kernel, tt=tt, length=t, has_seg=has_seg), "conv_silu_fwd",
       (b, t // tt, c // cc),
       [(x, s["whole_rows"]), (kernel, s["taps"]), (bias, s["channels"]),
@@ -252,20 +236,20 @@ def backward(x, kernel, bias, segment_ids, d_out, *, cfg=ConvGpuConfig(), interp
            (jax.ShapeDtypeStruct((b, t // tt, taps, c), _F32), s["tile_taps"]),
            (jax.ShapeDtypeStruct((b, t // tt, c), _F32), s["tile_channels"])]
   if cfg.bwd_two_pass:
-    (dpre,) = _launch(
+    (dpre,) = pallas_gpu.launch(
         functools.partial(_bwd_pre_kernel, tt=tt, length=t, has_seg=has_seg),
         "conv_silu_bwd_pre", grid,
         [(x, s["whole_rows"]), (d_out, s["whole_rows"]), (kernel, s["taps"]),
          (bias, s["channels"]), (segment_ids, s["segments"])],
         [(jax.ShapeDtypeStruct((b, t, c), _F32), s["tile"])], cfg.bwd_num_warps, interpret)
-    dx, dw_parts, db_parts = _launch(
+    dx, dw_parts, db_parts = pallas_gpu.launch(
         functools.partial(_bwd_grads_kernel, tt=tt, length=t, has_seg=has_seg),
         "conv_silu_bwd", grid,
         [(x, s["whole_rows"]), (dpre, s["whole_rows"]), (kernel, s["taps"]),
          (segment_ids, s["segments"])],
         grads, cfg.bwd_num_warps, interpret)
   else:
-    dx, dw_parts, db_parts = _launch(
+    dx, dw_parts, db_parts = pallas_gpu.launch(
         functools.partial(_bwd_kernel, tt=tt, length=t, has_seg=has_seg), "conv_silu_bwd",
         grid,
         [(x, s["whole_rows"]), (d_out, s["whole_rows"]), (kernel, s["taps"]),

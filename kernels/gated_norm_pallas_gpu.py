@@ -25,10 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-try:  # The Triton compiler params exist wherever the GPU lowering does.
-  from jax.experimental.pallas import triton as pltriton
-except ImportError:  # pragma: no cover
-  pltriton = None
+from kernels import pallas_gpu
 
 _F32 = jnp.float32
 
@@ -83,15 +80,12 @@ def forward(y, z, weight, eps, out_dtype, *, cfg=GatedNormGpuConfig(), interpret
   _check(r, d, cfg)
   rr = cfg.block_rows
   rows = pl.BlockSpec((rr, d), lambda i: (i, 0))
-  params = None if pltriton is None else pltriton.CompilerParams(num_warps=cfg.num_warps,
-                                                                 num_stages=1)
-  return pl.pallas_call(
-      functools.partial(_kernel, eps=eps), grid=(r // rr,),
-      in_specs=[rows, rows, pl.BlockSpec((d,), lambda i: (0,))],
-      out_specs=[rows, pl.BlockSpec((rr,), lambda i: (i,))],
-      out_shape=[jax.ShapeDtypeStruct((r, d), out_dtype), jax.ShapeDtypeStruct((r,), _F32)],
-      compiler_params=params, interpret=interpret, name="gated_norm_fwd",
-  )(y, z, weight)
+  return pallas_gpu.launch(
+      functools.partial(_kernel, eps=eps), "gated_norm_fwd", (r // rr,),
+      [(y, rows), (z, rows), (weight, pl.BlockSpec((d,), lambda i: (0,)))],
+      [(jax.ShapeDtypeStruct((r, d), out_dtype), rows),
+       (jax.ShapeDtypeStruct((r,), _F32), pl.BlockSpec((rr,), lambda i: (i,)))],
+      cfg.num_warps, interpret)
 
 
 def _bwd_kernel(y_ref, z_ref, rstd_ref, w_ref, dout_ref, dy_ref, dz_ref, dw_ref):
@@ -122,15 +116,12 @@ def backward(y, z, rstd, weight, d_out, *, cfg=GatedNormGpuConfig(), interpret=F
   _check(r, d, cfg)
   rr = cfg.bwd_block_rows
   rows = pl.BlockSpec((rr, d), lambda i: (i, 0))
-  params = None if pltriton is None else pltriton.CompilerParams(num_warps=cfg.bwd_num_warps,
-                                                                 num_stages=1)
-  dy, dz, dw_parts = pl.pallas_call(
-      _bwd_kernel, grid=(r // rr,),
-      in_specs=[rows, rows, pl.BlockSpec((rr,), lambda i: (i,)),
-                pl.BlockSpec((d,), lambda i: (0,)), rows],
-      out_specs=[rows, rows, pl.BlockSpec((None, d), lambda i: (i, 0))],
-      out_shape=[jax.ShapeDtypeStruct((r, d), y.dtype), jax.ShapeDtypeStruct((r, d), z.dtype),
-                 jax.ShapeDtypeStruct((r // rr, d), _F32)],
-      compiler_params=params, interpret=interpret, name="gated_norm_bwd",
-  )(y, z, rstd, weight, d_out)
+  dy, dz, dw_parts = pallas_gpu.launch(
+      _bwd_kernel, "gated_norm_bwd", (r // rr,),
+      [(y, rows), (z, rows), (rstd, pl.BlockSpec((rr,), lambda i: (i,))),
+       (weight, pl.BlockSpec((d,), lambda i: (0,))), (d_out, rows)],
+      [(jax.ShapeDtypeStruct((r, d), y.dtype), rows),
+       (jax.ShapeDtypeStruct((r, d), z.dtype), rows),
+       (jax.ShapeDtypeStruct((r // rr, d), _F32), pl.BlockSpec((None, d), lambda i: (i, 0)))],
+      cfg.bwd_num_warps, interpret)
   return dy, dz, dw_parts.sum(0)

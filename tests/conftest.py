@@ -1,8 +1,9 @@
-"""Shared test fixtures: where the official golden outputs live."""
+"""Shared test fixtures: where the official golden outputs live; CUDA lowering."""
 
 import glob
 import os
 
+import jax
 import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,3 +34,21 @@ def golden(request):
     pytest.skip(f"no official_<name>.pt + _io.npz pairs in {golden_dir()} "
                 "(set MAMBAEYE_GOLDEN_DIR)")
   return request.param
+
+
+@pytest.fixture
+def cuda_lowering():
+  """(fn, *args) -> StableHLO text of jax.jit(fn) exported for CUDA.
+
+  Runs the Triton lowering of Pallas GPU kernels on a machine without a GPU;
+  the Triton custom call has no serialisation guarantee, which export checks
+  for, so that one check is turned off.
+  """
+  def lower(fn, *args):
+    exported = jax.export.export(
+        jax.jit(fn), platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(*args)
+    return exported.mlir_module()
+
+  return lower

@@ -85,7 +85,7 @@ def test_dispatch_falls_back_to_xla_for_odd_lengths():
 
 
 @pytest.mark.parametrize("with_segments", [False, True])
-def test_kernels_lower_for_cuda(with_segments):
+def test_kernels_lower_for_cuda(with_segments, cuda_lowering):
   """The Triton lowering of forward and backward succeeds (no GPU needed)."""
   x = jnp.zeros((2, 96, 640), jnp.bfloat16)
   kernel, bias = jnp.zeros((4, 640)), jnp.zeros((640,))
@@ -94,11 +94,7 @@ def test_kernels_lower_for_cuda(with_segments):
   def loss(x, k, b):
     return conv_pallas_gpu.causal_conv_silu(x, k, b, seg, jnp.bfloat16).astype(jnp.float32).sum()
 
-  exported = jax.export.export(
-      jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))), platforms=["cuda"],
-      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-  )(x, kernel, bias)
-  text = exported.mlir_module()
+  text = cuda_lowering(jax.value_and_grad(loss, argnums=(0, 1, 2)), x, kernel, bias)
   assert "conv_silu_fwd" in text and "conv_silu_bwd" in text
 
 

@@ -70,18 +70,14 @@ def test_unsupported_shapes_use_xla_or_fail_clearly():
                                   jnp.float32, interpret=True)
 
 
-def test_kernel_lowers_for_cuda():
+def test_kernel_lowers_for_cuda(cuda_lowering):
   y = jnp.zeros((4096, 512), jnp.bfloat16)
+
   def both(y, z, w):
     out, rstd = gated_norm_pallas_gpu.forward(y, z, w, 1e-5, jnp.bfloat16)
     return out, gated_norm_pallas_gpu.backward(y, z, rstd, w, out)
 
-  exported = jax.export.export(
-      jax.jit(both),
-      platforms=["cuda"],
-      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-  )(y, y, jnp.ones((512,)))
-  text = exported.mlir_module()
+  text = cuda_lowering(both, y, y, jnp.ones((512,)))
   assert "gated_norm_fwd" in text and "gated_norm_bwd" in text
 
 

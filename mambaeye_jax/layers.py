@@ -1,6 +1,13 @@
 """Small layers of the Mamba2 block: RMS norms and the causal depthwise conv.
 
 Dimension letters: b batch, t time (glimpses), d features, k conv taps.
+
+The three memory-bound steps of a block are written with custom VJPs that
+save only what their backward needs, in the inputs' dtypes: the residual add
++ RMSNorm (`add_rms_norm`), the gated RMSNorm (`gated_rms_norm`) and the
+causal conv + SiLU (`causal_conv_silu`). These XLA forms are the references
+of the Pallas GPU kernels in `kernels/` (the norms take a `kernel` argument;
+`mambaeye_jax.conv` picks the conv's implementation).
 """
 
 from __future__ import annotations

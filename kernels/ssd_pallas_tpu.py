@@ -316,6 +316,22 @@ def _for_each_head(k: int, body) -> None:
 # Forward kernel.
 
 
+def _chunk_operands(x_ref, b_ref, c_ref, seg_ref):
+  """What both chunk kernels read first.
+
+  Returns:
+    the compute dtype, the dot precision, this chunk's B and C (q, n), its
+    segment masks (`_segment_masks`) and the scores C_i . B_j (q, q), shared
+    by the block's k heads.
+  """
+  cdt = x_ref.dtype
+  prec = _precision(cdt)
+  bm = b_ref[...]
+  cm = c_ref[...]
+  sm = _segment_masks(bm.shape[0], None if seg_ref is None else seg_ref[...])
+  return cdt, prec, bm, cm, sm, _dot_nt(cm, bm, prec)
+
+
 def _fwd_kernel(*refs, st: _Static, emit_states: bool):
   """One chunk of one (batch, head block) pair.
 
@@ -353,13 +369,7 @@ def _fwd_kernel(*refs, st: _Static, emit_states: bool):
     states_ref[...] = s_ref[...]
 
   f32 = jnp.float32
-  cdt = x_ref.dtype
-  prec = _precision(cdt)
-  bm = b_ref[...]
-  cm = c_ref[...]
-  q = bm.shape[0]
-  sm = _segment_masks(q, None if seg_ref is None else seg_ref[...])
-  scores = _dot_nt(cm, bm, prec)  # (q, q) C_i . B_j, shared by the k heads.
+  cdt, prec, bm, cm, sm, scores = _chunk_operands(x_ref, b_ref, c_ref, seg_ref)
 
   def head(j):
     x = x_ref[j]
@@ -491,14 +501,9 @@ def _bwd_kernel(*refs, st: _Static):
     ds_ref[...] = dfinal_ref[...]
 
   f32 = jnp.float32
-  cdt = x_ref.dtype
-  prec = _precision(cdt)
-  bm = b_ref[...]
-  cm = c_ref[...]
+  cdt, prec, bm, cm, sm, scores = _chunk_operands(x_ref, b_ref, c_ref, seg_ref)
   q = bm.shape[0]
-  sm = _segment_masks(q, None if seg_ref is None else seg_ref[...])
   eye = sm["eye"]
-  scores = _dot_nt(cm, bm, prec)  # (q, q) C_i . B_j, shared by the k heads.
   db_ref[...] = jnp.zeros(db_ref.shape, f32)
   dc_ref[...] = jnp.zeros(dc_ref.shape, f32)
 

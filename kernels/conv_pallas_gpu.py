@@ -66,11 +66,6 @@ def tiles(length: int, channels: int, block_t: int = 64, block_c: int = 64):
   return None if bt is None or bc is None else (bt, bc)
 
 
-def _silu_and_grad(z):
-  sig = jax.nn.sigmoid(z)
-  return z * sig, sig * (1.0 + z * (1.0 - sig))
-
-
 class _Rows:
   """Row gathers of one program's token tile at an offset, clipped and masked."""
 
@@ -125,7 +120,7 @@ def _fwd_kernel(*refs, tt, length, has_seg):
     (x_ref, w_ref, b_ref, o_ref), seg_ref = refs, None
   rows = _Rows(pl.program_id(1) * tt, tt, length, seg_ref)
   pre = _pre_activation(rows, x_ref, _taps(w_ref), b_ref[...].astype(_F32), 0)
-  o_ref[...] = _silu_and_grad(pre)[0].astype(o_ref.dtype)
+  o_ref[...] = pallas_gpu.silu_and_grad(pre)[0].astype(o_ref.dtype)
 
 
 def _bwd_kernel(*refs, tt, length, has_seg):
@@ -140,7 +135,7 @@ def _bwd_kernel(*refs, tt, length, has_seg):
   dx = jnp.zeros((tt, bias.shape[0]), _F32)
   for offset in range(taps):  # d pre-activation at tokens t + offset.
     pre = _pre_activation(rows, x_ref, w, bias, offset)
-    dpre = rows.load(dout_ref, offset, same_as=0 if offset else None) * _silu_and_grad(pre)[1]
+    dpre = rows.load(dout_ref, offset, same_as=0 if offset else None) * pallas_gpu.silu_and_grad(pre)[1]
     # x_t feeds token t + offset through tap K-1-offset.
     dx = dx + dpre * w[taps - 1 - offset][None, :]
     if offset == 0:
@@ -159,7 +154,7 @@ def _bwd_pre_kernel(*refs, tt, length, has_seg):
     (x_ref, dout_ref, w_ref, b_ref, dpre_ref), seg_ref = refs, None
   rows = _Rows(pl.program_id(1) * tt, tt, length, seg_ref)
   pre = _pre_activation(rows, x_ref, _taps(w_ref), b_ref[...].astype(_F32), 0)
-  dpre_ref[...] = rows.load(dout_ref, 0) * _silu_and_grad(pre)[1]
+  dpre_ref[...] = rows.load(dout_ref, 0) * pallas_gpu.silu_and_grad(pre)[1]
 
 
 def _bwd_grads_kernel(*refs, tt, length, has_seg):

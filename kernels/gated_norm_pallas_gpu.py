@@ -58,7 +58,7 @@ def _check(rows, features, cfg):
 def _kernel(y_ref, z_ref, w_ref, out_ref, rstd_ref, *, eps):
   y = y_ref[...].astype(_F32)
   z = z_ref[...].astype(_F32)
-  gated = y * (z * jax.nn.sigmoid(z))
+  gated = y * pallas_gpu.silu_and_grad(z)[0]
   rstd = jax.lax.rsqrt(jnp.mean(gated * gated, axis=1) + eps)
   out_ref[...] = (gated * rstd[:, None] * w_ref[...].astype(_F32)[None, :]).astype(out_ref.dtype)
   rstd_ref[...] = rstd
@@ -91,8 +91,7 @@ def forward(y, z, weight, eps, out_dtype, *, cfg=GatedNormGpuConfig(), interpret
 def _bwd_kernel(y_ref, z_ref, rstd_ref, w_ref, dout_ref, dy_ref, dz_ref, dw_ref):
   y = y_ref[...].astype(_F32)
   z = z_ref[...].astype(_F32)
-  sig = jax.nn.sigmoid(z)
-  silu_z = z * sig
+  silu_z, dsilu_z = pallas_gpu.silu_and_grad(z)
   rstd = rstd_ref[...][:, None]
   normed = y * silu_z * rstd
   d_out = dout_ref[...].astype(_F32)
@@ -100,7 +99,7 @@ def _bwd_kernel(y_ref, z_ref, rstd_ref, w_ref, dout_ref, dy_ref, dz_ref, dw_ref)
   # d gated = rstd * (d_normed - normed * mean(d_normed * normed)) per row.
   d_gated = rstd * (d_normed - normed * jnp.mean(d_normed * normed, axis=1)[:, None])
   dy_ref[...] = (d_gated * silu_z).astype(dy_ref.dtype)
-  dz_ref[...] = (d_gated * y * (sig * (1.0 + z * (1.0 - sig)))).astype(dz_ref.dtype)
+  dz_ref[...] = (d_gated * y * dsilu_z).astype(dz_ref.dtype)
   dw_ref[...] = jnp.sum(d_out * normed, axis=0)
 
 

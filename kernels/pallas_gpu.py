@@ -1,14 +1,16 @@
-"""What the block's Pallas GPU kernels share: the Triton launch.
+"""What the block's Pallas GPU kernels share: the Triton launch, SiLU.
 
 `kernels.conv_pallas_gpu`, `kernels.gated_norm_pallas_gpu` and
 `kernels.add_norm_pallas_gpu` launch through `launch`; interpret mode runs
-the same kernels on any backend.
+the same kernels on any backend. `silu_and_grad` is also the XLA references'
+(`mambaeye_jax.layers`), so kernel and reference share the formula.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+import jax
 from jax.experimental import pallas as pl
 
 try:  # The Triton compiler params exist wherever the GPU lowering does.
@@ -43,3 +45,9 @@ def launch(kernel: Callable[..., None], name: str, grid: tuple[int, ...],
       out_specs=[s for _, s in outputs], out_shape=[o for o, _ in outputs],
       compiler_params=params, interpret=interpret, name=name,
   )(*[a for a, _ in inputs])
+
+
+def silu_and_grad(z):
+  """silu(z) and its derivative (elementwise; float32 in, float32 out)."""
+  sig = jax.nn.sigmoid(z)
+  return z * sig, sig * (1.0 + z * (1.0 - sig))

@@ -21,6 +21,7 @@ from flax import nnx
 
 from kernels import add_norm_pallas_gpu
 from kernels import gated_norm_pallas_gpu
+from kernels import pallas_gpu
 from kernels import ssd_reference
 from mambaeye_jax import ssd as ssd_lib
 
@@ -103,11 +104,19 @@ def _add_rms_norm(hidden, residual, weight, eps, out_dtype, kernel, in_dtypes):
   return _add_rms_norm_fwd(hidden, residual, weight, eps, out_dtype, None, in_dtypes)[0]
 
 
+def _rows_per_example(x: jax.Array) -> int | None:
+  """Rows a norm kernel sees per example of x (b, ..., d); None for x (b, d).
+
+  The kernels' row blocks must divide the rows of each device's share of the
+  batch; any block dividing one example's rows does, however it is split.
+  """
+  return None if x.ndim < 3 else x.size // (x.shape[0] * x.shape[-1])
+
+
 def _add_norm_kernel_takes(x: jax.Array) -> bool:
   """Whether the kernels take x (b, ..., d), also split over the batch."""
-  if x.ndim < 3:
-    return False
-  return add_norm_pallas_gpu.supported(x.size // (x.shape[0] * x.shape[-1]), x.shape[-1])
+  rows = _rows_per_example(x)
+  return rows is not None and add_norm_pallas_gpu.supported(rows, x.shape[-1])
 
 
 def _add_rms_norm_fwd(hidden, residual, weight, eps, out_dtype, kernel, in_dtypes):
@@ -156,12 +165,6 @@ def _add_rms_norm_bwd(eps, out_dtype, kernel, in_dtypes, residuals, cotangents):
 
 
 _add_rms_norm.defvjp(_add_rms_norm_fwd, _add_rms_norm_bwd)
-
-
-def _silu_and_grad(z: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """silu(z) and its derivative, float32 in, float32 out."""
-  sig = jax.nn.sigmoid(z)
-  return z * sig, sig * (1.0 + z * (1.0 - sig))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
@@ -236,10 +239,10 @@ def _gated_rms_norm_kernel_bwd(y, z, weight, rstd, d_out, kernel):
 
 
 def _gated_rms_norm_fwd(y, z, weight, eps, group_size, out_dtype, kernel):
-  if kernel is not None and _kernel_takes(y, group_size):
+  if kernel is not None and _gated_norm_kernel_takes(y, group_size):
     out, rstd = _gated_rms_norm_kernel_fwd(y, z, weight, eps, out_dtype, kernel)
     return out, (y, z, weight, rstd)
-  gated = _grouped(y.astype(jnp.float32) * _silu_and_grad(z.astype(jnp.float32))[0], group_size)
+  gated = _grouped(y.astype(jnp.float32) * pallas_gpu.silu_and_grad(z.astype(jnp.float32))[0], group_size)
   rstd = jax.lax.rsqrt(jnp.mean(gated * gated, axis=-1, keepdims=True) + eps)
   # The barrier keeps XLA's GPU normalisation fusion from taking this norm:
   # that fusion cannot absorb the gating product, so it wrote y * silu(z) in
@@ -250,20 +253,18 @@ def _gated_rms_norm_fwd(y, z, weight, eps, group_size, out_dtype, kernel):
   return out.astype(out_dtype), (y, z, weight, rstd)
 
 
-def _kernel_takes(y, group_size):
-  """Whether the Pallas forward takes y (b, ..., d), also split over the batch."""
-  if y.ndim < 3:
-    return False
-  rows_per_example = y.size // (y.shape[0] * y.shape[-1])
-  return gated_norm_pallas_gpu.supported(rows_per_example, y.shape[-1], group_size)
+def _gated_norm_kernel_takes(y, group_size):
+  """Whether the kernels take y (b, ..., d), also split over the batch."""
+  rows = _rows_per_example(y)
+  return rows is not None and gated_norm_pallas_gpu.supported(rows, y.shape[-1], group_size)
 
 
 def _gated_rms_norm_bwd(eps, group_size, out_dtype, kernel, residuals, d_out):
   del eps, out_dtype
   y, z, weight, rstd = residuals
-  if kernel is not None and _kernel_takes(y, group_size):
+  if kernel is not None and _gated_norm_kernel_takes(y, group_size):
     return _gated_rms_norm_kernel_bwd(y, z, weight, rstd, d_out, kernel)
-  silu_z, dsilu_z = _silu_and_grad(z.astype(jnp.float32))
+  silu_z, dsilu_z = pallas_gpu.silu_and_grad(z.astype(jnp.float32))
   y32 = y.astype(jnp.float32)
   normed = _grouped(y32 * silu_z, group_size) * rstd  # (..., groups, group_size)
   d_out = d_out.astype(jnp.float32)
@@ -410,7 +411,7 @@ def _causal_conv_silu_fwd(x, kernel, bias, segment_ids, out_dtype):
   if segment_ids is not None:
     segment_ids = ssd_reference.renumber_segments(segment_ids)
   pre = _conv_pre_activation(_conv_taps(x, segment_ids, kernel.shape[0]), kernel, bias)
-  return _silu_and_grad(pre)[0].astype(out_dtype), (x, kernel, bias, segment_ids)
+  return pallas_gpu.silu_and_grad(pre)[0].astype(out_dtype), (x, kernel, bias, segment_ids)
 
 
 def _causal_conv_silu_bwd(out_dtype, residuals, d_out):
@@ -419,7 +420,7 @@ def _causal_conv_silu_bwd(out_dtype, residuals, d_out):
   taps = kernel.shape[0]
   windows = _conv_taps(x, segment_ids, taps)
   pre = _conv_pre_activation(windows, kernel, bias)
-  d_pre = d_out.astype(jnp.float32) * _silu_and_grad(pre)[1]
+  d_pre = d_out.astype(jnp.float32) * pallas_gpu.silu_and_grad(pre)[1]
   # One reduction over (b, t) for every tap and the bias.
   stacked = jnp.stack(windows + [jnp.ones_like(d_pre)], axis=-2)  # (b, t, K + 1, d)
   d_params = jnp.sum(d_pre[..., None, :] * stacked, axis=(0, 1))

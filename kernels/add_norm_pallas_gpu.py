@@ -7,6 +7,8 @@ Forward: s = hidden + residual (float32), normed = s / rms(s) * weight in the
 output dtype, and 1/rms per row. Backward, from the gradients of both
 outputs: ds = d_s + rstd * (g - n * mean(g * n)) with n = s * rstd and
 g = d_normed * weight, which is the gradient of hidden and of residual alike,
+(d_normed may come in parts, one per consumer of normed, added here in
+float32, so that no pass before this one adds them),
 and this tile's share of the weight gradient (XLA adds the (r / rr, d)
 shares). Each direction reads its inputs once; XLA's fusions of the same math
 read the residual stream two or three times per direction (measured on an
@@ -19,6 +21,7 @@ kernels are tested against it in interpret mode on the CPU
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -71,10 +74,11 @@ def forward(hidden, residual, weight, eps, out_dtype, *, cfg=AddNormGpuConfig(),
       cfg.num_warps, interpret)
 
 
-def _bwd_kernel(s_ref, rstd_ref, w_ref, ds_ref, dn_ref, dh_ref, dr_ref, dw_ref):
+def _bwd_kernel(s_ref, rstd_ref, w_ref, ds_ref, *refs, parts):
+  dn_refs, (dh_ref, dr_ref, dw_ref) = refs[:parts], refs[parts:]
   rstd = rstd_ref[...][:, None]
   normed = s_ref[...] * rstd
-  d_normed = dn_ref[...].astype(_F32)
+  d_normed = sum(dn[...].astype(_F32) for dn in dn_refs)
   g = d_normed * w_ref[...].astype(_F32)[None, :]
   ds = ds_ref[...].astype(_F32) + rstd * (g - normed * jnp.mean(g * normed, axis=1)[:, None])
   dh_ref[...] = ds.astype(dh_ref.dtype)
@@ -89,16 +93,20 @@ def backward(s, rstd, weight, d_s, d_normed, hidden_dtype, residual_dtype, *,
   Args:
     s: (r, d) float32 and rstd (r,) from `forward`.
     weight: (d,).
-    d_s: (r, d) gradient of s; d_normed: (r, d) gradient of normed.
+    d_s: (r, d) gradient of s.
+    d_normed: (r, d) gradient of normed, or a sequence of such parts (one
+      per consumer) whose sum it is.
   """
   r, d = s.shape
   _check(r, d, cfg)
   rr = cfg.block_rows
   rows = pl.BlockSpec((rr, d), lambda i: (i, 0))
+  parts = [d_normed] if isinstance(d_normed, jax.Array) else list(d_normed)
   dh, dr, dw_parts = pallas_gpu.launch(
-      _bwd_kernel, "add_norm_bwd", (r // rr,),
+      functools.partial(_bwd_kernel, parts=len(parts)), "add_norm_bwd", (r // rr,),
       [(s, rows), (rstd, pl.BlockSpec((rr,), lambda i: (i,))),
-       (weight, pl.BlockSpec((d,), lambda i: (0,))), (d_s, rows), (d_normed, rows)],
+       (weight, pl.BlockSpec((d,), lambda i: (0,))), (d_s, rows)]
+      + [(part, rows) for part in parts],
       [(jax.ShapeDtypeStruct((r, d), hidden_dtype), rows),
        (jax.ShapeDtypeStruct((r, d), residual_dtype), rows),
        (jax.ShapeDtypeStruct((r // rr, d), _F32), pl.BlockSpec((None, d), lambda i: (i, 0)))],

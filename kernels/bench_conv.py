@@ -27,9 +27,10 @@ from kernels import conv_pallas_gpu
 from kernels import gated_norm_pallas_gpu
 from mambaeye_jax import layers
 
-SHAPES = ((64, 1024, 512), (64, 1024, 64), (64, 4096, 512))
+SHAPES = ((64, 1024, 512), (64, 1024, 128), (64, 4096, 512))  # Tiny: x, BC (g n = 64)
 FWD_TILES = ((64, 128, 4), (32, 128, 4), (64, 64, 4), (32, 64, 2), (128, 64, 4), (16, 128, 2))
-BWD_TILES = ((32, 64, 4), (16, 128, 4), (32, 32, 2), (16, 64, 2), (64, 64, 4), (32, 128, 4))
+BWD_TILES = ((32, 64, 4), (16, 128, 4), (32, 32, 2), (16, 64, 2), (64, 64, 4), (32, 128, 4), (64, 32, 2),
+             (64, 32, 4))
 
 
 def _median_ms(fn, reps: int, inner: int) -> float:
@@ -111,6 +112,7 @@ def main():
   args = parser.parse_args()
   default = conv_pallas_gpu.ConvGpuConfig()
   cfgs = [("pallas[default]", default),
+          ("pallas, float32 d(pre-act)", dataclasses.replace(default, bwd_dpre_f32=True)),
           ("pallas, one-pass backward", dataclasses.replace(default, bwd_two_pass=False))]
   if args.sweep:
     n = max(len(FWD_TILES), len(BWD_TILES))

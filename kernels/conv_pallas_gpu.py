@@ -16,11 +16,13 @@ no padded copy of x is made and interpret mode reads the same rows as the
 GPU. Everything is computed in float32; x, the output and dx keep their
 dtype (bf16 in training).
 
-The backward runs in two passes: the first writes d(pre-activation) in
-float32 (one sigmoid per token), the second reads it at the K shifted rows
-for dx and sums its products with x into per-tile partial sums of the kernel
-and bias gradients, which XLA adds up (small: (b, t / tt, K + 1, c)
-float32). A one-pass variant (`bwd_two_pass=False`) recomputes the
+The backward runs in two passes. The first recomputes the pre-activation,
+writes d(pre-activation) (one sigmoid per token; in d_out's dtype, bf16 in
+training) and, while it holds that gradient in float32 beside the K windows
+of x it just read, sums their products into per-tile partial sums of the
+kernel and bias gradients, which XLA adds up (small: (b, t / tt, K + 1, c)
+float32). The second reads d(pre-activation) at the K shifted rows for dx
+alone. A one-pass variant (`bwd_two_pass=False`) recomputes the
 pre-activation at the K - 1 tokens after its tile instead (K sigmoids a
 token). Times of both and of XLA: `python -m kernels.bench_conv`.
 """
@@ -48,12 +50,19 @@ class ConvGpuConfig:
   block_t: int = 64
   block_c: int = 64
   num_warps: int = 4
-  bwd_block_t: int = 32
-  bwd_block_c: int = 128
+  bwd_block_t: int = 64
+  bwd_block_c: int = 64
   bwd_num_warps: int = 4
-  # Two backward passes: d(pre-activation) once per token in float32, then
-  # dx and the parameter sums from it; one pass recomputes it at K offsets.
+  # Backward token tiles are halved (down to 16) until the grid has this many
+  # programs: narrow convs (B and C, 128 channels) otherwise leave too few.
+  bwd_min_programs: int = 4096
+  # Two backward passes: d(pre-activation) and the parameter sums once per
+  # token, then dx from it; one pass recomputes it at K offsets.
   bwd_two_pass: bool = True
+  # The two-pass d(pre-activation) in float32 rather than in d_out's dtype.
+  # Only dx reads it back, which is rounded to that dtype anyway; bf16 moves
+  # a third fewer bytes (the kernel and bias sums use the float32 value).
+  bwd_dpre_f32: bool = False
 
 
 def tiles(length: int, channels: int, block_t: int = 64, block_c: int = 64):
@@ -139,41 +148,45 @@ def _bwd_kernel(*refs, tt, length, has_seg):
     # x_t feeds token t + offset through tap K-1-offset.
     dx = dx + dpre * w[taps - 1 - offset][None, :]
     if offset == 0:
-      db_ref[...] = jnp.sum(dpre, axis=0).astype(db_ref.dtype)
-      for k in range(taps):
-        window = rows.load(x_ref, -(taps - 1 - k), same_as=0)
-        dw_ref[k, :] = jnp.sum(dpre * window, axis=0).astype(dw_ref.dtype)
+      _param_grad_sums(rows, x_ref, dpre, dw_ref, db_ref)
   dx_ref[...] = dx.astype(dx_ref.dtype)
 
 
+def _param_grad_sums(rows, x_ref, dpre, dw_ref, db_ref):
+  """This tile's kernel and bias gradient sums over its tokens, float32."""
+  taps = dw_ref.shape[0]
+  db_ref[...] = jnp.sum(dpre, axis=0).astype(db_ref.dtype)
+  for k in range(taps):
+    window = rows.load(x_ref, -(taps - 1 - k), same_as=0)
+    dw_ref[k, :] = jnp.sum(dpre * window, axis=0).astype(dw_ref.dtype)
+
+
 def _bwd_pre_kernel(*refs, tt, length, has_seg):
-  """Pass 1 of 2: d pre-activation = d_out * silu'(pre), float32 (tt, cc)."""
+  """Pass 1 of 2: d pre-activation = d_out * silu'(pre) (tt, cc) in dpre_ref's
+  dtype, and the kernel and bias gradient sums from its float32 value."""
   if has_seg:
-    x_ref, dout_ref, w_ref, b_ref, seg_ref, dpre_ref = refs
+    x_ref, dout_ref, w_ref, b_ref, seg_ref, dpre_ref, dw_ref, db_ref = refs
   else:
-    (x_ref, dout_ref, w_ref, b_ref, dpre_ref), seg_ref = refs, None
+    (x_ref, dout_ref, w_ref, b_ref, dpre_ref, dw_ref, db_ref), seg_ref = refs, None
   rows = _Rows(pl.program_id(1) * tt, tt, length, seg_ref)
   pre = _pre_activation(rows, x_ref, _taps(w_ref), b_ref[...].astype(_F32), 0)
-  dpre_ref[...] = rows.load(dout_ref, 0) * pallas_gpu.silu_and_grad(pre)[1]
+  dpre = rows.load(dout_ref, 0) * pallas_gpu.silu_and_grad(pre)[1]
+  dpre_ref[...] = dpre.astype(dpre_ref.dtype)
+  _param_grad_sums(rows, x_ref, dpre, dw_ref, db_ref)
 
 
-def _bwd_grads_kernel(*refs, tt, length, has_seg):
-  """Pass 2 of 2: dx, and this tile's kernel and bias gradient sums."""
+def _bwd_dx_kernel(*refs, tt, length, has_seg):
+  """Pass 2 of 2: dx from d pre-activation at the K tokens each x_t feeds."""
   if has_seg:
-    x_ref, dpre_ref, w_ref, seg_ref, dx_ref, dw_ref, db_ref = refs
+    dpre_ref, w_ref, seg_ref, dx_ref = refs
   else:
-    (x_ref, dpre_ref, w_ref, dx_ref, dw_ref, db_ref), seg_ref = refs, None
+    (dpre_ref, w_ref, dx_ref), seg_ref = refs, None
   w = _taps(w_ref)
   taps = len(w)
   rows = _Rows(pl.program_id(1) * tt, tt, length, seg_ref)
   dx = jnp.zeros((tt, w_ref.shape[1]), _F32)
   for offset in range(taps):  # x_t feeds token t + offset through tap K-1-offset.
     dx = dx + rows.load(dpre_ref, offset, same_as=0 if offset else None) * w[taps - 1 - offset]
-  dpre = rows.load(dpre_ref, 0)
-  db_ref[...] = jnp.sum(dpre, axis=0)
-  for k in range(taps):
-    window = rows.load(x_ref, -(taps - 1 - k), same_as=0)
-    dw_ref[k, :] = jnp.sum(dpre * window, axis=0)
   dx_ref[...] = dx.astype(dx_ref.dtype)
 
 
@@ -223,6 +236,8 @@ def forward(x, kernel, bias, segment_ids, out_dtype, *, cfg=ConvGpuConfig(),
 def backward(x, kernel, bias, segment_ids, d_out, *, cfg=ConvGpuConfig(), interpret=False):
   """Gradients of `forward` w.r.t. x (x.dtype), kernel and bias (float32 sums)."""
   b, t, c, (tt, cc) = _check(x, kernel, cfg.bwd_block_t, cfg.bwd_block_c)
+  while b * (t // tt) * (c // cc) < cfg.bwd_min_programs and tt > 16:
+    tt //= 2  # Still divides t: tiles() picked a power of two >= 16 that does.
   taps = kernel.shape[0]
   s = _specs(t, taps, tt, cc)
   has_seg = segment_ids is not None
@@ -231,18 +246,19 @@ def backward(x, kernel, bias, segment_ids, d_out, *, cfg=ConvGpuConfig(), interp
            (jax.ShapeDtypeStruct((b, t // tt, taps, c), _F32), s["tile_taps"]),
            (jax.ShapeDtypeStruct((b, t // tt, c), _F32), s["tile_channels"])]
   if cfg.bwd_two_pass:
-    (dpre,) = pallas_gpu.launch(
+    dpre_dtype = _F32 if cfg.bwd_dpre_f32 else d_out.dtype
+    dpre, dw_parts, db_parts = pallas_gpu.launch(
         functools.partial(_bwd_pre_kernel, tt=tt, length=t, has_seg=has_seg),
         "conv_silu_bwd_pre", grid,
         [(x, s["whole_rows"]), (d_out, s["whole_rows"]), (kernel, s["taps"]),
          (bias, s["channels"]), (segment_ids, s["segments"])],
-        [(jax.ShapeDtypeStruct((b, t, c), _F32), s["tile"])], cfg.bwd_num_warps, interpret)
-    dx, dw_parts, db_parts = pallas_gpu.launch(
-        functools.partial(_bwd_grads_kernel, tt=tt, length=t, has_seg=has_seg),
+        [(jax.ShapeDtypeStruct((b, t, c), dpre_dtype), s["tile"])] + grads[1:],
+        cfg.bwd_num_warps, interpret)
+    (dx,) = pallas_gpu.launch(
+        functools.partial(_bwd_dx_kernel, tt=tt, length=t, has_seg=has_seg),
         "conv_silu_bwd", grid,
-        [(x, s["whole_rows"]), (dpre, s["whole_rows"]), (kernel, s["taps"]),
-         (segment_ids, s["segments"])],
-        grads, cfg.bwd_num_warps, interpret)
+        [(dpre, s["whole_rows"]), (kernel, s["taps"]), (segment_ids, s["segments"])],
+        grads[:1], cfg.bwd_num_warps, interpret)
   else:
     dx, dw_parts, db_parts = pallas_gpu.launch(
         functools.partial(_bwd_kernel, tt=tt, length=t, has_seg=has_seg), "conv_silu_bwd",

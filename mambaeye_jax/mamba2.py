@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +75,10 @@ def _uniform(low: float, high: float):
 class Mamba2(nnx.Module):
   """One Mamba2 mixer: in_proj, causal conv, SSD, gated RMSNorm, out_proj."""
 
+  # in_proj's products (z, x, BC, dt; see `_project`): how many copies of its
+  # input the block's norm hands out.
+  NUM_PROJECTIONS = 4
+
   def __init__(self, config: Mamba2Config, *, depth: int, rngs: nnx.Rngs,
                dtype=jnp.float32, ssd_impl: str = "auto"):
     """Creates the parameters with mamba_ssm's initialisation.
@@ -110,11 +114,13 @@ class Mamba2(nnx.Module):
     self.out_proj = nnx.Linear(c.d_inner, c.dim, use_bias=False, dtype=dtype,
                                kernel_init=out_init, rngs=rngs)
 
-  def _project(self, u: jax.Array) -> tuple[jax.Array, ...]:
+  def _project(self, u: jax.Array | Sequence[jax.Array]) -> tuple[jax.Array, ...]:
     """in_proj as one product per consumer.
 
     Args:
-      u: (..., d) input.
+      u: (..., d) input, or `NUM_PROJECTIONS` arrays holding the same values,
+        one per product (z, x, BC, dt), whose input gradients then stay apart
+        (`layers.add_rms_norm(copies=...)` adds them in its backward pass).
 
     Returns:
       z (..., e), x (..., e), BC (..., 2 g n), dt (..., h), in the compute
@@ -127,8 +133,12 @@ class Mamba2(nnx.Module):
     ~0.3 ms a layer at 65k tokens, more than the extra additions).
     """
     kernel = self.in_proj.kernel[...].astype(self.dtype)
-    u = u.astype(self.dtype)
-    return tuple(jnp.dot(u, kernel[:, lo:hi]) for lo, hi in self._column_bounds())
+    bounds = self._column_bounds()
+    inputs = (u,) * len(bounds) if isinstance(u, jax.Array) else tuple(u)
+    if len(inputs) != len(bounds):
+      raise ValueError(f"in_proj takes one input or {len(bounds)}, got {len(inputs)}")
+    return tuple(jnp.dot(x.astype(self.dtype), kernel[:, lo:hi])
+                 for x, (lo, hi) in zip(inputs, bounds))
 
   def _column_bounds(self) -> list[tuple[int, int]]:
     """[lo, hi) of z, x, BC, dt in in_proj's output (conv channels: x, BC).
@@ -161,11 +171,13 @@ class Mamba2(nnx.Module):
             B.reshape(*shape, c.ngroups, c.d_state),
             C.reshape(*shape, c.ngroups, c.d_state))
 
-  def __call__(self, u: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+  def __call__(self, u: jax.Array | Sequence[jax.Array],
+               segment_ids: jax.Array | None = None) -> jax.Array:
     """Parallel form.
 
     Args:
-      u: (b, t, d) input (normalised residual stream).
+      u: (b, t, d) input (normalised residual stream), or NUM_PROJECTIONS
+        such arrays, one per input product (see `_project`).
       segment_ids: (b, t) int or None; conv and SSM state reset where it changes.
 
     Returns:

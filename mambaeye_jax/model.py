@@ -191,8 +191,11 @@ class MambaEye(nnx.Module):
     def body(carry, state):
       hidden, residual = carry
       block = nnx.merge(block_def, state)
+      # One copy of the normed input per in_proj product: their gradients
+      # are added inside the norm's backward pass.
       residual, normed = layers.add_rms_norm(hidden, residual, block.norm.weight[...],
-                                             block.norm.eps, self.config.compute_dtype, kernel)
+                                             block.norm.eps, self.config.compute_dtype, kernel,
+                                             copies=block.mixer.NUM_PROJECTIONS)
       hidden = block.mixer(normed, segment_ids)
       return (hidden, residual), None
 

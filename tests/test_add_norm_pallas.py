@@ -33,6 +33,25 @@ def test_matches_autodiff_of_the_plain_form(kernel):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=name)
 
 
+@pytest.mark.parametrize("kernel", [None, "interpret"])
+def test_copies_take_their_gradients_apart(kernel):
+  # Three consumers of normed: their gradients reach the backward separately
+  # and must add up to autodiff's through one output.
+  hidden, residual, weight, (ds, dn) = _inputs((2, 32, 64))
+  parts = (dn, 0.5 * dn[::-1], jnp.cos(dn))
+  fused = lambda h, r, w: layers.add_rms_norm(h, r, w, 1e-5, jnp.float32, kernel, copies=3)
+  (s, normed), vjp = jax.vjp(fused, hidden, residual, weight)
+  assert isinstance(normed, tuple) and len(normed) == 3
+  (s0, normed0), vjp0 = jax.vjp(_plain, hidden, residual, weight)
+  for n in normed:
+    np.testing.assert_allclose(n, normed0, rtol=1e-5, atol=1e-5)
+  for got, want, name in zip(vjp((ds, parts)), vjp0((ds, sum(parts))),
+                             ("dhidden", "dresidual", "dweight")):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=name)
+  with pytest.raises(ValueError, match="copies"):
+    layers.add_rms_norm(hidden, residual, weight, 1e-5, jnp.float32, kernel, copies=0)
+
+
 def test_kernel_keeps_dtypes_and_matches_xla_in_bf16():
   hidden, residual, weight, (ds, dn) = _inputs((2, 64, 128), jnp.bfloat16)
   dn = dn.astype(jnp.bfloat16)
@@ -66,7 +85,7 @@ def test_kernels_lower_for_cuda(cuda_lowering):
 
   def both(h, r, w):
     s, normed, rstd = add_norm_pallas_gpu.forward(h, r, w, 1e-5, jnp.bfloat16)
-    return add_norm_pallas_gpu.backward(s, rstd, w, s, normed, jnp.bfloat16, jnp.float32)
+    return add_norm_pallas_gpu.backward(s, rstd, w, s, [normed] * 4, jnp.bfloat16, jnp.float32)
 
   text = cuda_lowering(both, x, x.astype(jnp.float32), jnp.ones((256,)))
   assert "add_norm_fwd" in text and "add_norm_bwd" in text

@@ -47,11 +47,13 @@ def test_kernel_matches_oracle_values_and_gradients(segments, taps, two_pass):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4, err_msg=name)
 
 
-def test_kernel_bf16_close_to_xla_reference():
+@pytest.mark.parametrize("dpre_f32", [True, False])
+def test_kernel_bf16_close_to_xla_reference(dpre_f32):
   x, kernel, bias, cot = _problem(t=64, c=128)
   x16, cot16 = x.astype(jnp.bfloat16), cot.astype(jnp.bfloat16)
+  cfg = conv_pallas_gpu.ConvGpuConfig(bwd_dpre_f32=dpre_f32)
   fused = lambda x, k, b: conv_pallas_gpu.causal_conv_silu(x, k, b, None, jnp.bfloat16,
-                                                           interpret=True)
+                                                           cfg=cfg, interpret=True)
   xla = lambda x, k, b: layers.causal_conv_silu(x, k, b, None, jnp.bfloat16)
   out, vjp = jax.vjp(fused, x16, kernel, bias)
   want, vjp_want = jax.vjp(xla, x16, kernel, bias)

@@ -94,9 +94,6 @@ class SSDGpuConfig:
     min_split_chunks: ... while every split keeps at least this many chunks.
     split_chunks: if set, the number of chunks (of the larger block) per
       split, overriding the heuristic (used by tests to force splitting).
-    bwd_atomic_group_sum: the backward adds each head's dB and dC into
-      float32 per-group sums with atomic adds, instead of writing per-head
-      parts (b, l, h, n) that XLA then sums over a group's heads.
   """
 
   block_q: int = 64
@@ -108,7 +105,6 @@ class SSDGpuConfig:
   min_programs: int = 264
   min_split_chunks: int = 4
   split_chunks: Optional[int] = None
-  bwd_atomic_group_sum: bool = False
 
   def __post_init__(self):
     for name in ("block_q", "bwd_block_q"):
@@ -325,7 +321,7 @@ def _state_kernel(*refs, q, n_chunks, cd, has_seg, reverse):
   r["s_out"][...] = lax.fori_loop(0, n_chunks, body, jnp.zeros((p, n), _F32))
 
 
-def _bwd_kernel(*refs, q, n_chunks, cd, has_seg, has_ds_in, has_d, atomic):
+def _bwd_kernel(*refs, q, n_chunks, cd, has_seg, has_ds_in, has_d):
   """Backward walk over one split's chunks with the adjoint state dS (p, n).
 
   Reads the forward state entering each chunk (`states`). Writes dx, this
@@ -340,21 +336,11 @@ def _bwd_kernel(*refs, q, n_chunks, cd, has_seg, has_ds_in, has_d, atomic):
 
   The (q, q) matrices are built transposed, [j, i], so that the products
   that contract over i take them untransposed.
-
-  With `atomic`, db / dc are the group's float32 sums (zeroed, aliased to
-  the inputs db0 / dc0) and every head adds into them; else each head
-  writes its own part.
   """
   names = ["x", "dt", "la", "B", "C", "dy", "run", "runp", "states", "ds_in",
-           "D", "db0", "dc0", "dx", "db", "dc", "ddt", "dla", "dd", "ds_out"]
+           "D", "dx", "db", "dc", "ddt", "dla", "dd", "ds_out"]
   r = _unpack(refs, names, dict(run=has_seg, runp=has_seg, ds_in=has_ds_in,
-                                D=has_d, db0=atomic, dc0=atomic))
-  def put(ref, sl, value):
-    if atomic:
-      pltriton.atomic_add(ref, (sl, slice(None)), value)
-    else:
-      ref[sl, :] = value.astype(ref.dtype)
-
+                                D=has_d))
   p, n = r["x"].shape[1], r["B"].shape[1]
   d = r["D"][0].astype(_F32) if has_d else None
 
@@ -393,13 +379,13 @@ def _bwd_kernel(*refs, q, n_chunks, cd, has_seg, has_ds_in, has_d, atomic):
     #              + exp(cum_end - cum_j) dS_end^T x_j).
     m2 = p_xy * lt
     db = _dot(m2.astype(cd), cm) + dec.to_end[:, None] * _dot(xc, ds_c)
-    put(r["db"], sl, dt[:, None] * db)
+    r["db"][sl, :] = (dt[:, None] * db).astype(r["db"].dtype)
     # dC_i = sum_{j<=i} exp(cum_i - cum_j) dt_j (dy_i . x_j) B_j
     #        + exp(cum_i) S_prev dy_i.
     wc = m2 * dt[:, None]
     dc_off = dec.from_start[:, None] * _dot(dy, s_prev)  # (q, n)
     dc = _dot(wc.astype(cd), bm, ta=True) + dc_off
-    put(r["dc"], sl, dc)
+    r["dc"][sl, :] = dc.astype(r["dc"].dtype)
     # Pairs inside the chunk: m is lower triangular ([j, i] nonzero for
     # j <= i), and [j < t <= i] = [t <= i] - [t <= j] there, so the
     # straddling sum is a reverse cumsum of row sums minus column sums.
@@ -525,11 +511,8 @@ def _specs(pr: _Prepared, heads_per_group: int):
 
 
 def _call(kernel, name, grid, inputs, out_specs, out_shapes, num_warps,
-          num_stages, interpret, aliases=None):
-  """pallas_call with the Triton lowering; inputs is a list of (array, spec).
-
-  aliases: {index in inputs after Nones are dropped: output index}.
-  """
+          num_stages, interpret):
+  """pallas_call with the Triton lowering; inputs is a list of (array, spec)."""
   inputs = [(a, s) for a, s in inputs if a is not None]
   params = (None if pltriton is None else
             pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages))
@@ -542,7 +525,6 @@ def _call(kernel, name, grid, inputs, out_specs, out_shapes, num_warps,
       compiler_params=params,
       interpret=interpret,
       name=name,
-      input_output_aliases=aliases or {},
   )(*[a for a, _ in inputs])
 
 
@@ -711,42 +693,31 @@ def backward(x, dt, A, B, C, D, initial_state, segment_ids, states, dy,
   elif dfin is not None:
     ds_in = dfin[:, :, None]
 
-  # dB and dC: per-head parts in B's dtype, summed over a group's heads in
-  # float32 below ((b, l, h, n) float32 parts cost ~0.1 ms more of traffic
-  # at MambaEye sizes; in bf16 each part adds one rounding, 2^-9 relative),
-  # or with bwd_atomic_group_sum the group's float32 sums themselves.
-  atomic = cfg.bwd_atomic_group_sum
-  if atomic:
-    part_shape = jax.ShapeDtypeStruct((b, Lp, g, n2), _F32)
-    part_spec = sp["seq_n"]
-    zeros = jnp.zeros(part_shape.shape, _F32)
-    sums_in = [(zeros, part_spec), (zeros, part_spec)]
-  else:
-    part_shape = jax.ShapeDtypeStruct((b, Lp, h, n2), B.dtype)
-    part_spec = sp["seq_nh"]
-    sums_in = []
+  # Per-head parts of dB and dC in B's dtype, summed over a group's heads in
+  # float32 below. (b, l, h, n) float32 parts cost ~0.1 ms more of traffic at
+  # MambaEye sizes; in bf16 each part adds one rounding (2^-9 relative).
+  part_dtype = B.dtype
+  part_shape = jax.ShapeDtypeStruct((b, Lp, h, n2), part_dtype)
   tok_shape = jax.ShapeDtypeStruct((b, h, Lp), _F32)
   kernel = functools.partial(_bwd_kernel, q=q, n_chunks=n_chunks, cd=cd,
                              has_seg=has_seg, has_ds_in=ds_in is not None,
-                             has_d=D is not None, atomic=atomic)
+                             has_d=D is not None)
   dd_spec = pl.BlockSpec((None, None, None, p2),
                          lambda hi, si, bi: (bi, hi, si, 0))
   chunk_states = pl.BlockSpec((None, None, n_chunks, p2, n2),
                               lambda hi, si, bi: (bi, hi, si, 0, 0))
-  inputs = [(pr.x, sp["seq_p"]), (pr.dt, sp["per_tok"]), (pr.la, sp["per_tok"]),
-            (pr.B, sp["seq_n"]), (pr.C, sp["seq_n"]), (dyp, sp["seq_p"])]
-  inputs += seg_in + [(states, chunk_states), (ds_in, sp["state"]),
-                      (None if D is None else D.astype(_F32), sp["head"])]
-  inputs = [(a, spec) for a, spec in inputs if a is not None] + sums_in
-  aliases = ({len(inputs) - 2: 1, len(inputs) - 1: 2} if atomic else None)
   dx, db_h, dc_h, ddt, dla, dd, ds_out = _call(
-      kernel, "ssd_bwd", grid, inputs,
-      [sp["seq_p"], part_spec, part_spec, sp["per_tok"], sp["per_tok"],
+      kernel, "ssd_bwd", grid,
+      [(pr.x, sp["seq_p"]), (pr.dt, sp["per_tok"]), (pr.la, sp["per_tok"]),
+       (pr.B, sp["seq_n"]), (pr.C, sp["seq_n"]), (dyp, sp["seq_p"])]
+      + seg_in + [(states, chunk_states), (ds_in, sp["state"]),
+                  (None if D is None else D.astype(_F32), sp["head"])],
+      [sp["seq_p"], sp["seq_nh"], sp["seq_nh"], sp["per_tok"], sp["per_tok"],
        dd_spec, sp["state"]],
       [jax.ShapeDtypeStruct(pr.x.shape, x.dtype), part_shape, part_shape,
        tok_shape, tok_shape, jax.ShapeDtypeStruct((b, h, s, p2), _F32),
        st_shape],
-      cfg.bwd_num_warps, cfg.bwd_num_stages, interpret, aliases)
+      cfg.bwd_num_warps, cfg.bwd_num_stages, interpret)
 
   # dt enters directly (as the input scale) and through la = dt * A.
   ddt_eff = jnp.swapaxes(ddt + A.astype(_F32)[None, :, None] * dla, 1, 2)[:, :l]
@@ -754,7 +725,7 @@ def backward(x, dt, A, B, C, D, initial_state, segment_ids, states, dy,
 
   def group_sum(t):
     t = t[:, :l, :, :n]
-    if r > 1 and not atomic:
+    if r > 1:
       t = t.reshape(b, l, g, r, n).astype(_F32).sum(axis=3)
     return t.astype(B.dtype)
 

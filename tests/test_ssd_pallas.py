@@ -148,19 +148,6 @@ class _SSDPallasCases:
     self._check_grads((1, 75, 2, 16, 1, 32), jnp.bfloat16, seg=False,
                       init=True, final=False, cfg=cfg)
 
-  def test_grads_atomic_group_sum_f32(self):
-    # Two groups of two heads, split length: each head adds its dB / dC into
-    # the group's float32 sum.
-    cfg = SSDGpuConfig(block_q=16, bwd_block_q=16, split_chunks=1,
-                       bwd_atomic_group_sum=True)
-    self._check_grads((2, 53, 4, 16, 2, 16), jnp.float32, seg=True,
-                      init=True, final=True, cfg=cfg)
-
-  def test_grads_atomic_group_sum_bf16(self):
-    cfg = SSDGpuConfig(block_q=16, bwd_block_q=16, bwd_atomic_group_sum=True)
-    self._check_grads((2, 64, 4, 16, 1, 32), jnp.bfloat16, seg=False,
-                      init=False, final=False, cfg=cfg)
-
   def test_grads_no_skip_no_bias_no_softplus_f32(self):
     # D, dt_bias and the softplus are all optional: the kernels drop the
     # skip connection and the gradient flows to the raw dt.

@@ -69,7 +69,11 @@ def ssd_pallas(x, dt, A, B, C, D=None, *, dt_bias=None, dt_softplus=False,
     dt: (b, l, h) step sizes (before dt_bias / softplus if those are given).
     A: (h,) negative decay rates.
     B: (b, l, g, n) input projections.
-    C: (b, l, g, n) output projections.
+    C: (b, l, g, n) output projections; or None, with B (b, l, 2 g, n)
+      holding B's groups then C's (`ssd_reference.split_packed_bc`). The GPU
+      kernels read both from that one array, so a caller that computes them
+      together (Mamba2's single BC conv) hands them over without copies;
+      the gradient then comes back packed the same way.
     D: (h,) skip connection, or None.
     dt_bias: (h,) or None.
     dt_softplus: apply softplus to dt + dt_bias.
@@ -90,6 +94,8 @@ def ssd_pallas(x, dt, A, B, C, D=None, *, dt_bias=None, dt_softplus=False,
   """
   backend = "interpret" if interpret else jax.default_backend()
   if backend == "tpu":
+    if C is None:
+      B, C = ssd_reference.split_packed_bc(B)
     try:
       from kernels import ssd_pallas_tpu  # pylint: disable=g-import-not-at-top
     except ImportError as e:
@@ -104,8 +110,9 @@ def ssd_pallas(x, dt, A, B, C, D=None, *, dt_bias=None, dt_softplus=False,
     raise ValueError(f"no Pallas SSD kernel for {backend=}; pass "
                      "interpret=True or use kernels.ssd_reference.ssd_chunked")
   del chunk_size
-  ssd_reference.validate_ssd_inputs(x, dt, A, B, C, D, dt_bias, initial_state,
-                                    segment_ids)
+  b_shape = B if C is not None else ssd_reference.packed_bc_shape(B)
+  ssd_reference.validate_ssd_inputs(x, dt, A, b_shape, b_shape if C is None else C, D,
+                                    dt_bias, initial_state, segment_ids)
   cfg = config if config is not None else SSDGpuConfig()
   # softplus and the bias are plain JAX: autodiff chains them onto the
   # kernel's gradient with respect to the effective dt.

@@ -418,14 +418,16 @@ def _bwd_kernel(*refs, q, n_chunks, cd, has_seg, has_ds_in, has_d):
 class _Prepared:
   """Padded, kernel-layout operands shared by every launch of one call.
 
-  x (b, L, h, p); B, C (b, L, g, n); dt, la (b, h, L) float32; run, runp
-  (b, L) int32 or None; L = splits * split_len >= l.
+  x (b, L, h, p); B, C (b, L, g, n), or both the one packed array (b, L,
+  2 g, n) with C's groups from c_group on; dt, la (b, h, L) float32; run,
+  runp (b, L) int32 or None; L = splits * split_len >= l.
   """
   x: Array
   dt: Array
   la: Array
   B: Array
   C: Array
+  c_group: int
   run: Optional[Array]
   runp: Optional[Array]
   splits: int
@@ -464,7 +466,8 @@ def prepare(x, dt, A, B, C, segment_ids, cfg: SSDGpuConfig) -> _Prepared:
 
   Args:
     x: (b, l, h, p); dt: (b, l, h) effective step sizes; A: (h,);
-    B, C: (b, l, g, n); segment_ids: (b, l) int or None.
+    B, C: (b, l, g, n), or B (b, l, 2 g, n) holding both and C None (see
+    `forward`); segment_ids: (b, l) int or None.
   """
   b, l, h, _ = x.shape
   splits, split_len = split_plan(b, h, l, cfg)
@@ -475,7 +478,10 @@ def prepare(x, dt, A, B, C, segment_ids, cfg: SSDGpuConfig) -> _Prepared:
   x = _pad_last(_pad_len(x, extra), _pow2_at_least_16(x.shape[-1]))
   n2 = _pow2_at_least_16(B.shape[-1])
   B = _pad_last(_pad_len(B, extra), n2)
-  C = _pad_last(_pad_len(C, extra), n2)
+  if C is None:  # Packed: the kernels read C's groups of the same array.
+    C, c_group = B, B.shape[2] // 2
+  else:
+    C, c_group = _pad_last(_pad_len(C, extra), n2), 0
   dt = jnp.swapaxes(_pad_len(dt.astype(_F32), extra), 1, 2)  # (b, h, L)
   la = dt * A.astype(_F32)[None, :, None]
   run = runp = None
@@ -485,7 +491,7 @@ def prepare(x, dt, A, B, C, segment_ids, cfg: SSDGpuConfig) -> _Prepared:
     # its max and the previous token's is the min of runp.
     run = ssd_reference.renumber_segments(seg)
     runp = jnp.concatenate([run[:, :1], run[:, :-1]], axis=1)
-  return _Prepared(x, dt, la, B, C, run, runp, splits, split_len, l)
+  return _Prepared(x, dt, la, B, C, c_group, run, runp, splits, split_len, l)
 
 
 def _specs(pr: _Prepared, heads_per_group: int):
@@ -498,15 +504,18 @@ def _specs(pr: _Prepared, heads_per_group: int):
   p, n = pr.x.shape[-1], pr.B.shape[-1]
   r = heads_per_group
   seq_p = pl.BlockSpec((None, L, None, p), lambda hi, si, bi: (bi, si, hi, 0))
-  seq_n = pl.BlockSpec((None, L, None, n),
+  c0 = pr.c_group
+  seq_b = pl.BlockSpec((None, L, None, n),
                        lambda hi, si, bi: (bi, si, hi // r, 0))
+  seq_c = pl.BlockSpec((None, L, None, n),
+                       lambda hi, si, bi: (bi, si, c0 + hi // r, 0))
   seq_nh = pl.BlockSpec((None, L, None, n), lambda hi, si, bi: (bi, si, hi, 0))
   per_tok = pl.BlockSpec((None, None, L), lambda hi, si, bi: (bi, hi, si))
   seg = pl.BlockSpec((None, L), lambda hi, si, bi: (bi, si))
   state = pl.BlockSpec((None, None, None, p, n),
                        lambda hi, si, bi: (bi, hi, si, 0, 0))
   head = pl.BlockSpec((1,), lambda hi, si, bi: (hi,))
-  return dict(seq_p=seq_p, seq_n=seq_n, seq_nh=seq_nh, per_tok=per_tok,
+  return dict(seq_p=seq_p, seq_b=seq_b, seq_c=seq_c, seq_nh=seq_nh, per_tok=per_tok,
               seg=seg, state=state, head=head)
 
 
@@ -529,7 +538,7 @@ def _call(kernel, name, grid, inputs, out_specs, out_shapes, num_warps,
 
 
 def _compute_dtype(*arrays):
-  dts = {a.dtype for a in arrays}
+  dts = {a.dtype for a in arrays if a is not None}
   if len(dts) == 1 and dts.pop() in (jnp.bfloat16, jnp.float16):
     return arrays[0].dtype
   return _F32
@@ -571,6 +580,12 @@ def _scan_splits(dec, local, first, reverse):
   return jnp.moveaxis(ins, 0, 2)
 
 
+def _groups(B, C):
+  """(groups, d_state) of B and C, given apart or packed (C None)."""
+  g, n = B.shape[2:]
+  return (g // 2 if C is None else g), n
+
+
 def forward(x, dt, A, B, C, D, initial_state, segment_ids, *,
             cfg: SSDGpuConfig, interpret: bool = False,
             for_backward: bool = False):
@@ -578,7 +593,9 @@ def forward(x, dt, A, B, C, D, initial_state, segment_ids, *,
 
   Args:
     x: (b, l, h, p); dt: (b, l, h) effective step sizes (after bias and
-    softplus); A: (h,); B, C: (b, l, g, n); D: (h,) or None;
+    softplus); A: (h,); B, C: (b, l, g, n), or C None and B (b, l, 2 g, n)
+    holding B's groups then C's (the kernels read both from that one array,
+    so a caller holding them together needs no copies); D: (h,) or None;
     initial_state: (b, h, p, n) or None; segment_ids: (b, l) int or None.
     cfg: tile config.
     interpret: run the kernels in the Pallas interpreter.
@@ -591,7 +608,7 @@ def forward(x, dt, A, B, C, D, initial_state, segment_ids, *,
     of cfg.bwd_block_q over the padded length; p', n' padded sizes).
   """
   b, l, h, p = x.shape
-  g, n = B.shape[2], B.shape[3]
+  g, n = _groups(B, C)
   cfg = cfg.resolved(_pow2_at_least_16(p), _pow2_at_least_16(n))
   q = cfg.bwd_block_q if for_backward else cfg.block_q
   pr = prepare(x, dt, A, B, C, segment_ids, cfg)
@@ -612,7 +629,7 @@ def forward(x, dt, A, B, C, D, initial_state, segment_ids, *,
                                has_seg=has_seg, reverse=False)
     local = _call(kernel, "ssd_fwd_split_states", grid,
                   [(pr.x, sp["seq_p"]), (pr.dt, sp["per_tok"]),
-                   (pr.la, sp["per_tok"]), (pr.B, sp["seq_n"]),
+                   (pr.la, sp["per_tok"]), (pr.B, sp["seq_b"]),
                    (pr.run, sp["seg"]), (pr.runp, sp["seg"])],
                   sp["state"], st_shape, cfg.num_warps, cfg.num_stages,
                   interpret)
@@ -632,7 +649,7 @@ def forward(x, dt, A, B, C, D, initial_state, segment_ids, *,
   outs = _call(
       kernel, "ssd_fwd_train" if for_backward else "ssd_fwd", grid,
       [(pr.x, sp["seq_p"]), (pr.dt, sp["per_tok"]), (pr.la, sp["per_tok"]),
-       (pr.B, sp["seq_n"]), (pr.C, sp["seq_n"]), (pr.run, sp["seg"]),
+       (pr.B, sp["seq_b"]), (pr.C, sp["seq_c"]), (pr.run, sp["seg"]),
        (pr.runp, sp["seg"]), (s_in, sp["state"]),
        (None if D is None else D.astype(_F32), sp["head"])],
       out_specs, out_shapes, cfg.num_warps, cfg.num_stages, interpret)
@@ -654,10 +671,11 @@ def backward(x, dt, A, B, C, D, initial_state, segment_ids, states, dy,
 
   Returns:
     dx, ddt (float32, w.r.t. the effective dt), dA, dB, dC, dD (or None),
-    d initial_state (or None), in the primal dtypes.
+    d initial_state (or None), in the primal dtypes. With B and C packed (C
+    None), dB is packed the same way and dC is None.
   """
   b, l, h, p = x.shape
-  g, n = B.shape[2], B.shape[3]
+  g, n = _groups(B, C)
   r = h // g
   cfg = cfg.resolved(_pow2_at_least_16(p), _pow2_at_least_16(n))
   pr = prepare(x, dt, A, B, C, segment_ids, cfg)
@@ -683,7 +701,7 @@ def backward(x, dt, A, B, C, D, initial_state, segment_ids, states, dy,
                                has_seg=has_seg, reverse=True)
     local = _call(kernel, "ssd_bwd_split_states", grid,
                   [(dyp, sp["seq_p"]), (pr.dt, sp["per_tok"]),
-                   (pr.la, sp["per_tok"]), (pr.C, sp["seq_n"])] + seg_in,
+                   (pr.la, sp["per_tok"]), (pr.C, sp["seq_c"])] + seg_in,
                   sp["state"], st_shape, cfg.bwd_num_warps,
                   cfg.bwd_num_stages, interpret)
     last = dfin if dfin is not None else jnp.zeros((b, h, p2, n2), _F32)
@@ -709,7 +727,7 @@ def backward(x, dt, A, B, C, D, initial_state, segment_ids, states, dy,
   dx, db_h, dc_h, ddt, dla, dd, ds_out = _call(
       kernel, "ssd_bwd", grid,
       [(pr.x, sp["seq_p"]), (pr.dt, sp["per_tok"]), (pr.la, sp["per_tok"]),
-       (pr.B, sp["seq_n"]), (pr.C, sp["seq_n"]), (dyp, sp["seq_p"])]
+       (pr.B, sp["seq_b"]), (pr.C, sp["seq_c"]), (dyp, sp["seq_p"])]
       + seg_in + [(states, chunk_states), (ds_in, sp["state"]),
                   (None if D is None else D.astype(_F32), sp["head"])],
       [sp["seq_p"], sp["seq_nh"], sp["seq_nh"], sp["per_tok"], sp["per_tok"],
@@ -734,4 +752,7 @@ def backward(x, dt, A, B, C, D, initial_state, segment_ids, states, dy,
   dinit = None
   if initial_state is not None:
     dinit = ds_out[:, :, 0, :p, :n].astype(initial_state.dtype)
-  return dx, ddt_eff, dA, group_sum(db_h), group_sum(dc_h), dD, dinit
+  dB, dC = group_sum(db_h), group_sum(dc_h)
+  if C is None:
+    dB, dC = jnp.concatenate([dB, dC], axis=2), None
+  return dx, ddt_eff, dA, dB, dC, dD, dinit

@@ -77,6 +77,20 @@ def validate_ssd_inputs(x, dt, A, B, C, D=None, dt_bias=None,
   return b, l, h, p, g, n
 
 
+def packed_bc_shape(bc) -> jax.ShapeDtypeStruct:
+  """The shape of B (or C) inside a packed (b, l, 2 g, n) array."""
+  if bc.ndim != 4 or bc.shape[2] % 2:
+    raise ValueError("packed B and C (C=None) must be (batch, length, 2 * groups, "
+                     f"d_state), got {bc.shape=}")
+  return jax.ShapeDtypeStruct((*bc.shape[:2], bc.shape[2] // 2, bc.shape[3]), bc.dtype)
+
+
+def split_packed_bc(bc: Array) -> tuple[Array, Array]:
+  """(b, l, 2 g, n) packed B and C (B's groups first) -> B, C (b, l, g, n)."""
+  packed_bc_shape(bc)
+  return jnp.split(bc, 2, axis=2)
+
+
 def effective_dt(dt: Array, dt_bias: Optional[Array], dt_softplus: bool) -> Array:
   """Returns the step sizes actually used, in float32.
 

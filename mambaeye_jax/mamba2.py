@@ -163,13 +163,15 @@ class Mamba2(nnx.Module):
     return out
 
   def _heads(self, x, bc):
-    """x (..., e), BC (..., 2 g n) -> x (..., h, p), B and C (..., g, n)."""
+    """x (..., e), BC (..., 2 g n) -> x (..., h, p), BC (..., 2 g, n).
+
+    B and C stay packed in one array (B's groups, then C's), as the SSD
+    accepts them: split apart here they would be two copies for a kernel.
+    """
     c = self.config
-    B, C = jnp.split(bc, 2, axis=-1)
     shape = x.shape[:-1]
     return (x.reshape(*shape, c.nheads, c.headdim),
-            B.reshape(*shape, c.ngroups, c.d_state),
-            C.reshape(*shape, c.ngroups, c.d_state))
+            bc.reshape(*shape, 2 * c.ngroups, c.d_state))
 
   def __call__(self, u: jax.Array | Sequence[jax.Array],
                segment_ids: jax.Array | None = None) -> jax.Array:
@@ -185,9 +187,9 @@ class Mamba2(nnx.Module):
     """
     c = self.config
     z, x, bc, dt = self._project(u)
-    x, B, C = self._heads(*self._conv_silu((x, bc), segment_ids))
+    x, bc = self._heads(*self._conv_silu((x, bc), segment_ids))
     y = ssd_lib.ssd(
-        x, dt.astype(jnp.float32), -jnp.exp(self.A_log[...]), B, C, self.D[...],
+        x, dt.astype(jnp.float32), -jnp.exp(self.A_log[...]), bc, None, self.D[...],
         dt_bias=self.dt_bias[...], dt_softplus=True, segment_ids=segment_ids,
         chunk_size=c.chunk_size, impl=self.ssd_impl)
     y = y.reshape(*y.shape[:-2], c.d_inner)
@@ -218,8 +220,9 @@ class Mamba2(nnx.Module):
     conv_out = layers.causal_depthwise_conv(
         xbc[:, None], self.conv_kernel[...], self.conv_bias[...], history=cache.conv)[:, 0]
     new_conv = jnp.concatenate([cache.conv[:, 1:], xbc[:, None].astype(jnp.float32)], axis=1)
-    x, B, C = self._heads(*jnp.split(jax.nn.silu(conv_out).astype(self.dtype),
-                                      [c.d_inner], axis=-1))
+    x, bc = self._heads(*jnp.split(jax.nn.silu(conv_out).astype(self.dtype),
+                                    [c.d_inner], axis=-1))
+    B, C = jnp.split(bc, 2, axis=-2)
     x, B, C = (v.astype(jnp.float32) for v in (x, B, C))
     dt = jax.nn.softplus(dt.astype(jnp.float32) + self.dt_bias[...])  # (b, h)
     A = -jnp.exp(self.A_log[...])

@@ -8,6 +8,9 @@ Every implementation shares the signature of `kernels.ssd_reference`:
 
     x: (batch, length, heads, headdim)       dt: (batch, length, heads)
     A, D, dt_bias: (heads,)                  B, C: (batch, length, groups, d_state)
+    C may be None with B (batch, length, 2 * groups, d_state) holding B's
+    groups then C's: the GPU kernels read both from that one array (no
+    copies), the other implementations split it.
     initial_state: (batch, heads, headdim, d_state)
     segment_ids: (batch, length) int; the state resets where it changes.
     -> y: (batch, length, heads, headdim) [, final_state (b, h, p, n) f32]
@@ -195,4 +198,6 @@ def ssd(x, dt, A, B, C, D=None, *, impl: "SSDImpl | str" = SSDImpl.AUTO, **kwarg
   fn = get_ssd_fn(impl)
   if impl in (SSDImpl.PALLAS, SSDImpl.PALLAS_INTERPRET):
     fn = shard_over_batch(fn)
+  elif C is None:  # Packed B and C (see the module docstring).
+    B, C = ssd_reference.split_packed_bc(B)
   return fn(x, dt, A, B, C, D, **kwargs)

@@ -148,6 +148,27 @@ class _SSDPallasCases:
     self._check_grads((1, 75, 2, 16, 1, 32), jnp.bfloat16, seg=False,
                       init=True, final=False, cfg=cfg)
 
+  def test_packed_bc_matches_separate_b_and_c(self):
+    # B and C in one (b, l, 2 g, n) array, C's groups read at an offset: two
+    # groups of two heads, a split length and segments, so every index map
+    # and the gradient's packing are exercised.
+    cfg = SSDGpuConfig(block_q=16, bwd_block_q=16, split_chunks=1)
+    args, sid = _inputs(4, 2, 53, 4, 16, 2, 16, jnp.float32, seg=True, init=False)
+    x, dt, A, B, C, D, dt_bias, _ = args
+    kw = dict(dt_bias=dt_bias, dt_softplus=True, segment_ids=sid,
+              interpret=self.interpret, config=cfg)
+    separate = lambda x, dt, B, C: ssd_pallas_mod.ssd_pallas(x, dt, A, B, C, D, **kw)
+    packed = lambda x, dt, bc: ssd_pallas_mod.ssd_pallas(x, dt, A, bc, None, D, **kw)
+    y, vjp = jax.vjp(separate, x, dt, B, C)
+    y_packed, vjp_packed = jax.vjp(packed, x, dt, jnp.concatenate([B, C], axis=2))
+    np.testing.assert_allclose(y_packed, y, rtol=1e-6, atol=1e-6)
+    cot = jax.random.normal(jax.random.PRNGKey(5), y.shape)
+    dx, ddt, dB, dC = vjp(cot)
+    dx_p, ddt_p, dbc = vjp_packed(cot)
+    assert dbc.shape == (2, 53, 4, 16)
+    for got, want in ((dx_p, dx), (ddt_p, ddt), (dbc, jnp.concatenate([dB, dC], axis=2))):
+      np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
   def test_grads_no_skip_no_bias_no_softplus_f32(self):
     # D, dt_bias and the softplus are all optional: the kernels drop the
     # skip connection and the gradient flows to the raw dt.

@@ -155,3 +155,18 @@ def test_dispatch_resolves_auto_in_one_place():
   run = jax.jit(ssd_lib.ssd, static_argnames=("impl", "chunk_size"))
   np.testing.assert_allclose(run(*args, impl="sequential", chunk_size=4),
                              run(*args, impl="auto", chunk_size=4), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "pallas_interpret"])
+def test_packed_b_and_c(impl):
+  """ssd(..., B=packed BC, C=None) equals B and C apart, for every impl."""
+  ks = jax.random.split(jax.random.PRNGKey(3), 4)
+  x = jax.random.normal(ks[0], (1, 32, 2, 16))
+  dt = jax.nn.softplus(jax.random.normal(ks[1], (1, 32, 2)) - 2.0)
+  A = -jnp.ones((2,))
+  bc = jax.random.normal(ks[2], (1, 32, 2, 16))
+  want = ssd_lib.ssd(x, dt, A, bc[:, :, :1], bc[:, :, 1:], impl="sequential")
+  got = ssd_lib.ssd(x, dt, A, bc, None, impl=impl, chunk_size=16)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="2 \\* groups"):
+    ssd_lib.ssd(x, dt, A, bc[:, :, :1], None, impl=impl)

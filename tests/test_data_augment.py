@@ -320,3 +320,50 @@ def test_colour_jitter_equals_the_adjustments_one_by_one():
         np.asarray(augment._apply_table(image,
                                         augment._blend_table(0, factor))),
         np.asarray(ImageEnhance.Brightness(image).enhance(factor)))
+
+
+def test_hue_formula_is_pils_hsv_round_trip():
+  # `_hue_rgb(exact=True)` transcribes PIL's rgb2hsv / hsv2rgb arithmetic:
+  # on integer colours it must equal PIL's conversion bit for bit (checked
+  # on all 2^24 colours at five shifts when written; here 100k random
+  # colours, every gray and the six sector corners).
+  rng = np.random.default_rng(0)
+  corners = np.array([[255, 0, 0], [255, 255, 0], [0, 255, 0],
+                      [0, 255, 255], [0, 0, 255], [255, 0, 255]])
+  colours = np.concatenate([rng.integers(0, 256, (100_000, 3)), corners,
+                            np.repeat(np.arange(256)[:, None], 3, 1)])
+  image = Image.fromarray(colours.astype(np.uint8)[None])
+  for factor in (-0.5, -0.1, -0.013, 0.0, 0.003, 0.07, 0.1, 1 / 3):
+    want = np.asarray(augment._adjust(image, "hue", factor))[0]
+    got = augment._hue_rgb(colours, augment._hue_shift(factor), exact=True)
+    np.testing.assert_array_equal(got, want, err_msg=f"{factor=}")
+    # The continuous map (what the lookup table holds) is the exact one
+    # without its 8-bit rounding: measured 0.41 levels on average, at most
+    # 5.8.
+    smooth = augment._hue_rgb(colours, augment._hue_shift(factor))
+    diff = np.abs(smooth - want)
+    assert diff.mean() < 0.6 and diff.max() < 8, (factor, diff.mean(),
+                                                   diff.max())
+
+
+def test_hue_lookup_table_close_to_exact_shift():
+  # The fast path shifts the hue with a 33^3 trilinear table of the smooth
+  # map. Measured on the 100 ImageNet sample photos: 0.29 levels from the
+  # exact shift on average (worst photo 0.57, worst pixel 9); here 0.29 to
+  # 0.40 (worst pixel 7), and 0.23 to 0.47 for whole jitter chains.
+  diffs = []
+  for seed in range(12):
+    image = _photo(seed, 60 + 7 * seed, 90)
+    factor = np.random.default_rng(seed).uniform(-0.1, 0.1)
+    exact = np.asarray(augment._adjust(image, "hue", factor), np.int16)
+    fast = np.asarray(image.filter(augment._hue_lut(
+        augment._hue_shift(factor))))
+    diffs.append(np.abs(fast - exact).mean())
+    assert np.abs(fast - exact).max() <= 10, seed
+    # Whole jitter chains, hue through the table: the same closeness.
+    jitter = augment._jitter_plan(np.random.default_rng(seed),
+                                  augment.AugmentConfig())
+    want = np.asarray(augment._colour(image, jitter, False), np.int16)
+    got = np.asarray(augment._colour(image, jitter, False, hue_lut=True))
+    diffs.append(np.abs(got - want).mean())
+  assert np.mean(diffs) < 0.5 and np.max(diffs) < 0.8, diffs

@@ -3,6 +3,7 @@ r"""Where the time of a MambaEye step goes: a GPU kernel table from a JAX trace.
     python benchmarks/profile_step.py --case train --remat --padded
     python benchmarks/profile_step.py --case infer --length 4096
     python benchmarks/profile_step.py --case train --hlo_out /tmp/step.hlo.txt
+    python benchmarks/profile_step.py --case train --padded --devices 2
 
 Runs the real training step (or the inference forward) of
 `benchmarks/bench_model.py` a few times under `jax.profiler.trace`, reads the
@@ -10,7 +11,9 @@ Perfetto trace back and prints, per step, the device time of each kernel
 grouped into categories (matmuls, the SSD kernel, XLA fusions, copies,
 collectives), then the longest kernels with the HLO op that launched them.
 `--hlo_out` also writes the optimised HLO so that a fusion's name can be
-looked up (what it reads, writes and computes).
+looked up (what it reads, writes and computes). `--devices N` runs the data
+parallel step on N devices (batch per device) and tables the first GPU's
+kernels, collectives included.
 """
 
 from __future__ import annotations
@@ -58,13 +61,14 @@ def read_trace(logdir: str) -> list[dict]:
   return trace["traceEvents"] if isinstance(trace, dict) else trace
 
 
-def device_kernels(events: list[dict]) -> list[dict]:
-  """Complete events on the GPU streams (not the derived 'XLA Ops' rows)."""
+def device_kernels(events: list[dict], device: int = 0) -> list[dict]:
+  """Complete events on one GPU's streams (not the derived 'XLA Ops' rows)."""
   process = {e["pid"]: e["args"]["name"] for e in events
              if e.get("ph") == "M" and e.get("name") == "process_name"}
   thread = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
             if e.get("ph") == "M" and e.get("name") == "thread_name"}
-  gpu_pids = {pid for pid, name in process.items() if "/device:GPU" in name}
+  gpu_pids = {pid for pid, name in process.items()
+              if re.search(rf"/device:GPU:{device}\b", name)}
   out = []
   for e in events:
     if e.get("ph") != "X" or e.get("pid") not in gpu_pids:
@@ -113,13 +117,18 @@ def main():
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--top", type=int, default=40)
   parser.add_argument("--hlo_out", default="", help="write the optimised HLO text here")
+  parser.add_argument("--devices", type=int, default=1,
+                      help="training on this many devices (batch per device)")
   args = parser.parse_args()
+  if args.devices > 1 and args.case != "train":
+    parser.error("--devices applies to --case train")
 
   import jax  # pylint: disable=g-import-not-at-top
   if args.case == "train":
     call, lowered = bench_model.make_train_call(
         args.variant, args.dtype, args.impl, remat=args.remat, padded=args.padded,
-        batch=args.batch, length=args.length, scan_layers=args.scan_layers)
+        batch=args.batch, length=args.length, scan_layers=args.scan_layers,
+        num_devices=args.devices)
   else:
     call, lowered = bench_model.make_infer_call(
         args.variant, args.dtype, args.impl, batch=args.batch, length=args.length,
@@ -136,7 +145,8 @@ def main():
   kernels = device_kernels(read_trace(logdir))
   print(f"{args.case} {args.variant} {args.dtype} {args.impl} batch {args.batch} "
         f"T {args.length}{' remat' if args.remat else ''}{' padded' if args.padded else ''}"
-        f"{' scan' if args.scan_layers else ''}, "
+        f"{' scan' if args.scan_layers else ''}"
+        f"{f', {args.devices} devices (GPU 0 shown)' if args.devices > 1 else ''}, "
         f"{bench_model.where()}")
   if not kernels:
     print("no GPU kernels in the trace (is this a GPU?)")

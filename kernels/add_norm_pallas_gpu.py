@@ -7,10 +7,9 @@ Forward: s = hidden + residual (float32), normed = s / rms(s) * weight in the
 output dtype, and 1/rms per row. Backward, from the gradients of both
 outputs: ds = d_s + rstd * (g - n * mean(g * n)) with n = s * rstd and
 g = d_normed * weight, which is the gradient of hidden and of residual alike,
-(d_normed may come in parts, one per consumer of normed, added here in
-float32, so that no pass before this one adds them),
 and this tile's share of the weight gradient (XLA adds the (r / rr, d)
-shares). Each direction reads its inputs once; XLA's fusions of the same math
+shares). d_normed may come in parts, one per consumer of normed, added here
+in float32 so that no pass before this one has to add them. Each direction reads its inputs once; XLA's fusions of the same math
 read the residual stream two or three times per direction (measured on an
 H100: ~3 ms of a 31 ms Tiny training step). The reference is
 `mambaeye_jax.layers.add_rms_norm` (XLA, with its own custom VJP); both

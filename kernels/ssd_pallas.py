@@ -110,9 +110,9 @@ def ssd_pallas(x, dt, A, B, C, D=None, *, dt_bias=None, dt_softplus=False,
     raise ValueError(f"no Pallas SSD kernel for {backend=}; pass "
                      "interpret=True or use kernels.ssd_reference.ssd_chunked")
   del chunk_size
-  b_shape = B if C is not None else ssd_reference.packed_bc_shape(B)
-  ssd_reference.validate_ssd_inputs(x, dt, A, b_shape, b_shape if C is None else C, D,
-                                    dt_bias, initial_state, segment_ids)
+  b_in, c_in = (B, C) if C is not None else (ssd_reference.packed_bc_shape(B),) * 2
+  ssd_reference.validate_ssd_inputs(x, dt, A, b_in, c_in, D, dt_bias, initial_state,
+                                    segment_ids)
   cfg = config if config is not None else SSDGpuConfig()
   # softplus and the bias are plain JAX: autodiff chains them onto the
   # kernel's gradient with respect to the effective dt.

@@ -82,7 +82,8 @@ def add_rms_norm(hidden: jax.Array, residual: jax.Array, weight: jax.Array, eps:
   same array), one per consumer, so that their gradients reach the backward
   separately and are added inside its single pass. Given one output, autodiff
   would first add them into one more array (the Mamba2 block's four input
-  projections: ~60 us a layer at 65k tokens on an H100).
+  projections, on an H100 at 65k tokens: XLA's sum took ~60 us a layer; read
+  in the kernel's pass instead, the Tiny training step gained 0.16 ms).
 
   Args:
     hidden: (..., d) the previous block's output (compute dtype).

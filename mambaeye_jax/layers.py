@@ -1,6 +1,10 @@
-"""Small layers of the Mamba2 block: RMS norms and the causal depthwise conv.
+"""Small layers of the model: dense products, RMS norms, the causal depthwise conv.
 
 Dimension letters: b batch, t time (glimpses), d features, k conv taps.
+
+`dense` is every matrix product of the model (the block's in_proj and
+out_proj, the embedding and the head): computed in the compute dtype, with
+the weight's gradient produced in float32 (see its docstring).
 
 The three memory-bound steps of a block are written with custom VJPs that
 save only what their backward needs, in the inputs' dtypes: the residual add
@@ -34,6 +38,61 @@ def torch_default_init():
   kaiming_uniform(a=sqrt(5)) has bound sqrt(6 / ((1 + 5) fan_in)).
   """
   return jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, dtype) -> jax.Array:
+  """x @ kernel (+ bias), computed in dtype; kernel and bias gradients in float32.
+
+  Autodiff of the plain product in bf16 gives the weight gradient as a bf16
+  product that is then converted to the float32 parameter's dtype; under data
+  parallelism XLA sums the per-device partial gradients before that
+  conversion, so every addition of the all-reduce rounds to bf16. Here the
+  weight gradient's product accumulates and returns float32 (bf16 operands,
+  tensor cores alike), so the cross-device sum is float32 too; the input
+  gradient stays in dtype.
+
+  Args:
+    x: (..., d_in) input, any float dtype.
+    kernel: (d_in, d_out) weight (float32 parameters).
+    bias: (d_out,) or None.
+    dtype: compute dtype of the product (and of the result).
+
+  Returns:
+    (..., d_out) in dtype.
+  """
+  return _dense(x, kernel, bias, jnp.dtype(dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _dense(x, kernel, bias, dtype):
+  return _dense_fwd(x, kernel, bias, dtype)[0]
+
+
+def _dense_fwd(x, kernel, bias, dtype):
+  xc, kc = x.astype(dtype), kernel.astype(dtype)
+  y = jnp.dot(xc, kc)
+  if bias is not None:
+    y = y + bias.astype(dtype)
+  # Empty arrays carry the gradients' dtypes (residuals must be arrays).
+  dtypes = tuple(None if v is None else jnp.zeros((0,), v.dtype) for v in (x, kernel, bias))
+  return y, (xc, kc, dtypes)
+
+
+def _dense_bwd(dtype, residuals, g):
+  xc, kc, (x_dtype, kernel_dtype, bias_dtype) = residuals
+  g = g.astype(dtype)
+  dx = jnp.dot(g, kc.T).astype(x_dtype.dtype)
+  rows = xc.reshape(-1, xc.shape[-1])
+  g_rows = g.reshape(-1, g.shape[-1])
+  dk = jax.lax.dot_general(rows, g_rows, (((0,), (0,)), ((), ())),
+                           preferred_element_type=jnp.float32)
+  db = None
+  if bias_dtype is not None:
+    db = jnp.sum(g_rows.astype(jnp.float32), axis=0).astype(bias_dtype.dtype)
+  return dx, dk.astype(kernel_dtype.dtype), db
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 def rms_normalize(x: jax.Array, weight: jax.Array, eps: float = RMS_EPS,

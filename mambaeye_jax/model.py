@@ -168,7 +168,13 @@ class MambaEye(nnx.Module):
     else:
       pixels = patches.astype(jnp.float32)
     features = jnp.concatenate([pixels, glimpse.move_embedding_jax(moves)], axis=-1)
-    return jax.nn.silu(self.init_fc(features.astype(self.config.compute_dtype)))
+    return jax.nn.silu(layers.dense(features, self.init_fc.kernel[...], self.init_fc.bias[...],
+                                    self.config.compute_dtype))
+
+  def _logits(self, normed: jax.Array) -> jax.Array:
+    """(..., d) final-norm output -> (..., num_classes) float32 logits."""
+    return layers.dense(normed, self.head.kernel[...], self.head.bias[...],
+                        self.config.compute_dtype).astype(jnp.float32)
 
   def __call__(self, patches: jax.Array, positions: jax.Array,
                segment_ids: jax.Array | None = None) -> jax.Array:
@@ -212,7 +218,7 @@ class MambaEye(nnx.Module):
       hidden, residual = carry
     _, out = layers.add_rms_norm(hidden, residual, self.norm_f.weight[...], self.norm_f.eps,
                                  self.config.compute_dtype, kernel)
-    return self.head(out).astype(jnp.float32)
+    return self._logits(out)
 
   def init_cache(self, batch: int) -> Cache:
     """Empty streaming state for `batch` sequences."""
@@ -254,7 +260,7 @@ class MambaEye(nnx.Module):
     (hidden, residual), (conv, ssm) = jax.lax.scan(
         body, (hidden, residual0), (block_state, cache.conv, cache.ssm))
     out = self.norm_f(hidden.astype(jnp.float32) + residual)
-    logits = self.head(out.astype(self.config.compute_dtype)).astype(jnp.float32)
+    logits = self._logits(out)
     return logits, Cache(conv=conv, ssm=ssm, position=position, steps=cache.steps + 1)
 
 

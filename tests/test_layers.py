@@ -87,3 +87,39 @@ def test_causal_conv_silu_under_jit_with_bf16():
   want_dx, want_dk, _ = vjp_plain(cot)
   np.testing.assert_allclose(dx.astype(jnp.float32), want_dx, rtol=2e-2, atol=2e-2)
   np.testing.assert_allclose(dk, want_dk, rtol=2e-2, atol=2e-2)
+
+
+def test_dense_matches_autodiff_in_float32():
+  keys = jax.random.split(jax.random.key(3), 4)
+  x = jax.random.normal(keys[0], (2, 5, 8))
+  kernel, bias = jax.random.normal(keys[1], (8, 3)), jax.random.normal(keys[2], (3,))
+  cot = jax.random.normal(keys[3], (2, 5, 3))
+  out, vjp = jax.vjp(lambda x, k, b: layers.dense(x, k, b, jnp.float32), x, kernel, bias)
+  want, vjp_want = jax.vjp(lambda x, k, b: x @ k + b, x, kernel, bias)
+  np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+  for got, ref in zip(vjp(cot), vjp_want(cot)):
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+  assert vjp(cot)[2] is not None
+  _, vjp_nobias = jax.vjp(lambda x, k: layers.dense(x, k, None, jnp.float32), x, kernel)
+  np.testing.assert_allclose(vjp_nobias(cot)[1], vjp_want(cot)[1], rtol=1e-5, atol=1e-5)
+
+
+def test_dense_bf16_weight_gradient_is_a_float32_product():
+  # The weight's gradient leaves its product in float32 (so a data-parallel
+  # sum of it is float32): exact against float32 math on the bf16 operands,
+  # where autodiff of the plain bf16 product rounds it to bf16 first.
+  keys = jax.random.split(jax.random.key(4), 3)
+  x = jax.random.normal(keys[0], (64, 32))
+  kernel = jax.random.normal(keys[1], (32, 16))
+  cot = jax.random.normal(keys[2], (64, 16)).astype(jnp.bfloat16)
+  out, vjp = jax.vjp(lambda x, k: layers.dense(x, k, None, jnp.bfloat16), x, kernel)
+  assert out.dtype == jnp.bfloat16
+  dx, dk = vjp(cot)
+  assert dx.dtype == jnp.float32 and dk.dtype == jnp.float32
+  x16 = x.astype(jnp.bfloat16).astype(jnp.float32)
+  exact = np.asarray(x16).T @ np.asarray(cot.astype(jnp.float32))
+  np.testing.assert_allclose(dk, exact, rtol=1e-5, atol=1e-4)
+  plain = jax.vjp(lambda x, k: x.astype(jnp.bfloat16) @ k.astype(jnp.bfloat16), x, kernel)[1]
+  assert float(jnp.max(jnp.abs(plain(cot)[1] - exact))) > 1e-3  # bf16-rounded
+  jaxpr = str(jax.make_jaxpr(lambda k: vjp(cot)[1])(kernel))
+  assert "preferred_element_type=float32" in jaxpr

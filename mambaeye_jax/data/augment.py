@@ -363,6 +363,14 @@ def _colour(image: Image.Image, jitter: list[tuple[str, float]] | None,
   return image
 
 
+def _fast_colour(image: Image.Image, jitter: list[tuple[str, float]] | None,
+                 gray: bool, thumbnail: Image.Image | None) -> Image.Image:
+  """`_colour` as the fast transform runs it: grayscale kept as one L band,
+  the hue shifted by the cached lookup table (`apply_reference` keeps the
+  defaults, the official step-by-step forms)."""
+  return _colour(image, jitter, gray, thumbnail, gray_as_l=True, hue_lut=True)
+
+
 def _gaussian_kernel(size: int, sigma: float) -> np.ndarray:
   """torchvision _get_gaussian_kernel1d: (size,) float32, sums to 1."""
   x = np.linspace(-(size - 1) / 2, (size - 1) / 2, size)
@@ -533,16 +541,14 @@ def _fitted(image: Image.Image, params: dict[str, Any],
               max(0, math.floor(box[1] - pad_y)),
               min(width, math.ceil(box[2] + pad_x)),
               min(height, math.ceil(box[3] + pad_y)))
-    image = _colour(image.crop(region), jitter, gray, thumbnail,
-                    gray_as_l=True, hue_lut=True)
+    image = _fast_colour(image.crop(region), jitter, gray, thumbnail)
     box = (box[0] - region[0], box[1] - region[1], box[2] - region[0],
            box[3] - region[1])
     colour = False
   out = image.resize((x1 - x0, y1 - y0), Image.Resampling.LANCZOS if shrink
                      else Image.Resampling.BICUBIC, box=box)
   if colour:
-    out = _colour(out, jitter, gray, thumbnail, gray_as_l=True,
-                  hue_lut=True)
+    out = _fast_colour(out, jitter, gray, thumbnail)
   return out
 
 
@@ -612,15 +618,13 @@ def _apply_axis_aligned(image: Image.Image, params: dict[str, Any],
     box = (box[0] - region[0], box[1] - region[1], box[2] - region[0],
            box[3] - region[1])
   if colour and base.size[0] * base.size[1] <= rw * rh:
-    base = _colour(base, jitter, gray, thumbnail, gray_as_l=True,
-                   hue_lut=True)
+    base = _fast_colour(base, jitter, gray, thumbnail)
     colour = False
   out = base.resize((rw, rh), Image.Resampling.LANCZOS, box=box)
   if params["flip"]:
     out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
   if colour:  # The output is smaller than the input: colour it instead.
-    out = _colour(out, jitter, gray, thumbnail, gray_as_l=True,
-                  hue_lut=True)
+    out = _fast_colour(out, jitter, gray, thumbnail)
   return out
 
 
@@ -681,8 +685,7 @@ def _apply_perspective(image: Image.Image, params: dict[str, Any],
     to_base = np.array([[sx, 0, -offset[0]], [0, sy, -offset[1]], [0, 0, 1]],
                        np.float64)
   if colour:
-    base = _colour(base, jitter, gray, thumbnail, gray_as_l=True,
-                   hue_lut=True)
+    base = _fast_colour(base, jitter, gray, thumbnail)
   if blur is not None:
     base = _blur(base, cfg.blur_kernel, blur)
   crop_w, crop_h = cw * to_base[0, 0], ch * to_base[1, 1]  # Base pixels.

@@ -9,8 +9,11 @@ Single-image mode (top-5 and a picture of the glimpse path):
 
     python eval.py --checkpoint tiny.pt --image n01440764_tench.JPEG
 
-Defaults follow the official eval.py: T = 4096 glimpses, random scan, resize
-"fit", canvas 512. The library is `mambaeye_jax.eval_lib`; docs in
+Defaults follow the official eval.py (T = 4096 glimpses, resize "fit", canvas
+512), except the scan: "random" draws corners over the whole image as the
+official validation does; "random_official" (and every "<pattern>_official")
+keeps the official eval.py bounds, which never look at the last 15 pixels of
+a canvas edge the image touches (docs/evaluation.md). The library is `mambaeye_jax.eval_lib`; docs in
 docs/evaluation.md.
 """
 
@@ -53,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--scan", type=_names, default="random",
                  help="scan patterns of mambaeye_jax.data.scan_patterns: random, "
                  "random_fixed_grid, column_major, horizontal_raster, horizontal_zigzag, "
-                 "column_snake, hilbert, spiral, diagonal, golden, ...")
+                 "column_snake, hilbert, spiral, diagonal, golden, ...; NAME_official "
+                 "keeps the official eval.py bounds and its blind spot")
   p.add_argument("--glimpses", type=_ints, default="256,1024,4096",
                  help="glimpse counts reported (T = the largest)")
   p.add_argument("--batch-size", type=int, default=64)

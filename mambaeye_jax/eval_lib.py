@@ -20,7 +20,8 @@ the next batch is transferred while the current one computes.
 Glimpse counts are read off one run of the longest: the model is causal, so
 the logits after g glimpses of a T-glimpse sequence are those of a
 g-glimpse sequence with the same first g corners. Grid patterns (and
-`random_fixed_grid`) give exactly those corners; for `random` the corners of
+`random_fixed_grid`) give exactly those corners; for `random` (and
+`random_official`) the corners of
 a shorter run would be other independent uniform draws, the same
 distribution.
 
@@ -65,7 +66,9 @@ from mambaeye_jax.eval_data import open_source  # pylint: disable=unused-import 
 from mambaeye_jax.eval_data import read_class_map  # pylint: disable=unused-import (re-export)
 
 # The official evaluation's defaults (its eval.py): T = 4096 glimpses,
-# random scan, resize "fit"; 512 is the canvas of the headline numbers.
+# resize "fit"; 512 is the canvas of the headline numbers. The scan is
+# "random", the official validation sampler, which sees the whole image;
+# "random_official" is eval.py's own (scan_patterns' module docstring).
 DEFAULT_CANVAS_SIZES = (512,)
 DEFAULT_RESIZE_MODES = ("fit",)
 DEFAULT_SCAN_PATTERNS = ("random",)

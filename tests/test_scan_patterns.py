@@ -11,6 +11,10 @@ GRID_PATTERNS = ("column_major", "horizontal_raster", "horizontal_zigzag",
                  "horizontal_snake", "column_snake", "vertical_raster",
                  "hilbert", "spiral", "diagonal", "golden")
 RANDOM_PATTERNS = ("train", "random", "random_fixed_grid")
+OFFICIAL_PATTERNS = tuple(name + "_official" for name in GRID_PATTERNS
+                          + ("random", "random_fixed_grid"))
+# The patterns eval.py offers by default: they must see the whole image.
+DEFAULT_EVAL_PATTERNS = GRID_PATTERNS + ("random", "random_fixed_grid")
 
 # (canvas (H, W), image box): full canvases, centred images, an image
 # narrower than a patch, the smallest canvas, non-square canvases.
@@ -62,13 +66,15 @@ def _positions(name, canvas_hw, box, num_glimpses, seed=0):
 
 
 def test_registry_has_every_official_pattern():
-  assert set(GRID_PATTERNS + RANDOM_PATTERNS) <= set(sp.names())
+  assert set(GRID_PATTERNS + RANDOM_PATTERNS + OFFICIAL_PATTERNS) <= set(
+      sp.names())
   assert sp.names() == sorted(sp.names())
   assert sp.get("horizontal_snake") is sp.get("horizontal_zigzag")
   assert sp.get("vertical_raster") is sp.get("column_snake")
 
 
-@pytest.mark.parametrize("name", GRID_PATTERNS + RANDOM_PATTERNS)
+@pytest.mark.parametrize("name",
+                         GRID_PATTERNS + RANDOM_PATTERNS + OFFICIAL_PATTERNS)
 @pytest.mark.parametrize("canvas_hw,box", CASES)
 def test_shape_dtype_and_bounds(name, canvas_hw, box):
   for num_glimpses in (1, 7, 300):
@@ -88,10 +94,13 @@ def test_grid_orders_match_official_definitions(name):
   np.testing.assert_array_equal(pos, expected)
 
 
-@pytest.mark.parametrize("name", GRID_PATTERNS + ("random_fixed_grid",))
+@pytest.mark.parametrize("name", GRID_PATTERNS + ("random_fixed_grid",)
+                         + tuple(n + "_official" for n in GRID_PATTERNS
+                                 + ("random_fixed_grid",)))
 @pytest.mark.parametrize("canvas_hw,box", CASES)
 def test_grid_covers_every_cell_once_then_repeats(name, canvas_hw, box):
-  rows, cols = sp.grid_axes(canvas_hw, box)
+  rows, cols = sp.grid_axes(canvas_hw, box,
+                            official=name.endswith("_official"))
   # Degenerate canvases (16 x 16 with a 4-pixel image) clip onto the canvas.
   rows = np.minimum(rows, canvas_hw[0] - 16)
   cols = np.minimum(cols, canvas_hw[1] - 16)
@@ -110,16 +119,82 @@ def test_grid_covers_every_cell_once_then_repeats(name, canvas_hw, box):
 def test_grid_axes_official_start_stride_and_last_corner():
   # Image ending inside the canvas: the last corner makes the patch end on
   # the image's last row (106 + 300 - 16 = 390).
-  rows, cols = sp.grid_axes((512, 512), ImageBox(106, 0, 300, 512))
+  rows, cols = sp.grid_axes((512, 512), ImageBox(106, 0, 300, 512),
+                            official=True)
   np.testing.assert_array_equal(rows, list(range(106, 390, 16)) + [390])
   assert rows[0] == 106 and np.all(np.diff(rows)[:-1] == 16)
   # Image reaching the canvas edge: official stop is 512 - 15 = 497 and
   # scan.py subtracts 16 again, so the last corner is 481, not 496.
   np.testing.assert_array_equal(cols, list(range(0, 481, 16)) + [481])
   # Image narrower than a patch: one corner, at the image's offset.
-  rows, cols = sp.grid_axes((64, 64), ImageBox(20, 29, 24, 5))
+  rows, cols = sp.grid_axes((64, 64), ImageBox(20, 29, 24, 5), official=True)
   np.testing.assert_array_equal(cols, [29])
   np.testing.assert_array_equal(rows, [20, 28])
+
+
+def test_grid_axes_end_on_the_image_last_pixel():
+  # The same boxes: inside the canvas nothing changes; at the canvas edge
+  # the last patch now ends on pixel 511.
+  rows, cols = sp.grid_axes((512, 512), ImageBox(106, 0, 300, 512))
+  np.testing.assert_array_equal(rows, list(range(106, 390, 16)) + [390])
+  np.testing.assert_array_equal(cols, list(range(0, 512, 16)))
+  rows, cols = sp.grid_axes((32, 32), ImageBox(0, 0, 32, 32))
+  np.testing.assert_array_equal(rows, [0, 16])
+  rows, cols = sp.grid_axes((32, 32), ImageBox(0, 0, 32, 32), official=True)
+  np.testing.assert_array_equal(rows, [0, 1])  # The official blind spot.
+
+
+def _coverage(positions, box):
+  """Fraction of the box's pixels inside the union of the patches."""
+  seen = np.zeros((box.top + box.height + 16, box.left + box.width + 16), bool)
+  for row, col in np.unique(positions, axis=0):
+    seen[row:row + 16, col:col + 16] = True
+  return seen[box.top:box.top + box.height,
+              box.left:box.left + box.width].mean()
+
+
+def _boxes(side):
+  """Image boxes on a side x side canvas, as the evaluation resizes make.
+
+  Fit of a square and of a 4:3 photo (touching the canvas edge on one or
+  both axes), "none" of a small image (inside the canvas), an image
+  narrower than a patch, and an odd offset.
+  """
+  short = side * 3 // 4
+  boxes = [ImageBox(0, 0, side, side),
+           ImageBox((side - short) // 2, 0, short, side),
+           ImageBox(0, (side - short) // 2, side, short),
+           ImageBox(side // 2 - 6, 3, 12, side - 3)]
+  if side >= 48:
+    boxes.append(ImageBox(5, 7, 32, 32))
+  return boxes
+
+
+@pytest.mark.parametrize("side", [32, 48, 64, 512])
+@pytest.mark.parametrize("name", DEFAULT_EVAL_PATTERNS)
+def test_default_patterns_reach_every_pixel_of_the_image(name, side):
+  for box in _boxes(side):
+    if name == "random":
+      # Rows and columns are drawn independently, so the reachable corners
+      # are the product of the values each axis takes; a long draw shows
+      # every one (at most 497 values per axis, 12,000 draws).
+      drawn = np.concatenate([
+          _positions(name, (side, side), box, 4000, seed=s) for s in range(3)])
+      rows, cols = np.unique(drawn[:, 0]), np.unique(drawn[:, 1])
+      positions = np.stack(np.meshgrid(rows, cols), -1).reshape(-1, 2)
+    else:  # Grids, also in random order: the whole grid once.
+      rows, cols = sp.grid_axes((side, side), box)
+      positions = _positions(name, (side, side), box, len(rows) * len(cols))
+    assert _coverage(positions, box) == 1.0, (name, side, box)
+
+
+@pytest.mark.parametrize("name", ["random_official", "column_major_official"])
+def test_official_patterns_keep_the_blind_spot(name):
+  # Canvas 32, a fitted 32 x 32 image: corners 0..1 only, 17 x 17 pixels.
+  box = ImageBox(0, 0, 32, 32)
+  positions = _positions(name, (32, 32), box, 4000)
+  assert positions.max() == 1
+  assert _coverage(positions, box) == pytest.approx(17 * 17 / 32 ** 2)
 
 
 def test_hilbert_curve_is_a_continuous_walk_on_power_of_two_grids():
@@ -161,18 +236,43 @@ def test_grid_patterns_ignore_the_rng(name):
                                 _positions(name, canvas_hw, box, 50, seed=2))
 
 
-def test_random_pattern_range_is_the_official_one():
+def test_random_official_pattern_range_is_the_official_one():
   # Image ending inside the canvas: the patch stays inside the image.
   box = ImageBox(10, 20, 40, 30)
-  pos = _positions("random", (100, 100), box, 4000)
+  pos = _positions("random_official", (100, 100), box, 4000)
   assert pos[:, 0].min() == 10 and pos[:, 0].max() == 10 + 40 - 16
   assert pos[:, 1].min() == 20 and pos[:, 1].max() == 20 + 30 - 16
   # Image filling the canvas: corners stop at side - 31 (official quirk).
-  pos = _positions("random", (64, 48), ImageBox(0, 0, 64, 48), 4000)
+  pos = _positions("random_official", (64, 48), ImageBox(0, 0, 64, 48), 4000)
   assert pos[:, 0].max() == 64 - 31 and pos[:, 1].max() == 48 - 31
   # Uniform: every corner value of a small range appears, none dominates.
   counts = np.bincount(pos[:, 1])
   assert len(counts) == 18 and counts.min() > 0.5 * counts.mean()
+
+
+def test_random_pattern_range_is_the_official_validation_one():
+  # Corners in [start, min(start + extent, side - 15)): the top-left corner
+  # in the image, the patch possibly hanging past its bottom/right edge.
+  box = ImageBox(10, 20, 40, 30)
+  pos = _positions("random", (100, 100), box, 4000)
+  assert pos[:, 0].min() == 10 and pos[:, 0].max() == 10 + 40 - 1
+  assert pos[:, 1].min() == 20 and pos[:, 1].max() == 20 + 30 - 1
+  pos = _positions("random", (64, 48), ImageBox(0, 0, 64, 48), 4000)
+  assert pos[:, 0].max() == 64 - 16 and pos[:, 1].max() == 48 - 16
+  counts = np.bincount(pos[:, 1])
+  assert len(counts) == 33 and counts.min() > 0.5 * counts.mean()
+
+
+def test_random_pattern_is_the_localized_training_distribution():
+  # The training sampler's localized sequences draw from the same range.
+  canvas_hw, box = (64, 64), ImageBox(8, 0, 48, 64)
+  train = np.concatenate([
+      sp.train_pattern(np.random.default_rng(s), canvas_hw, box, 500,
+                       localized_prob=1.0) for s in range(4)])
+  random = _positions("random", canvas_hw, box, 2000)
+  for axis in (0, 1):
+    assert train[:, axis].min() == random[:, axis].min()
+    assert train[:, axis].max() == random[:, axis].max()
 
 
 def test_train_pattern_flips_one_coin_per_sequence():

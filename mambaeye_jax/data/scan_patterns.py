@@ -9,27 +9,37 @@ with 0 <= row <= H - 16 and 0 <= col <= W - 16 for every corner. Patterns
 live in a registry that users extend with `@register("name")`; `get(name)`
 returns one and `generate(name, ...)` runs one and checks its output.
 
-The built-in patterns reproduce the official code (github usingcolor/MambaEye,
-`mambaeye/scan.py` `generate_scan_positions`, called by `eval.py`, and the
-training sampler in `mambaeye/dataset.py` `ImagenetDatasetSinusoidal`, both
-read at commit 8d7d643). Facts of the official code that they keep:
+Two families of built-in patterns:
 
-* Corner range. The official evaluation passes, per axis, `start` = the image
-  offset on the canvas and `stop = min(max(start + 1, start + extent),
-  side - 16 + 1)`, an exclusive bound on corners. `scan.py` then subtracts
-  the patch size once more (`stop - 16`). So where the image ends inside the
-  canvas, corners stop at `start + extent - 16` (the patch ends on the
-  image's last pixel); where the image reaches within 15 pixels of the canvas
-  edge (always on the long axis with resize "fit", "full" or "none"), corners
-  stop at `side - 31`, and the last 15 pixel rows/columns of the canvas are
-  never looked at. The official patch gather clamps pixel indices to
-  `side - 16`, which this double subtraction happens to keep from ever
-  mattering; corners here therefore equal the official ones exactly.
-* Grid. Per axis, corners `start, start + 16, ...` below `stop`, with the
-  last one moved back to `max(start, stop - 16)` if it passes it. Official
-  `x` is the row axis and `y` the column axis, so the official names read
-  transposed: "column_major" walks row by row, "horizontal_raster" column by
-  column (see each pattern).
+* The defaults (`random`, `random_fixed_grid` and the grid orders) see the
+  whole image. `random` draws every corner uniformly from the image's corner
+  range of the official *training and validation* sampler (`dataset.py`,
+  `ImagenetDatasetSinusoidal`; `corner_bounds` below): rows in
+  `[top, min(top + h, side - 15))`, likewise columns, so the top-left corner
+  lies in the image and the patch may hang past its bottom/right edge onto
+  the padding. That is the distribution the model is trained on (the
+  "localized" half of `train`), and every image pixel is reachable. The grid
+  orders place corners `start, start + 16, ...` with the last one moved back
+  so that its patch ends on the image's last pixel (`grid_axes`).
+* `<name>_official` (`random_official`, `hilbert_official`, ...) reproduce
+  the official `eval.py` exactly (github usingcolor/MambaEye, `scan.py`
+  `generate_scan_positions` with the bounds `eval.py` passes; commit
+  d8cc1ff). `eval.py` clamps the end of the image's corner range to
+  `side - 16 + 1`, and `scan.py` subtracts the patch size once more. Where
+  the image ends inside the canvas this is harmless (the last patch ends on
+  the image's last pixel); where the image reaches within 15 pixels of the
+  canvas edge (always on the long axis with resize "fit", "full" or "none")
+  corners stop at `side - 31`, so the last 15 pixel rows/columns are never
+  looked at. At canvas 32 a fitted 32 x 32 image is seen only through
+  corners 0..1 (its top-left 17 x 17 pixels); at 512 about 6% of the image
+  is never seen. docs/evaluation.md tabulates the coverage of every pattern.
+
+Facts of the official code that both families keep:
+
+* Grid. Per axis, corners `start, start + 16, ...` below the end, with the
+  last one moved back if it passes it. Official `x` is the row axis and `y`
+  the column axis, so the official names read transposed: "column_major"
+  walks row by row, "horizontal_raster" column by column (see each pattern).
 * Length. A grid pattern shorter than T is repeated whole, in the same order
   (not reshuffled), and cut at T; a longer one is cut at T.
 
@@ -179,21 +189,39 @@ def corner_bounds(canvas_hw: Sequence[int], box: glimpse.ImageBox
 
 
 def _grid_axis(start: int, stop: int) -> np.ndarray:
-  """Official grid corners along one axis: (n,) int64, stride 16."""
+  """Grid corners along one axis: (n,) int64, stride 16, from `start`.
+
+  Args:
+    start: the first corner (the image's offset).
+    stop: the exclusive end of the pixels to cover; the last corner is moved
+      back to `max(start, stop - 16)` so its patch ends at `stop - 1`.
+  """
   axis = np.arange(start, max(stop, start + 1), P)
   if axis[-1] > stop - P:
     axis[-1] = max(start, stop - P)
   return axis
 
 
-def grid_axes(canvas_hw: Sequence[int], box: glimpse.ImageBox
-              ) -> tuple[np.ndarray, np.ndarray]:
-  """Row and column corners of the official evaluation grid.
+def grid_axes(canvas_hw: Sequence[int], box: glimpse.ImageBox, *,
+              official: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """Row and column corners of the evaluation grid.
+
+  Args:
+    canvas_hw: (H, W).
+    box: the image on the canvas.
+    official: the official `eval.py` grid, whose end is the doubly clamped
+      `corner_bounds` stop (the last patch ends 15 pixels short of a canvas
+      edge that the image touches); otherwise the grid ends on the image's
+      last pixel and covers the whole image.
 
   Returns:
     (rows (ny,), cols (nx,)) int64, each strictly increasing.
   """
-  (r0, r1), (c0, c1) = corner_bounds(canvas_hw, box)
+  if official:
+    (r0, r1), (c0, c1) = corner_bounds(canvas_hw, box)
+  else:
+    r0, r1 = box.top, box.top + box.height
+    c0, c1 = box.left, box.left + box.width
   return _grid_axis(r0, r1), _grid_axis(c0, c1)
 
 
@@ -210,13 +238,14 @@ def _finish(positions: np.ndarray, canvas_hw: Sequence[int],
   return np.clip(positions, 0, upper).astype(np.int32)
 
 
-def _grid_pattern(order: Callable[[int, int], tuple[np.ndarray, np.ndarray]]
-                  ) -> ScanPattern:
+def _grid_pattern(order: Callable[[int, int], tuple[np.ndarray, np.ndarray]],
+                  official: bool = False) -> ScanPattern:
   """Turns a grid order into a scan pattern.
 
   Args:
     order: maps the grid size (ny rows, nx cols) to the visiting order as
       (row_index (n,), col_index (n,)) int arrays.
+    official: use the official `eval.py` grid (`grid_axes`).
 
   Returns:
     The scan pattern (deterministic: `rng` is unused).
@@ -224,12 +253,13 @@ def _grid_pattern(order: Callable[[int, int], tuple[np.ndarray, np.ndarray]]
   def pattern(rng, canvas_hw, box, num_glimpses):
     del rng  # Deterministic.
     canvas_hw = _check_args(canvas_hw, box, num_glimpses)
-    rows, cols = grid_axes(canvas_hw, box)
+    rows, cols = grid_axes(canvas_hw, box, official=official)
     ri, ci = order(len(rows), len(cols))
     positions = np.stack([rows[ri], cols[ci]], axis=-1)
     return _finish(positions, canvas_hw, num_glimpses)
   pattern.__doc__ = order.__doc__
-  pattern.__name__ = order.__name__.lstrip("_") + "_pattern"
+  pattern.__name__ = (order.__name__.lstrip("_")
+                      + ("_official" if official else "") + "_pattern")
   return pattern
 
 
@@ -278,46 +308,79 @@ def train_pattern(rng: np.random.Generator, canvas_hw: Sequence[int],
                  num_glimpses)
 
 
+def _random_corners(rng: np.random.Generator, canvas_hw: Sequence[int],
+                    box: glimpse.ImageBox, num_glimpses: int,
+                    official: bool) -> np.ndarray:
+  """Uniform corners over the image's corner range: (T, 2) int32."""
+  height, width = _check_args(canvas_hw, box, num_glimpses)
+  (r0, r1), (c0, c1) = corner_bounds((height, width), box)
+  if official:
+    # scan.py's second subtraction: an inclusive end at stop - 16.
+    r1, c1 = max(r0, r1 - P) + 1, max(c0, c1 - P) + 1
+  else:
+    # Only degenerate canvases (module docstring) give an empty range; take
+    # the offset, which `_finish` clips onto the canvas.
+    r1, c1 = max(r1, r0 + 1), max(c1, c0 + 1)
+  rows = rng.integers(r0, r1, num_glimpses)
+  cols = rng.integers(c0, c1, num_glimpses)
+  return _finish(np.stack([rows, cols], axis=-1), (height, width),
+                 num_glimpses)
+
+
 @register("random")
 def random_pattern(rng: np.random.Generator, canvas_hw: Sequence[int],
                    box: glimpse.ImageBox, num_glimpses: int) -> np.ndarray:
-  """Official evaluation default (`scan.py` "random"), pixel granularity.
+  """Evaluation default: the official validation sampler, pixel granularity.
+
+  Every corner uniform over the image's corner range `[start, stop)` of
+  `corner_bounds` per axis, with replacement: exactly the official
+  `dataset.py` with `validate=True`, and the localized half of `train`. The
+  corner lies in the image and the patch on the canvas; every image pixel is
+  reachable.
+
+  Returns:
+    (T, 2) int32 corners.
+  """
+  return _random_corners(rng, canvas_hw, box, num_glimpses, official=False)
+
+
+@register("random_official")
+def random_official_pattern(rng: np.random.Generator,
+                            canvas_hw: Sequence[int], box: glimpse.ImageBox,
+                            num_glimpses: int) -> np.ndarray:
+  """Official `eval.py` default (`scan.py` "random"), pixel granularity.
 
   Every corner uniform over `[start, max(start, stop - 16)]` inclusive per
   axis, with replacement: the whole patch lies in the image (except along an
   axis where the image is narrower than 16 pixels), and, through the double
   subtraction of the module docstring, never within the canvas's last 15
-  pixels. Note this range differs from the training sampler's validate mode.
+  pixels: at canvas 32 a fitted image is seen only through corners 0..1.
 
   Returns:
     (T, 2) int32 corners.
   """
-  height, width = _check_args(canvas_hw, box, num_glimpses)
-  (r0, r1), (c0, c1) = corner_bounds((height, width), box)
-  rows = rng.integers(r0, max(r0, r1 - P), num_glimpses, endpoint=True)
-  cols = rng.integers(c0, max(c0, c1 - P), num_glimpses, endpoint=True)
-  return _finish(np.stack([rows, cols], axis=-1), (height, width),
-                 num_glimpses)
+  return _random_corners(rng, canvas_hw, box, num_glimpses, official=True)
 
 
-@register("random_fixed_grid")
-def random_fixed_grid_pattern(rng: np.random.Generator,
-                              canvas_hw: Sequence[int], box: glimpse.ImageBox,
-                              num_glimpses: int) -> np.ndarray:
-  """Official "random_fixed_grid": the grid in one random order.
+def _random_fixed_grid(official: bool) -> ScanPattern:
+  """The grid in one random order (official "random_fixed_grid").
 
   The grid cells are shuffled once; a grid shorter than T repeats that same
   order (the official list is shuffled once, then repeated).
-
-  Returns:
-    (T, 2) int32 corners.
   """
-  height, width = _check_args(canvas_hw, box, num_glimpses)
-  rows, cols = grid_axes((height, width), box)
-  ri, ci = _column_by_column(len(rows), len(cols))
-  order = rng.permutation(len(ri))
-  positions = np.stack([rows[ri[order]], cols[ci[order]]], axis=-1)
-  return _finish(positions, (height, width), num_glimpses)
+  def pattern(rng, canvas_hw, box, num_glimpses):
+    height, width = _check_args(canvas_hw, box, num_glimpses)
+    rows, cols = grid_axes((height, width), box, official=official)
+    ri, ci = _column_by_column(len(rows), len(cols))
+    order = rng.permutation(len(ri))
+    positions = np.stack([rows[ri[order]], cols[ci[order]]], axis=-1)
+    return _finish(positions, (height, width), num_glimpses)
+  pattern.__doc__ = _random_fixed_grid.__doc__
+  return pattern
+
+
+register("random_fixed_grid")(_random_fixed_grid(official=False))
+register("random_fixed_grid_official")(_random_fixed_grid(official=True))
 
 
 # ----------------------------------------------------------------- rasters
@@ -479,10 +542,25 @@ for _names, _order in [
     (("diagonal",), _diagonal),
     (("golden",), _golden),
 ]:
-  _pattern = _grid_pattern(_order)
-  for _name in _names:
-    register(_name)(_pattern)
-del _names, _order, _pattern, _name
+  for _official in (False, True):
+    _pattern = _grid_pattern(_order, official=_official)
+    for _name in _names:
+      register(_name + ("_official" if _official else ""))(_pattern)
+del _names, _order, _pattern, _name, _official
+
+
+def official_name(name: str) -> str:
+  """The `_official` twin of a built-in evaluation pattern, or `name` itself.
+
+  Args:
+    name: a registered pattern name.
+
+  Returns:
+    `name + "_official"` where that is registered, else `name` (already an
+    official variant, "train", or a user pattern).
+  """
+  twin = name + "_official"
+  return twin if twin in _REGISTRY else name
 
 
 # ----------------------------------------------------------------- picture

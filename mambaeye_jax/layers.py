@@ -17,6 +17,7 @@ of the Pallas GPU kernels in `kernels/` (the norms take a `kernel` argument;
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,20 @@ def torch_default_init():
   kaiming_uniform(a=sqrt(5)) has bound sqrt(6 / ((1 + 5) fan_in)).
   """
   return jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_default_bias_init(fan_in: int):
+  """PyTorch's default Linear bias init, U(+-1/sqrt(fan_in)).
+
+  The official MambaEye keeps it for `init_fc` and the classification head:
+  mamba_ssm's `_init_weights`, which zeroes Linear biases, is applied to the
+  Mamba2 backbone only.
+  """
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
 
 
 def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, dtype) -> jax.Array:

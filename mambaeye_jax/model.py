@@ -126,9 +126,13 @@ class MambaEye(nnx.Module):
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.config = config
     dtype = config.compute_dtype
-    self.init_fc = nnx.Linear(glimpse.PATCH_DIM + glimpse.MOVE_DIM, config.dim,
+    input_dim = glimpse.PATCH_DIM + glimpse.MOVE_DIM
+    # PyTorch's default Linear init, weights and biases, for the two layers
+    # outside the Mamba2 backbone (as the official model leaves them).
+    self.init_fc = nnx.Linear(input_dim, config.dim,
                               dtype=dtype, kernel_init=layers.torch_default_init(),
-                              bias_init=nnx.initializers.zeros, rngs=rngs)
+                              bias_init=layers.torch_default_bias_init(input_dim),
+                              rngs=rngs)
 
     @nnx.split_rngs(splits=config.depth)
     @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -139,7 +143,8 @@ class MambaEye(nnx.Module):
     self.norm_f = layers.RMSNorm(config.dim)
     self.head = nnx.Linear(config.dim, config.num_classes, dtype=dtype,
                            kernel_init=layers.torch_default_init(),
-                           bias_init=nnx.initializers.zeros, rngs=rngs)
+                           bias_init=layers.torch_default_bias_init(config.dim),
+                           rngs=rngs)
 
   def embed(self, patches: jax.Array, positions: jax.Array,
             segment_ids: jax.Array | None = None) -> jax.Array:

@@ -157,3 +157,26 @@ def test_config_errors_are_clear():
   model = tiny_model()
   with pytest.raises(ValueError, match="patches must be"):
     model(jnp.zeros((1, 4, 700)), jnp.zeros((1, 4, 2), jnp.int32))
+
+
+def test_initialisation_follows_the_official_model():
+  # mamba_ssm's `_init_weights` runs on the backbone only: init_fc and the
+  # head keep PyTorch's Linear default, U(+-1/sqrt(fan_in)) for weights and
+  # biases alike; the mixer draws A in U(1, 16), dt in [1e-3, 1e-1], D = 1,
+  # and out_proj at 1/sqrt(depth) of the default scale.
+  model = tiny_model(depth=4, dim=64)
+  fc_bias = np.asarray(model.init_fc.bias[...])
+  head_bias = np.asarray(model.head.bias[...])
+  assert np.abs(fc_bias).max() <= 1 / np.sqrt(1280) and fc_bias.std() > 0.3 / np.sqrt(1280)
+  assert np.abs(head_bias).max() <= 1 / np.sqrt(64) and head_bias.std() > 0.3 / np.sqrt(64)
+  fc_kernel = np.asarray(model.init_fc.kernel[...])
+  assert np.abs(fc_kernel).max() <= 1 / np.sqrt(1280)
+  mixer = model.blocks.mixer
+  a = np.exp(np.asarray(mixer.A_log[...]))
+  assert a.min() >= 1.0 and a.max() <= 16.0
+  dt = np.asarray(jax.nn.softplus(mixer.dt_bias[...]))
+  assert dt.min() >= 1e-3 * (1 - 1e-4) and dt.max() <= 0.1 * (1 + 1e-4)
+  np.testing.assert_array_equal(np.asarray(mixer.D[...]), 1.0)
+  out = np.asarray(mixer.out_proj.kernel[...])  # fan_in = d_inner = 128.
+  assert np.abs(out).max() <= 1 / np.sqrt(128) / np.sqrt(4) * (1 + 1e-6)
+  assert out.std() > 0.9 / np.sqrt(3 * 128 * 4)

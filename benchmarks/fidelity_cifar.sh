@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Issue 11's CIFAR-10 runs on one GPU machine, stage by stage (each stage fits
+# one 10-minute device call; run them on one warm machine, in this order).
+#
+#   bash benchmarks/fidelity_cifar.sh official        # the official code, 10 epochs
+#   bash benchmarks/fidelity_cifar.sh ours SEED [STEPS]  # this project, 10 epochs
+#   bash benchmarks/fidelity_cifar.sh evaluate NAME=PATH ...  # both protocols
+#
+# "ours" trains configs/cifar10.py with the official harness's budget:
+# STEPS steps (1,953 = 10 epochs of batch 256 by default), warm-up STEPS/10
+# (the harness's 1 epoch in 10). Environment: OFFICIAL (a copy of
+# ../shared/official with cifar10_{train,test}.tar.gz beside it, default
+# .official), DATA (default /tmp/data), RUNS (default /tmp/fid), LOGS (where
+# logs and the JSON go, default RUNS).
+set -euo pipefail
+OFFICIAL=${OFFICIAL:-.official}
+DATA=${DATA:-/tmp/data}
+RUNS=${RUNS:-/tmp/fid}
+LOGS=${LOGS:-$RUNS}
+mkdir -p "$RUNS" "$LOGS" "$DATA"
+for split in train test; do
+  [ -d "$DATA/cifar10/$split" ] || tar xzf "$OFFICIAL/cifar10_$split.tar.gz" -C "$DATA"
+done
+
+stage=${1:?usage: fidelity_cifar.sh official | ours SEED [STEPS] | evaluate NAME=PATH ...}
+shift
+start=$(date +%s)
+case "$stage" in
+  official)
+    PYTHONPATH="$OFFICIAL" python3 -u "$OFFICIAL/cifar_official.py" "$DATA" 1953 195 \
+      "$RUNS/official.pt" 2>&1 | tee "$LOGS/official_train.log"
+    ;;
+  ours)
+    seed=${1:?seed}
+    steps=${2:-1953}
+    workdir="$RUNS/ours_s${seed}_${steps}"
+    python -u train.py --config "configs/cifar10.py:$DATA" --workdir "$workdir" \
+      --config.seed="$seed" --config.num_train_steps="$steps" \
+      --config.optim.warmup_steps=$(( steps / 10 )) \
+      2>&1 | grep -v "absl" | tee "$LOGS/ours_s${seed}_${steps}.log"
+    ;;
+  evaluate)
+    models=()
+    for spec in "$@"; do models+=(--model "$spec"); done
+    python -u benchmarks/fidelity_cifar.py --data "$DATA" --official-src "$OFFICIAL" \
+      "${models[@]}" --output "$LOGS/fidelity.json" 2>&1 | grep -v "absl" \
+      | tee "$LOGS/fidelity.log"
+    ;;
+  *)
+    echo "unknown stage $stage" >&2
+    exit 2
+    ;;
+esac
+echo "stage $stage $* wall $(( $(date +%s) - start )) s"

@@ -11,12 +11,13 @@
 # (the harness's 1 epoch in 10). Environment: OFFICIAL (a copy of
 # ../shared/official with cifar10_{train,test}.tar.gz beside it, default
 # .official), DATA (default /tmp/data), RUNS (default /tmp/fid), LOGS (where
-# logs and the JSON go, default RUNS).
+# logs and the JSON go, default RUNS), PYTHON (default python3).
 set -euo pipefail
 OFFICIAL=${OFFICIAL:-.official}
 DATA=${DATA:-/tmp/data}
 RUNS=${RUNS:-/tmp/fid}
 LOGS=${LOGS:-$RUNS}
+PYTHON=${PYTHON:-python3}
 mkdir -p "$RUNS" "$LOGS" "$DATA"
 for split in train test; do
   [ -d "$DATA/cifar10/$split" ] || tar xzf "$OFFICIAL/cifar10_$split.tar.gz" -C "$DATA"
@@ -27,14 +28,14 @@ shift
 start=$(date +%s)
 case "$stage" in
   official)
-    PYTHONPATH="$OFFICIAL" python3 -u "$OFFICIAL/cifar_official.py" "$DATA" 1953 195 \
+    PYTHONPATH="$OFFICIAL" "$PYTHON" -u "$OFFICIAL/cifar_official.py" "$DATA" 1953 195 \
       "$RUNS/official.pt" 2>&1 | tee "$LOGS/official_train.log"
     ;;
   ours)
     seed=${1:?seed}
     steps=${2:-1953}
     workdir="$RUNS/ours_s${seed}_${steps}"
-    python -u train.py --config "configs/cifar10.py:$DATA" --workdir "$workdir" \
+    "$PYTHON" -u train.py --config "configs/cifar10.py:$DATA" --workdir "$workdir" \
       --config.seed="$seed" --config.num_train_steps="$steps" \
       --config.optim.warmup_steps=$(( steps / 10 )) \
       2>&1 | grep -v "absl" | tee "$LOGS/ours_s${seed}_${steps}.log"
@@ -42,7 +43,7 @@ case "$stage" in
   evaluate)
     models=()
     for spec in "$@"; do models+=(--model "$spec"); done
-    python -u benchmarks/fidelity_cifar.py --data "$DATA" --official-src "$OFFICIAL" \
+    "$PYTHON" -u benchmarks/fidelity_cifar.py --data "$DATA" --official-src "$OFFICIAL" \
       "${models[@]}" --output "$LOGS/fidelity.json" 2>&1 | grep -v "absl" \
       | tee "$LOGS/fidelity.log"
     ;;

@@ -320,6 +320,30 @@ def test_bad_records_are_skipped_and_counted(messy_folder):
   assert sum(int(b["mask"].any()) for b in ev) == 6 and ev.num_skipped == 3
 
 
+@pytest.mark.parametrize("folder_kind", ["messy", "cifar_jpegs"])
+def test_decoded_cache_gives_identical_batches(messy_folder, tmp_path,
+                                               folder_kind):
+  # DataConfig.cache_decoded: the same batches (bad records skipped and
+  # counted the same) on images no sample shrinks below half (CIFAR-sized
+  # JPEGs at canvas 32..64, where reduced-scale decoding never applies).
+  root = messy_folder
+  if folder_kind == "cifar_jpegs":
+    root = tmp_path / "cifar"
+    rng = np.random.default_rng(1)
+    for i in range(10):
+      path = root / f"c{i % 3}" / f"{i}.jpg"
+      path.parent.mkdir(parents=True, exist_ok=True)
+      Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+          path, "JPEG")
+    root = str(root)
+  config = {**SMALL, "source": "folder", "path": root, "batch_size": 2,
+            "num_epochs": 2}
+  plain = pipeline.make_train_iterator(config)
+  cached = pipeline.make_train_iterator({**config, "cache_decoded": True})
+  _assert_batches_equal(list(plain), list(cached))
+  assert plain.num_skipped == cached.num_skipped
+
+
 def test_bad_records_raise_when_asked(messy_folder):
   config = {**SMALL, "source": "folder", "path": messy_folder,
             "batch_size": 1, "num_epochs": 1, "shuffle": False,

@@ -242,3 +242,50 @@ def test_jpeg_draft_keeps_colours_of_every_jpeg_mode(mode, colour):
   full = sources.decode_image(data, mode)
   assert small.mode == "RGB" and small.size == (100, 75)
   assert small.getpixel((10, 10)) == full.getpixel((10, 10))
+
+
+# ---------------------------------------------------------------- decoded
+
+
+class _WithBad:
+  """A source's records plus one file that does not decode (picklable)."""
+
+  def __init__(self, source, bad_path):
+    self._source, self._bad = source, bad_path
+    self.num_classes = source.num_classes
+
+  def __len__(self):
+    return len(self._source) + 1
+
+  def __getitem__(self, i):
+    if i < len(self._source):
+      return self._source[i]
+    return sources.file_record(self._bad, 1)
+
+
+def test_decoded_cache_equals_decoding(folder, tmp_path):
+  import gc  # pylint: disable=g-import-not-at-top
+  import pickle  # pylint: disable=g-import-not-at-top
+  source = sources.ImageFolderSource(folder)
+  bad = tmp_path / "bad" / "cls" / "x.jpg"
+  _write(str(bad), b"not an image")
+  cache = sources.DecodedImageCache(_WithBad(source, str(bad)),
+                                    directory=str(tmp_path))
+  assert len(cache) == len(source) + 1 and cache.num_classes == 3
+  for i in range(len(source)):
+    record, want = cache[i], source[i]
+    assert record["label"] == want["label"] and record["key"] == want["key"]
+    np.testing.assert_array_equal(
+        record["image"],
+        np.asarray(sources.decode_image(want["image"], want["key"])))
+  assert cache[len(source)]["image"] == b"not an image"  # Left as it was.
+  # Worker processes get the file's name and map it; they never remove it.
+  copy = pickle.loads(pickle.dumps(cache))
+  np.testing.assert_array_equal(copy[0]["image"], cache[0]["image"])
+  path = cache._path
+  del copy
+  gc.collect()
+  assert os.path.exists(path)
+  del cache
+  gc.collect()
+  assert not os.path.exists(path)

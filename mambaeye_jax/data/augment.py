@@ -48,6 +48,8 @@ What this implementation does differently, and why it is the same data:
     lookup table (PIL's `Color3DLUT`, one per 8-bit shift, cached) of the
     continuous map behind PIL's HSV round trip: half its cost, ~0.3 levels
     from it on average (`apply_reference` keeps the exact round trip).
+    Images of at most HUE_EXACT_MAX_PIXELS (CIFAR) take the exact round
+    trip instead, where the table's per-call setup costs more.
   * Grayscale samples run as one L band from the grayscale step on (its
     three channels are equal; a third of the resampling work), and from
     before the fit when there is no jitter (point-wise, as above). The
@@ -167,14 +169,36 @@ def _adjust(image: Image.Image, op: str, factor: float,
     # torchvision adds np.uint8(hue * 255) to H with uint8 wrap-around. A
     # lookup table on the HSV image (identity on S and V) does it without a
     # round trip through numpy.
-    shift = _hue_shift(factor)
-    table = [(v + shift) % 256 for v in range(256)] + list(range(256)) * 2
-    return image.convert("HSV").point(table).convert("RGB")
+    return _hue_exact(image, _hue_shift(factor))
   raise ValueError(f"unknown colour op {op!r}")
+
+
+def _hue_exact(image: Image.Image, shift: int) -> Image.Image:
+  """PIL's HSV round trip with `shift` added to H (uint8 wrap-around).
+
+  The addition runs in numpy: `point` with a Python table rounds its 768
+  entries in Python on every call (~0.1 ms, more than the whole shift costs
+  on a CIFAR-sized image); the wrap-around of uint8 is the table's `% 256`.
+  """
+  hsv = np.array(image.convert("HSV"))
+  hsv[..., 0] += np.uint8(shift)
+  return Image.fromarray(hsv, "HSV").convert("RGB")
 
 
 # Grid points per axis of the hue shift's 3D lookup table (see `_hue_lut`).
 HUE_LUT_SIZE = 33
+
+# Up to this many pixels the fast transform shifts the hue exactly
+# (`_hue_exact`) rather than by the lookup table: applying a table first
+# converts its 33^3 x 3 entries to PIL's fixed point (~0.2 ms a call, the
+# cost of the exact shift on ~8,000 pixels), which dominates on small
+# images (CIFAR). Measured crossover on one core: 8,000 to 10,000 pixels.
+HUE_EXACT_MAX_PIXELS = 8192
+
+# Up to this many pixels an 8-bit lookup table runs in numpy: `Image.point`
+# rounds its Python table entry by entry on every call (~0.1 ms for RGB),
+# numpy's fancy index costs ~1 ns a byte; above it PIL's single pass wins.
+NUMPY_TABLE_MAX_PIXELS = 16384
 
 # The six HSV sectors' (r, g, b) as indices into (v, p, q, t), as hsv2rgb.
 _SECTOR_RGB = np.array([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0],
@@ -306,6 +330,10 @@ def _apply_table(image: Image.Image, table: list[int] | None) -> Image.Image:
   """The same 8-bit lookup table on every band (None: unchanged)."""
   if table is None:
     return image
+  if image.width * image.height <= NUMPY_TABLE_MAX_PIXELS:
+    # Same table, same result (see NUMPY_TABLE_MAX_PIXELS).
+    lut = np.asarray(table, np.uint8)
+    return Image.fromarray(lut[np.asarray(image)], image.mode)
   return image.point(table * len(image.getbands()))
 
 
@@ -325,7 +353,8 @@ def _colour(image: Image.Image, jitter: list[tuple[str, float]] | None,
       channels), for later steps to work on a third of the bytes.
     hue_lut: shift the hue of `image` with the cached 3D lookup table
       (`_hue_lut`, ~0.3 levels from the exact shift) instead of PIL's HSV
-      round trip (the thumbnail keeps the exact one).
+      round trip, on images above HUE_EXACT_MAX_PIXELS (the thumbnail and
+      smaller images keep the exact one).
 
   Returns:
     The adjusted RGB image, or L when `gray` and `gray_as_l`.
@@ -347,7 +376,8 @@ def _colour(image: Image.Image, jitter: list[tuple[str, float]] | None,
       pending = table if pending is None else [table[v] for v in pending]
     else:
       image, pending = _apply_table(image, pending), None
-      if op == "hue" and hue_lut:
+      if (op == "hue" and hue_lut
+          and image.width * image.height > HUE_EXACT_MAX_PIXELS):
         image = image.filter(_hue_lut(_hue_shift(factor)))
       else:
         image = _adjust(image, op, factor)

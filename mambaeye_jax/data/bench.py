@@ -1,18 +1,26 @@
 """Benchmark of the training transform: per-core throughput and stage times.
 
     python -m mambaeye_jax.data.bench --images ../shared/data/imagenet_sample_100.tar.gz
+    python -m mambaeye_jax.data.bench --preset cifar10 \
+        --images ~/data/cifar10/train --max_images 5000 --workers 2
 
 Extracts the archive (or reads a directory) into a temporary directory,
 pins the process to one CPU core, and runs the full official training
-transform (T = 1024, canvas 256..1024 by default) over the images:
+transform (T = 1024, canvas 256..1024 by default; `--preset cifar10`: T =
+128, canvas 32..64, batch 256 as configs/cifar10.py) over the images:
 
   1. stage by stage (file read, header + plan, decode, transform, positions,
-     patch gather, information ratio), timing each;
+     patch gather, information ratio), timing each; then the per-batch
+     stages per sample: batching (`rows_to_batch`) and the worker -> main
+     process transfer (Grain's copy into shared memory and its opening);
   2. the same work in the official order and sizes (`apply_reference`, the
      full canvas, glimpse.py's ratio), for comparison on the same machine;
   3. end to end through the Grain pipeline (`make_train_iterator`,
-     in-process, one thread), batches included;
-  4. with --workers N, wall-clock throughput with N worker processes.
+     in-process, one thread), batches included; what it costs beyond the
+     stages is Grain's own per-record overhead;
+  4. with --workers N, wall-clock throughput with N worker processes, and
+     the CPU time of all of them (main process and workers) per sample,
+     which does not depend on what else runs on the machine.
 
 Prints ms/sample and samples/s for one core. Nothing is written outside the
 temporary directory. Times are CPU time of this process (see `_clock`).
@@ -32,10 +40,19 @@ import numpy as np
 
 from mambaeye_jax import glimpse
 from mambaeye_jax.data import augment
+from mambaeye_jax.data import batching
 from mambaeye_jax.data import glimpses
 from mambaeye_jax.data import pipeline
 from mambaeye_jax.data import scan_patterns
 from mambaeye_jax.data import sources
+
+# configs/cifar10.py's data settings.
+PRESETS = {
+    "imagenet": dict(num_glimpses=1024, canvas_min=256, canvas_max=1024,
+                     batch_size=16),
+    "cifar10": dict(num_glimpses=128, canvas_min=32, canvas_max=64,
+                    batch_size=256),
+}
 
 
 def _clock() -> float:
@@ -157,10 +174,45 @@ def bench_reference(files, cfg: pipeline.DataConfig, samples: int,
   return (_clock() - t0) / samples
 
 
-def bench_pipeline(root_files, cfg: pipeline.DataConfig, batches: int):
+def bench_batches(files, cfg: pipeline.DataConfig, seed: int,
+                  repeats: int = 5) -> dict[str, float]:
+  """CPU seconds per sample of the per-batch stages, on one batch.
+
+  "batching": `rows_to_batch` of `cfg.batch_size` examples (padded rows).
+  "transfer to main process": with worker processes, each batch is copied
+  into new shared memory by the worker (`copy_to_shm`) and opened by the
+  main process (`open_from_shm`); timed here in one process, with the main
+  process's first read of the pages (which the device transfer does).
+  """
+  # Deferred: the Grain internals only matter to this measurement.
+  from grain._src.python.ipc import shared_memory_array  # pylint: disable=g-import-not-at-top
+  transform = pipeline.TrainTransform(cfg)
+  examples = []
+  for i in range(cfg.batch_size):
+    ex = transform.random_map(sources.file_record(files[i % len(files)], 0),
+                              np.random.default_rng([seed, i]))
+    if batching.SKIP_KEY not in ex:
+      examples.append(ex)
+  rows = [[ex] for ex in examples]
+  times = collections.defaultdict(float)
+  for _ in range(repeats):
+    t0 = _clock()
+    batch = batching.rows_to_batch(rows, cfg.batch_size, cfg.row_length)
+    t1 = _clock()
+    metadata = shared_memory_array.copy_to_shm(batch)
+    opened = shared_memory_array.open_from_shm(metadata)
+    for value in opened.values():
+      value.sum()  # Reads every page, as the transfer to the device does.
+    t2 = _clock()
+    del opened  # Unlinks the shared memory.
+    times["batching"] += t1 - t0
+    times["transfer to main process"] += t2 - t1
+  return {k: v / (repeats * cfg.batch_size) for k, v in times.items()}
+
+
+def bench_pipeline(data_source, cfg: pipeline.DataConfig, batches: int):
   """Seconds per sample through the Grain iterator (after one warm batch)."""
-  it = pipeline.make_train_iterator(cfg,
-                                   data_source=_MemorySource(root_files))
+  it = pipeline.make_train_iterator(cfg, data_source=data_source)
   next(it)
   t0 = _clock()
   for _ in range(batches):
@@ -170,35 +222,73 @@ def bench_pipeline(root_files, cfg: pipeline.DataConfig, batches: int):
   return elapsed / (batches * cfg.batch_size)
 
 
-def bench_workers(root_files, cfg: pipeline.DataConfig, workers: int,
-                  batches: int) -> float:
-  """Wall-clock samples/s with `workers` worker processes (after warm-up).
+def _process_tree_cpu() -> float:
+  """CPU seconds (user + system) of this process and its live children.
 
-  Workers run in parallel, so this is wall time, not CPU time: it measures
-  what this machine's cores deliver together.
+  Grain's workers are children of this process; /proc gives their time
+  while they run (getrusage counts children only once they have exited).
+  """
+  tick = os.sysconf("SC_CLK_TCK")
+  me = str(os.getpid())
+  total = time.process_time()
+  for pid in os.listdir("/proc"):
+    if not pid.isdigit():
+      continue
+    try:
+      with open(f"/proc/{pid}/stat") as f:
+        # Fields after the parenthesised command: state, ppid, ...
+        fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+      continue
+    if fields[1] == me:
+      total += (int(fields[11]) + int(fields[12])) / tick
+  return total
+
+
+def bench_workers(data_source, cfg: pipeline.DataConfig, workers: int,
+                  batches: int) -> tuple[float, float]:
+  """Throughput with `workers` worker processes (after warm-up).
+
+  Returns:
+    (wall-clock samples/s: what this machine's cores deliver together,
+    depending on what else runs on it; CPU seconds per sample of the main
+    process and the workers together, the cost of the whole pipeline per
+    sample, independent of the machine's load).
   """
   cfg = dataclasses.replace(cfg, worker_count=workers)
-  it = pipeline.make_train_iterator(cfg,
-                                   data_source=_MemorySource(root_files))
+  it = pipeline.make_train_iterator(cfg, data_source=data_source)
   for _ in range(2 * workers):  # Start every worker and fill its buffer.
     next(it)
-  t0 = time.perf_counter()
+  t0, cpu0 = time.perf_counter(), _process_tree_cpu()
   for _ in range(batches):
     next(it)
   elapsed = time.perf_counter() - t0
+  cpu = _process_tree_cpu() - cpu0
   it.close()
-  return batches * cfg.batch_size / elapsed
+  samples = batches * cfg.batch_size
+  return samples / elapsed, cpu / samples
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--images", required=True,
                       help="a .tar.gz of images or a directory")
+  parser.add_argument("--preset", choices=sorted(PRESETS),
+                      default="imagenet",
+                      help="defaults of T, canvas and batch (flags below "
+                      "override them): imagenet (T 1024, canvas 256..1024, "
+                      "batch 16) or cifar10 (configs/cifar10.py: T 128, "
+                      "canvas 32..64, batch 256)")
   parser.add_argument("--samples", type=int, default=400)
-  parser.add_argument("--num_glimpses", type=int, default=1024)
-  parser.add_argument("--canvas_min", type=int, default=256)
-  parser.add_argument("--canvas_max", type=int, default=1024)
-  parser.add_argument("--batch_size", type=int, default=16)
+  parser.add_argument("--num_glimpses", type=int)
+  parser.add_argument("--canvas_min", type=int)
+  parser.add_argument("--canvas_max", type=int)
+  parser.add_argument("--batch_size", type=int)
+  parser.add_argument("--max_images", type=int, default=0,
+                      help="use N images spread over the set only (0: all)")
+  parser.add_argument("--cache_decoded", action="store_true",
+                      help="the pipeline runs read images decoded once "
+                      "(sources.DecodedImageCache, DataConfig.cache_decoded)")
   parser.add_argument("--pipeline_batches", type=int, default=10)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--reference_samples", type=int, default=100,
@@ -210,6 +300,9 @@ def main(argv=None):
                       help="also measure wall-clock throughput with this "
                       "many worker processes (implies --all_cores)")
   args = parser.parse_args(argv)
+  for name, value in PRESETS[args.preset].items():
+    if getattr(args, name) is None:
+      setattr(args, name, value)
 
   if not (args.all_cores or args.workers) and hasattr(os,
                                                      "sched_setaffinity"):
@@ -228,6 +321,8 @@ def main(argv=None):
         tar.extractall(tmp, filter="data")
       root = tmp
     files = _image_files(root)
+    if args.max_images:
+      files = files[::max(1, len(files) // args.max_images)][:args.max_images]
     readable = []
     for f in files:  # The stage timings decode directly: no bad files.
       try:
@@ -249,6 +344,10 @@ def main(argv=None):
             f"({seconds / total:5.1%})")
     print(f"  {'total':<22} {total / n * 1e3:7.2f} ms/sample = "
           f"{n / total:6.1f} samples/s per core")
+    per_batch = bench_batches(files, cfg, args.seed)
+    print(f"per-batch stages (batch {args.batch_size}), per sample:")
+    for stage, seconds in per_batch.items():
+      print(f"  {stage:<26} {seconds * 1e3:7.3f} ms/sample")
     print("transform by path (mean ms, share of samples):")
     for path, times in sorted(paths.items()):
       print(f"  {path:<36} {np.mean(times) * 1e3:7.2f} ms "
@@ -260,14 +359,24 @@ def main(argv=None):
             f"canvas, glimpse.py ratio), {args.reference_samples} samples: "
             f"{per_sample * 1e3:.2f} ms/sample = {1 / per_sample:.1f} "
             "samples/s per core")
-    per_sample = bench_pipeline(files, cfg, args.pipeline_batches)
+    source = _MemorySource(files)
+    if args.cache_decoded:
+      source = sources.DecodedImageCache(source)
+    per_sample = bench_pipeline(source, cfg, args.pipeline_batches)
+    cached = ", decoded images cached" if args.cache_decoded else ""
     print(f"\nGrain pipeline end to end (batch {args.batch_size}, in-process,"
-          f" 1 thread): {per_sample * 1e3:.2f} ms/sample = "
+          f" 1 thread{cached}): {per_sample * 1e3:.2f} ms/sample = "
           f"{1 / per_sample:.1f} samples/s per core")
+    rest = per_sample - total / n - per_batch["batching"]
+    print(f"  of which Grain's per-record overhead (end to end less the "
+          f"stages and batching): {rest * 1e3:.2f} ms/sample")
     if args.workers:
-      rate = bench_workers(files, cfg, args.workers, args.pipeline_batches)
+      rate, cpu = bench_workers(source, cfg, args.workers,
+                                args.pipeline_batches)
       print(f"Grain pipeline, {args.workers} worker processes, "
-            f"{os.cpu_count()} CPUs: {rate:.1f} samples/s wall clock")
+            f"{os.cpu_count()} CPUs: {rate:.1f} samples/s wall clock; "
+            f"{cpu * 1e3:.2f} ms/sample of CPU (main process and workers) = "
+            f"{1 / cpu:.1f} samples/s per core")
 
 
 if __name__ == "__main__":

@@ -93,6 +93,13 @@ class DataConfig:
     read_buffer_size: records buffered ahead by those threads.
     on_error: "skip" (log, count, leave out) or "raise" for bad records.
     max_image_pixels: decompression-bomb guard.
+    cache_decoded: decode every image of the source once, at the start, into
+      one memory-mapped buffer that the workers share
+      (`sources.DecodedImageCache`): for datasets that fit in memory (CIFAR:
+      154 MB), it saves reading, parsing and decoding each sample (~0.2 ms
+      of a core for a CIFAR JPEG). Costs that decode up front (~10 s on one
+      core for CIFAR-10) and skips the reduced-scale JPEG decoding, so only
+      images that samples shrink below half their size change.
   """
   source: str = "folder"
   path: str = ""
@@ -119,6 +126,7 @@ class DataConfig:
   read_buffer_size: int = 16
   on_error: str = "skip"
   max_image_pixels: int = sources.DEFAULT_MAX_IMAGE_PIXELS
+  cache_decoded: bool = False
 
   def __post_init__(self):
     if self.source not in SOURCES:
@@ -188,13 +196,18 @@ class DataConfig:
 def make_source(cfg: DataConfig):
   """The random-access source named by the config (see sources.py)."""
   if cfg.source == "folder":
-    return sources.ImageFolderSource(cfg.path)
-  if cfg.source == "arrayrecord":
-    return sources.ArrayRecordSource(cfg.path)
-  if cfg.source == "tfds":
-    return sources.TfdsSource(cfg.tfds_name, cfg.split,
-                              data_dir=cfg.path or None)
-  return synthetic.SyntheticShapes(cfg.synthetic_size, seed=cfg.seed)
+    source = sources.ImageFolderSource(cfg.path)
+  elif cfg.source == "arrayrecord":
+    source = sources.ArrayRecordSource(cfg.path)
+  elif cfg.source == "tfds":
+    source = sources.TfdsSource(cfg.tfds_name, cfg.split,
+                                data_dir=cfg.path or None)
+  else:
+    return synthetic.SyntheticShapes(cfg.synthetic_size, seed=cfg.seed)
+  if cfg.cache_decoded:
+    source = sources.DecodedImageCache(source,
+                                       max_pixels=cfg.max_image_pixels)
+  return source
 
 
 def _to_pil(record: Mapping[str, Any], key: str, cfg: DataConfig,

@@ -129,6 +129,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.optim.warmup_epochs = 20.0
   c.optim.warmup_steps = -1  # >= 0 overrides warmup_epochs.
   c.optim.end_lr_ratio = 0.0
+  c.optim.decay = "matrices"  # or "all", as the official CIFAR harness.
 
   c.log_every_steps = 100
   c.checkpoint_every_steps = 1000
@@ -194,7 +195,8 @@ def optim_config_from(config: ml_collections.ConfigDict, num_examples: int) -> o
   return optim.OptimConfig(
       learning_rate=o.learning_rate, b1=o.b1, b2=o.b2, eps=o.eps,
       weight_decay=o.weight_decay, clip_norm=o.clip_norm,
-      warmup_steps=min(warmup, total), total_steps=total, end_lr_ratio=o.end_lr_ratio)
+      warmup_steps=min(warmup, total), total_steps=total, end_lr_ratio=o.end_lr_ratio,
+      decay=o.decay)
 
 
 # ----------------------------------------------------------------------------

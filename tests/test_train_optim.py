@@ -65,3 +65,16 @@ def test_bad_optim_config_names_the_field():
     optim.OptimConfig(warmup_steps=20, total_steps=10)
   with pytest.raises(ValueError, match="learning_rate"):
     optim.OptimConfig(learning_rate=0.0)
+
+
+def test_decay_all_decays_every_parameter_as_torch_adamw():
+  params = {"layer": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}, "A_log": jnp.ones((3,))}
+  config = optim.OptimConfig(learning_rate=0.1, weight_decay=0.5, warmup_steps=0,
+                             total_steps=10, decay="all")
+  tx = optim.make_optimizer(config)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  for leaf in jax.tree.leaves(updates):
+    np.testing.assert_allclose(leaf, -0.1 * 0.5, rtol=1e-6)
+  with pytest.raises(ValueError, match="decay"):
+    optim.OptimConfig(decay="biases")

@@ -90,6 +90,13 @@ def load_torch_model(path: str, num_classes: int):
   return model.eval()
 
 
+def _one_torch_thread(worker_id: int) -> None:
+  """DataLoader worker init: one torch thread per worker process."""
+  del worker_id
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(1)
+
+
 def official_protocol(args, forwards, torch_models) -> dict:
   """Top-1 % through the official validation path: {model: {canvas: {T: acc}}}."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -108,12 +115,20 @@ def official_protocol(args, forwards, torch_models) -> dict:
         max_canvas_size=canvas, sequence_length=max(glimpses), validate=True)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, num_workers=args.workers,
-        collate_fn=collate_fn_keep_batch_size,
+        collate_fn=collate_fn_keep_batch_size, worker_init_fn=_one_torch_thread,
         # JAX runs threads in this process: fork could deadlock the workers.
         multiprocessing_context="spawn" if args.workers else None)
     hits = {name: np.zeros(len(glimpses)) for name in out}
     total = 0
-    for sequence, move_embedding, _, labels, corners in loader:
+    waited = 0.0
+    batches = iter(loader)
+    while True:
+      tick = time.time()
+      try:
+        sequence, move_embedding, _, labels, corners = next(batches)
+      except StopIteration:
+        break
+      waited += time.time() - tick
       # ToTensor's k / 255 back to the uint8 the JAX model reads.
       patches = jnp.asarray(np.rint(sequence.numpy() * 255.0).astype(np.uint8))
       positions = jnp.asarray(corners.numpy().astype(np.int32))
@@ -130,7 +145,8 @@ def official_protocol(args, forwards, torch_models) -> dict:
     for name in out:
       out[name][canvas] = {t: round(100 * h / total, 2) for t, h in zip(glimpses, hits[name])}
     print(f"official validation, canvas {canvas}: {total} images, "
-          f"{time.time() - start:.1f} s", file=sys.stderr, flush=True)
+          f"{time.time() - start:.1f} s ({waited:.1f} s waiting for the loader)",
+          file=sys.stderr, flush=True)
   return out
 
 

@@ -38,13 +38,13 @@ case "$stage" in
     "$PYTHON" -u train.py --config "configs/cifar10.py:$DATA" --workdir "$workdir" \
       --config.seed="$seed" --config.num_train_steps="$steps" \
       --config.optim.warmup_steps=$(( steps / 10 )) \
-      2>&1 | grep -v "absl" | tee "$LOGS/ours_s${seed}_${steps}.log"
+      2>&1 | grep --line-buffered -v "absl" | tee "$LOGS/ours_s${seed}_${steps}.log"
     ;;
   evaluate)
     models=()
     for spec in "$@"; do models+=(--model "$spec"); done
     "$PYTHON" -u benchmarks/fidelity_cifar.py --data "$DATA" --official-src "$OFFICIAL" \
-      "${models[@]}" --output "$LOGS/fidelity.json" 2>&1 | grep -v "absl" \
+      "${models[@]}" --output "$LOGS/fidelity.json" 2>&1 | grep --line-buffered -v "absl" \
       | tee "$LOGS/fidelity.log"
     ;;
   *)

@@ -13,8 +13,14 @@ Defaults follow the official eval.py (T = 4096 glimpses, resize "fit", canvas
 512), except the scan: "random" draws corners over the whole image as the
 official validation does; "random_official" (and every "<pattern>_official")
 keeps the official eval.py bounds, which never look at the last 15 pixels of
-a canvas edge the image touches (docs/evaluation.md). The library is `mambaeye_jax.eval_lib`; docs in
+a canvas edge the image touches (docs/evaluation.md). On a CPU the batch
+defaults to 16 (64 on GPU/TPU) to bound memory, and a hint says how long the
+default T = 4096 will take. The library is `mambaeye_jax.eval_lib`; docs in
 docs/evaluation.md.
+
+Errors (a missing path, a bad --scan name, an unreadable image, ...) are
+reported as one line, `eval.py: error: ...`, exit status 2; --verbose adds
+the traceback.
 """
 
 from __future__ import annotations
@@ -23,6 +29,17 @@ import argparse
 import os
 import sys
 import time
+import traceback
+
+# --glimpses and --batch-size when not given; the batch is smaller on a CPU,
+# where activations of T = 4096 take ~11 GB at 64 images.
+DEFAULT_GLIMPSES = (256, 1024, 4096)
+DEFAULT_BATCH_SIZE = 64
+DEFAULT_CPU_BATCH_SIZE = 16
+QUICK_GLIMPSES = "16,64,256"
+# Seconds per image, glimpse and layer of a width-256 model on a CPU (Tiny,
+# T 4096, canvas 512: ~5 minutes for 100 photos): for the hint only.
+_CPU_SECONDS_PER_GLIMPSE_LAYER = 6e-5
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -36,12 +53,22 @@ def _names(text: str) -> tuple[str, ...]:
   return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+  """Shows a default only where there is one (not None, not a False flag)."""
+
+  def _get_help_string(self, action):
+    if action.default in (None, False):
+      return action.help
+    return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=_HelpFormatter)
   src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("--checkpoint", help="model directory or official .pt / .safetensors")
-  src.add_argument("--workdir", help="training work directory (latest checkpoint)")
+  src.add_argument("--checkpoint", help="model directory (python -m "
+                   "mambaeye_jax.convert) or official .pt / .safetensors")
+  src.add_argument("--workdir", help="training work directory (its latest checkpoint)")
   what = p.add_mutually_exclusive_group(required=True)
   what.add_argument("--data", help="image folder root/<class>/<image>, a folder of "
                     "<synset>_<name>.JPEG photos, a .tar.gz of either, tfds:NAME[:SPLIT] "
@@ -58,69 +85,140 @@ def build_parser() -> argparse.ArgumentParser:
                  "random_fixed_grid, column_major, horizontal_raster, horizontal_zigzag, "
                  "column_snake, hilbert, spiral, diagonal, golden, ...; NAME_official "
                  "keeps the official eval.py bounds and its blind spot")
-  p.add_argument("--glimpses", type=_ints, default="256,1024,4096",
-                 help="glimpse counts reported (T = the largest)")
-  p.add_argument("--batch-size", type=int, default=64)
+  p.add_argument("--glimpses", type=_ints, default=None,
+                 help="glimpse counts reported (T = the largest); default "
+                 f"{','.join(map(str, DEFAULT_GLIMPSES))}, the official "
+                 f"evaluation's; on a CPU, {QUICK_GLIMPSES} is a quick look")
+  p.add_argument("--batch-size", type=int, default=None,
+                 help=f"images per device step; default {DEFAULT_BATCH_SIZE} on "
+                 f"GPU/TPU, {DEFAULT_CPU_BATCH_SIZE} on a CPU (memory)")
   p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                  help="decode/resize worker processes (0: in the main process)")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--max-examples", type=int, default=None)
+  p.add_argument("--seed", type=int, default=0,
+                 help="seeds the random scan orders (per image) and the "
+                 "--max-examples draw")
+  p.add_argument("--max-examples", type=int, default=None, metavar="N",
+                 help="evaluate N images drawn with --seed, the same number "
+                 "from every class (give or take one), instead of all")
   p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                  help="compute dtype (auto: bf16 on GPU/TPU, f32 on CPU)")
-  p.add_argument("--ssd-impl", default=None, help="SSD implementation override")
-  p.add_argument("--chunk-size", type=int, default=None, help="SSD chunk override")
+  p.add_argument("--ssd-impl", default=None,
+                 help="SSD implementation override: auto, sequential, chunked, "
+                 "associative, pallas, pallas_interpret (default: the checkpoint's)")
+  p.add_argument("--chunk-size", type=int, default=None,
+                 help="SSD chunk length override (default: the checkpoint's)")
   p.add_argument("--skip-bad-images", action="store_true",
                  help="leave unreadable images out (counted) instead of stopping")
-  p.add_argument("--tfds-data-dir", default=None)
+  p.add_argument("--tfds-data-dir", default=None,
+                 help="TFDS data directory for --data tfds:NAME")
   p.add_argument("--output", default=None,
                  help="output folder (default: WORKDIR/eval, or out/eval)")
-  p.add_argument("--no-plots", action="store_true")
+  p.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+  p.add_argument("--verbose", action="store_true",
+                 help="print the traceback with an error")
   return p
+
+
+def _cpu_hint(num_images: int, num_settings: int, num_glimpses: int,
+              depth: int, dim: int) -> str:
+  """One line: the rough CPU time of the default T, and the quick option."""
+  seconds = (num_images * num_settings * num_glimpses * depth
+             * _CPU_SECONDS_PER_GLIMPSE_LAYER * (dim / 256) ** 2)
+  if seconds >= 3600:
+    rough = f"{seconds / 3600:.1f} hours"
+  elif seconds >= 60:
+    rough = f"{seconds / 60:.0f} minutes"
+  else:
+    rough = f"{seconds:.0f} seconds"
+  return (f"eval.py: running on CPU: T {num_glimpses} over {num_images} "
+          f"images x {num_settings} settings will take roughly {rough}; pass "
+          f"--glimpses {QUICK_GLIMPSES} for a quick look")
 
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
+  try:
+    return _main(args)
+  except KeyboardInterrupt:
+    print("eval.py: interrupted", file=sys.stderr)
+    return 130
+  except Exception as e:  # pylint: disable=broad-except
+    # One line naming what failed and why; the traceback on request.
+    if args.verbose:
+      traceback.print_exc()
+    message, expected = _describe(e)
+    if not (expected or args.verbose):
+      message += " (--verbose shows the traceback)"
+    print(f"eval.py: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _describe(e: BaseException) -> tuple[str, bool]:
+  """An exception as one line, and whether it is of a type whose message
+  says all (EvalError, ValueError, ...); others get their type named."""
+  from mambaeye_jax import eval_data  # pylint: disable=g-import-not-at-top
+  if isinstance(e, KeyError) and e.args:
+    message = str(e.args[0])
+  else:
+    message = str(e) or type(e).__name__
+  expected = isinstance(e, (eval_data.EvalError, ValueError, KeyError,
+                            FileNotFoundError))
+  if not expected:
+    message = f"{type(e).__name__}: {message}"
+  return " ".join(message.split()), expected  # One line.
+
+
+def _main(args) -> int:
   # Imported after parsing so that --help and usage errors are instant.
   import jax  # pylint: disable=g-import-not-at-top
   from mambaeye_jax import eval_lib  # pylint: disable=g-import-not-at-top
   output = args.output or (os.path.join(args.workdir, "eval") if args.workdir
                            else os.path.join("out", "eval"))
-  try:
-    if args.image is None:
-      config = eval_lib.EvalConfig(
-          canvas_sizes=args.canvas_sizes, resize_modes=args.resize,
-          scan_patterns=args.scan, glimpse_counts=args.glimpses,
-          batch_size=args.batch_size, num_workers=args.workers, seed=args.seed,
-          max_examples=args.max_examples, skip_bad_images=args.skip_bad_images)
-      # The data first: a bad dataset should fail before the model loads.
-      source = eval_lib.open_source(args.data, class_map=args.class_map,
-                                    tfds_data_dir=args.tfds_data_dir)
-    else:
-      if len(args.scan) != 1 or len(args.resize) != 1:
-        raise ValueError("--image takes one --scan and one --resize")
-      eval_lib.EvalConfig(resize_modes=args.resize, scan_patterns=args.scan)
-    model = eval_lib.load_eval_model(
-        checkpoint_path=args.checkpoint, workdir=args.workdir, dtype=args.dtype,
-        ssd_impl=args.ssd_impl, chunk_size=args.chunk_size)
-    if args.image is not None:
-      return _single_image(args, model, output, eval_lib)
-    print(f"evaluating {args.checkpoint or args.workdir} ({model.config.dtype}) on "
-          f"{source.description}: {len(config.settings())} settings, "
-          f"T={config.num_glimpses}", file=sys.stderr)
-    start = time.time()
-    results = eval_lib.evaluate(model, source, config)
-    meta = {"checkpoint": args.checkpoint or args.workdir, "data": args.data,
-            "dtype": model.config.dtype, "depth": model.config.depth,
-            "num_glimpses": config.num_glimpses, "seed": config.seed,
-            "seconds": round(time.time() - start, 1)}
-    if jax.process_index() != 0:
-      return 0  # Multi-host: every process has the results; one writes them.
-    paths = eval_lib.write_reports(results, config, meta, output,
-                                   plots=not args.no_plots)
-  except (eval_lib.EvalError, ValueError, KeyError, FileNotFoundError) as e:
-    message = e.args[0] if isinstance(e, KeyError) and e.args else e
-    print(f"eval.py: error: {message}", file=sys.stderr)
-    return 2
+  if os.path.exists(output) and not os.path.isdir(output):
+    # Checked now, not after the evaluation has run.
+    raise ValueError(f"--output {output} is a file, not a folder")
+  on_cpu = jax.default_backend() == "cpu"
+  default_glimpses = args.glimpses is None
+  glimpses = DEFAULT_GLIMPSES if default_glimpses else args.glimpses
+  batch_size = args.batch_size or (DEFAULT_CPU_BATCH_SIZE if on_cpu
+                                   else DEFAULT_BATCH_SIZE)
+  if args.image is None:
+    config = eval_lib.EvalConfig(
+        canvas_sizes=args.canvas_sizes, resize_modes=args.resize,
+        scan_patterns=args.scan, glimpse_counts=glimpses,
+        batch_size=batch_size, num_workers=args.workers, seed=args.seed,
+        max_examples=args.max_examples, skip_bad_images=args.skip_bad_images)
+    # The data first: a bad dataset should fail before the model loads.
+    source = eval_lib.open_source(args.data, class_map=args.class_map,
+                                  tfds_data_dir=args.tfds_data_dir)
+    source = eval_lib.select_examples(source, config)
+  else:
+    if len(args.scan) != 1 or len(args.resize) != 1:
+      raise ValueError("--image takes one --scan and one --resize")
+    eval_lib.EvalConfig(resize_modes=args.resize, scan_patterns=args.scan,
+                        glimpse_counts=glimpses)
+  model = eval_lib.load_eval_model(
+      checkpoint_path=args.checkpoint, workdir=args.workdir, dtype=args.dtype,
+      ssd_impl=args.ssd_impl, chunk_size=args.chunk_size)
+  if args.image is not None:
+    return _single_image(args, model, output, eval_lib, max(glimpses))
+  if on_cpu and default_glimpses:
+    print(_cpu_hint(len(source), len(config.settings()), config.num_glimpses,
+                    model.config.depth, model.config.dim), file=sys.stderr)
+  print(f"evaluating {args.checkpoint or args.workdir} ({model.config.dtype}) on "
+        f"{source.description}: {len(config.settings())} settings, "
+        f"T={config.num_glimpses}, batch {config.batch_size}", file=sys.stderr)
+  start = time.time()
+  results = eval_lib.evaluate(model, source, config)
+  meta = {"checkpoint": args.checkpoint or args.workdir, "data": args.data,
+          "examples": source.description,
+          "dtype": model.config.dtype, "depth": model.config.depth,
+          "num_glimpses": config.num_glimpses, "seed": config.seed,
+          "wall_seconds_incl_compile": round(time.time() - start, 1)}
+  if jax.process_index() != 0:
+    return 0  # Multi-host: every process has the results; one writes them.
+  paths = eval_lib.write_reports(results, config, meta, output,
+                                 plots=not args.no_plots)
   with open(paths["markdown"]) as f:
     print(f.read())
   for kind, path in paths.items():
@@ -128,7 +226,7 @@ def main(argv=None) -> int:
   return 0
 
 
-def _single_image(args, model, output, eval_lib) -> int:
+def _single_image(args, model, output, eval_lib, num_glimpses: int) -> int:
   """Prints the top-5 classes and saves the glimpse-path picture."""
   class_map = None
   if args.class_map:
@@ -137,7 +235,7 @@ def _single_image(args, model, output, eval_lib) -> int:
     class_map = eval_lib.builtin_imagenet_classes()
   result = eval_lib.classify_image(
       model, args.image, canvas_size=args.canvas_sizes[0], resize=args.resize[0],
-      scan=args.scan[0], num_glimpses=max(args.glimpses), seed=args.seed,
+      scan=args.scan[0], num_glimpses=num_glimpses, seed=args.seed,
       class_map=class_map)
   print(f"{args.image}: top-5 after {len(result.positions)} glimpses "
         f"(canvas {result.canvas.shape[0]}, {args.resize[0]}, {args.scan[0]})")

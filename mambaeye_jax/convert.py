@@ -23,6 +23,7 @@ Key map (i = layer; our block parameters are stacked over layers):
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 
@@ -161,8 +162,9 @@ def state_dict_to_params(state: dict, config: model_lib.ModelConfig | None = Non
     the structure of `nnx.state(MambaEye(config), nnx.Param)`.
 
   Raises:
-    ConversionError: missing or unexpected keys, or a shape that does not fit
-      (the message names the key, the shape found and the shape expected).
+    ConversionError: missing or unexpected keys, a shape that does not fit
+      (the message names the key, the shape found and the shape expected),
+      or non-finite values (NaN or infinity; the message names the key).
   """
   config = config or infer_config(state, source)
   expected = _expected_shapes(config)
@@ -179,6 +181,20 @@ def state_dict_to_params(state: dict, config: model_lib.ModelConfig | None = Non
     if got != shape:
       raise ConversionError(f"{source}: {key} has shape {got}, expected {shape} "
                             f"for {config}")
+  # A model with a NaN or infinite weight computes NaN logits; refuse it
+  # here, naming the tensor, rather than at evaluation.
+  bad = {}
+  for key in expected:
+    values = np.asarray(state[key], np.float32)
+    count = values.size - int(np.count_nonzero(np.isfinite(values)))
+    if count:
+      bad[key] = count
+  if bad:
+    listed = ", ".join(f"{k} ({n:,} of {np.size(state[k]):,})"
+                       for k, n in list(bad.items())[:5])
+    raise ConversionError(f"{source}: non-finite values (NaN or infinity) in "
+                          f"{len(bad)} tensors: {listed}"
+                          f"{' ...' if len(bad) > 5 else ''}")
   params = {}
   for key, (path, fn, _) in _TOP_MAP.items():
     _set(params, path, np.asarray(fn(np.asarray(state[key], np.float32))))
@@ -218,13 +234,16 @@ def main(argv=None):
   args = parser.parse_args(argv)
   from mambaeye_jax import checkpoint  # pylint: disable=g-import-not-at-top
   try:
+    # Before reading gigabytes: save_params never overwrites.
+    if os.path.exists(args.dst):
+      raise FileExistsError(f"{args.dst} already exists; choose a new directory")
     state = torch_io.load_state_dict(args.src)
     config = infer_config(state, args.src, ngroups=args.ngroups)
     config, params = state_dict_to_params(state, config, args.src)
-  except (torch_io.CheckpointFormatError, ConversionError, FileNotFoundError) as e:
+    checkpoint.save_params(args.dst, config, params)
+  except (ValueError, OSError) as e:  # Format, conversion and file errors.
     print(f"error: {e}", file=sys.stderr)
     return 2
-  checkpoint.save_params(args.dst, config, params)
   n = sum(v.size for v in state.values())
   print(f"converted {args.src}: depth {config.depth}, dim {config.dim}, "
         f"{config.num_classes} classes, {n:,} parameters -> {args.dst}")

@@ -32,6 +32,8 @@ import tarfile
 import tempfile
 from typing import Any, Sequence
 
+import numpy as np
+
 from mambaeye_jax.data import sources
 from mambaeye_jax.data import synthetic
 
@@ -200,6 +202,10 @@ class FileListSource:
   def __getitem__(self, index: int) -> dict[str, Any]:
     return sources.file_record(*self._items[index])
 
+  def labels(self) -> np.ndarray:
+    """(N,) int64 every record's label, without reading an image."""
+    return np.array([label for _, label in self._items], np.int64)
+
 
 class RepeatSource:
   """A source seen `times` times in a row (benchmarks on a small sample)."""
@@ -217,6 +223,80 @@ class RepeatSource:
   def __getitem__(self, index: int) -> dict[str, Any]:
     return self._source[index % len(self._source)]
 
+  def labels(self) -> np.ndarray:
+    return np.tile(record_labels(self._source), self._times)
+
+
+class SubsetSource:
+  """The records `indices` of a source, in that order (`--max-examples`)."""
+
+  def __init__(self, source, indices: Sequence[int], description: str):
+    self._source = source
+    self.indices = np.asarray(indices, np.int64)
+    self.class_map = getattr(source, "class_map", None)
+    self.num_classes = getattr(source, "num_classes", None)
+    self.description = description
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return self._source[int(self.indices[index])]
+
+  def labels(self) -> np.ndarray:
+    return record_labels(self._source)[self.indices]
+
+
+def record_labels(source) -> np.ndarray:
+  """(N,) int64 the label of every record of a source.
+
+  Uses the source's `labels()` where it has one, or the (path, label) list
+  of `data.sources.ImageFolderSource`; any other source is read record by
+  record (TFDS datasets decode their images to do so).
+  """
+  if hasattr(source, "labels"):
+    return np.asarray(source.labels(), np.int64)
+  items = getattr(source, "_items", None)  # ImageFolderSource's listing.
+  if isinstance(items, list) and all(
+      isinstance(i, tuple) and len(i) == 2 for i in items[:1]):
+    return np.array([label for _, label in items], np.int64)
+  if len(source) > 10_000:
+    logging.warning("reading the labels of %d records to draw a stratified "
+                    "subset (this source keeps no label list)", len(source))
+  return np.array([int(source[i]["label"]) for i in range(len(source))], np.int64)
+
+
+def stratified_subset(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
+  """Indices of `count` examples, the same number per class give or take one.
+
+  Each class's examples are shuffled; round r takes the r-th example of
+  every class that has one, and the last, partial round takes classes in a
+  random order. A class with fewer examples than its share gives all it
+  has, and the others make up the count.
+
+  Args:
+    labels: (N,) int, every example's class.
+    count: how many to take (all N when count >= N).
+    seed: the draw; the same seed, labels and count give the same subset.
+
+  Returns:
+    (min(count, N),) int64 indices, ascending (dataset order).
+  """
+  labels = np.asarray(labels, np.int64)
+  n = len(labels)
+  if count >= n:
+    return np.arange(n, dtype=np.int64)
+  # A stream apart from the scan orders' (eval_lib.example_rng: [seed, i]).
+  rng = np.random.default_rng([seed, 0, 1])
+  shuffled = rng.permutation(n)
+  # Grouped by class, shuffled within: the rank of each example in its class.
+  grouped = shuffled[np.argsort(labels[shuffled], kind="stable")]
+  classes, starts = np.unique(labels[grouped], return_index=True)
+  rank = np.arange(n) - np.repeat(starts, np.diff(np.append(starts, n)))
+  priority = rng.permutation(len(classes))[np.searchsorted(classes, labels[grouped])]
+  take = grouped[np.lexsort((priority, rank))[:count]]
+  return np.sort(take)
+
 
 class _Described:
   """Wraps a `data.sources` / `data.synthetic` source with a class map."""
@@ -233,6 +313,9 @@ class _Described:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     return self._source[index]
+
+  def labels(self) -> np.ndarray:
+    return record_labels(self._source)
 
 
 def _list_images(folder: str) -> list[str]:

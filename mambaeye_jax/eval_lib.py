@@ -61,6 +61,9 @@ from mambaeye_jax.eval_data import DataError
 from mambaeye_jax.eval_data import EvalError
 from mambaeye_jax.eval_data import RepeatSource  # pylint: disable=unused-import (re-export)
 from mambaeye_jax.eval_data import SYNSET_PATTERN
+from mambaeye_jax.eval_data import SubsetSource
+from mambaeye_jax.eval_data import record_labels
+from mambaeye_jax.eval_data import stratified_subset
 from mambaeye_jax.eval_data import builtin_imagenet_classes  # pylint: disable=unused-import (re-export)
 from mambaeye_jax.eval_data import open_source  # pylint: disable=unused-import (re-export)
 from mambaeye_jax.eval_data import read_class_map  # pylint: disable=unused-import (re-export)
@@ -181,8 +184,11 @@ class EvalConfig:
       uses T = max(glimpse_counts) (see the module docstring).
     batch_size: images per device step (the last batch is padded).
     num_workers: host worker processes (0: decode in this process).
-    seed: random scan orders are a function of (seed, example index).
-    max_examples: evaluate only the first examples (None: all).
+    seed: random scan orders are a function of (seed, example index); it
+      also draws the `max_examples` subset.
+    max_examples: evaluate a class-stratified subset of this many images
+      (`stratified_subset`: the same count per class, give or take one,
+      drawn with `seed`); None: all.
     skip_bad_images: leave unreadable images out (counted) instead of
       stopping.
     slots: batch buffers in flight (prefetch depth + 1).
@@ -218,6 +224,8 @@ class EvalConfig:
         raise ValueError(e.args[0]) from None
     if min(self.glimpse_counts) < 1:
       raise ValueError(f"glimpse counts {self.glimpse_counts} must be >= 1")
+    if self.max_examples is not None and self.max_examples < 1:
+      raise ValueError(f"max_examples={self.max_examples} must be >= 1")
     if self.batch_size < 1 or self.num_workers < 0 or self.slots < 2:
       raise ValueError(f"need batch_size >= 1, num_workers >= 0, slots >= 2; "
                        f"got {self.batch_size}, {self.num_workers}, {self.slots}")
@@ -363,8 +371,37 @@ def _worker_init(source):
   _WORKER["spec"] = None
 
 
+class WorkerError(Exception):
+  """A data worker's exception, as a message that survives pickling.
+
+  Exceptions travel from worker processes to the parent pickled; one whose
+  class cannot be rebuilt there (a required constructor argument, an
+  unpicklable attribute) turns into a "process pool is broken" error and
+  its message is lost. This carries the message (and whether it was an
+  unreadable image) instead; the worker's traceback stays attached as the
+  cause by concurrent.futures.
+  """
+
+  def __init__(self, message: str, bad_image: bool = False):
+    super().__init__(message, bad_image)
+    self.message = message
+    self.bad_image = bad_image
+
+  def __str__(self) -> str:
+    return self.message
+
+
 def _worker_fill(spec, setting, seed, slot, offset, indices, skip_bad) -> int:
   """Runs `_fill` in a worker on the shared-memory slots named by `spec`."""
+  try:
+    return _worker_fill_unsafe(spec, setting, seed, slot, offset, indices, skip_bad)
+  except sources.BadImageError as e:
+    raise WorkerError(str(e), bad_image=True) from e
+  except Exception as e:  # pylint: disable=broad-except
+    raise WorkerError(f"{type(e).__name__}: {e}") from e
+
+
+def _worker_fill_unsafe(spec, setting, seed, slot, offset, indices, skip_bad) -> int:
   if _WORKER["spec"] != spec:
     _WORKER["arrays"] = None  # The views go first, then their mappings.
     for shm in _WORKER.get("shms", []):
@@ -747,12 +784,15 @@ def evaluate_setting(runner: DeviceRunner, pool: WorkerPool, source,
       batch_index, slot, count, futures = pending.popleft()
       try:
         counts.skipped += sum(f.result() for f in futures)
-      except sources.BadImageError as e:
+      except (sources.BadImageError, WorkerError) as e:
+        if isinstance(e, WorkerError) and not e.bad_image:
+          raise DataError(f"a data worker failed: {e}") from e
         raise DataError(f"unreadable image {e} (pass --skip-bad-images to "
                         "leave such images out)") from e
       except concurrent.futures.process.BrokenProcessPool as e:
-        raise EvalError("a data worker process died (out of memory? see its "
-                        "error above)") from e
+        raise EvalError("a data worker process died without an error "
+                        "message (killed, e.g. out of memory: try fewer "
+                        "--workers or a smaller --batch-size)") from e
       valid = batches.ok[slot].astype(bool)
       valid[count:] = False  # Padding rows keep stale data; mask them.
       labels_host = batches.labels[slot].copy()
@@ -801,6 +841,28 @@ def result_from_counts(setting: Setting, counts: _Counts, seconds: float = 0.0,
       images_per_second=images_per_second, counts=counts)
 
 
+def select_examples(source, config: EvalConfig):
+  """The examples an evaluation covers: all, or with `max_examples` a
+  class-stratified subset drawn with `config.seed` (`stratified_subset`).
+
+  Returns:
+    `source` itself, or a `SubsetSource` whose description says what was
+    drawn.
+  """
+  if config.max_examples is None or config.max_examples >= len(source):
+    return source
+  labels = record_labels(source)
+  indices = stratified_subset(labels, config.max_examples, config.seed)
+  per_class = np.bincount(labels[indices])
+  per_class = per_class[per_class > 0]
+  spread = (f"{per_class.min()}" if per_class.min() == per_class.max()
+            else f"{per_class.min()}-{per_class.max()}")
+  description = (f"{getattr(source, 'description', source)}: "
+                 f"{len(indices)} drawn with seed {config.seed}, {spread} per "
+                 f"class of {len(per_class)}")
+  return SubsetSource(source, indices, description)
+
+
 def evaluate(model: nnx.Module, source, config: EvalConfig,
              progress_stream=None) -> list[SettingResult]:
   """Evaluates every setting of `config` on `source`.
@@ -808,13 +870,16 @@ def evaluate(model: nnx.Module, source, config: EvalConfig,
   Args:
     model: `model(patches (b, T, 768) u8, positions (b, T, 2)) -> (b, T, K)`.
     source: from `open_source` (or any `len` / `[i]` record source).
-    config: the settings and the pipeline's sizes.
+    config: the settings and the pipeline's sizes; with `max_examples` the
+      examples are a class-stratified subset (`select_examples`), and
+      results' `predictions` / `labels` follow its order.
     progress_stream: where the progress line goes (stderr by default;
       False for none).
 
   Returns:
     One `SettingResult` per `config.settings()`, in that order.
   """
+  source = select_examples(source, config)
   num_classes = getattr(getattr(model, "config", None), "num_classes", None)
   if num_classes is not None:
     _check_labels(source, num_classes)
@@ -891,8 +956,11 @@ def markdown_report(report: Mapping[str, Any]) -> str:
       cells = [f"{100 * by_size[s]:.2f}" if s in by_size else "" for s in sizes]
       lines.append(f"| {scan} | {resize} | {g} | " + " | ".join(cells) + " |")
     lines.append("")
+  # "wall s" is the whole setting, its compilation and first batch
+  # included; "images/s" is measured after the first batch, so excludes it.
   lines += ["## Runs", "", "| scan | resize | canvas | images | skipped | "
-            "seconds | images/s |", "|---|---|---|---|---|---|---|"]
+            "wall s (incl. compile) | images/s (excl. compile) |",
+            "|---|---|---|---|---|---|---|"]
   for r in results:
     lines.append(f"| {r['scan']} | {r['resize']} | {r['canvas_size']} | "
                  f"{r['num_examples']} | {r['num_skipped']} | {r['seconds']:.1f} | "

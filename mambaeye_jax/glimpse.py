@@ -242,3 +242,82 @@ def _first_visit_paint(positions: np.ndarray, box: ImageBox) -> np.ndarray:
     if r1 > r0 and c1 > c0:
       first_visit[r0:r1, c0:c1] = t
   return first_visit
+
+
+# ------------------------------------------------------------------ public API
+
+
+class Glimpses(NamedTuple):
+  """One image's glimpse sequence, ready for `MambaEye` (add a batch axis).
+
+  Attributes:
+    patches: (T, 768) uint8, each patch flattened as (channel, row, col).
+    positions: (T, 2) int32 (row, col) top-left corners on the canvas.
+    canvas: (S, S, 3) uint8, zero outside the image.
+    box: where the image lies on the canvas.
+  """
+  patches: np.ndarray
+  positions: np.ndarray
+  canvas: np.ndarray
+  box: ImageBox
+
+
+def glimpses_from_image(image, *, canvas_size: int | None = 512,
+                        resize: str = "fit", scan: str = "random",
+                        num_glimpses: int = 4096, seed: int = 0,
+                        index: int = 0, shrink_first: bool = True) -> Glimpses:
+  """An image -> the glimpses eval.py feeds the model.
+
+  The canvas follows the official evaluation (`data.eval_transforms`), the
+  corners a registered scan pattern (`data.scan_patterns`; "random" draws
+  them over the whole image, as the training and validation sampler does).
+  For batches, stack the results of several images of one `canvas_size`:
+  `model(np.stack(patches), np.stack(positions))`.
+
+  Args:
+    image: a file path, a PIL image (any mode) or a uint8 array (h, w),
+      (h, w, 1), (h, w, 3) or (h, w, 4).
+    canvas_size: canvas side S (>= 16); None with resize "none" makes it the
+      image's longer side.
+    resize: "fit" (longer side -> S, keeping the aspect ratio), "full"
+      (stretch to S x S) or "none".
+    scan: a scan pattern name (`data.scan_patterns.names()`).
+    num_glimpses: T.
+    seed: seeds random scan orders; with `index`, the same seed gives the
+      same corners as eval.py's dataset mode gives the image at `index`.
+    index: the example index mixed into the seed (see `seed`).
+    shrink_first: shrink an image larger than the canvas before the resize,
+      as eval.py's dataset mode does; False resizes the original directly,
+      as its single-image mode does.
+
+  Returns:
+    `Glimpses(patches (T, 768) uint8, positions (T, 2) int32, canvas, box)`.
+
+  Raises:
+    FileNotFoundError: a path that does not exist.
+    ValueError: an unreadable image, an unknown resize mode or scan pattern
+      (the message lists the known ones), or num_glimpses < 1.
+  """
+  # Imported here: both modules import this one, and `import mambaeye_jax`
+  # should not pull in PIL for users who only need the model.
+  import os  # pylint: disable=g-import-not-at-top
+  from mambaeye_jax.data import eval_transforms  # pylint: disable=g-import-not-at-top
+  from mambaeye_jax.data import scan_patterns  # pylint: disable=g-import-not-at-top
+  from mambaeye_jax.data import sources  # pylint: disable=g-import-not-at-top
+  if num_glimpses < 1:
+    raise ValueError(f"num_glimpses={num_glimpses} must be >= 1")
+  if scan not in scan_patterns.names():
+    raise ValueError(f"unknown scan pattern {scan!r}; known patterns: "
+                     f"{', '.join(scan_patterns.names())}")
+  if isinstance(image, (str, os.PathLike)):
+    path = os.fspath(image)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"image {path} does not exist")
+    with open(path, "rb") as f:
+      image = sources.decode_image(f.read(), path)  # BadImageError: a ValueError.
+  canvas, box = eval_transforms.eval_canvas(image, resize, canvas_size,
+                                            shrink_first=shrink_first)
+  rng = np.random.default_rng([seed, index])  # = eval_lib.example_rng.
+  positions = scan_patterns.generate(scan, rng, canvas.shape[:2], box,
+                                     num_glimpses).astype(np.int32)
+  return Glimpses(extract_patches(canvas, positions), positions, canvas, box)

@@ -17,7 +17,8 @@ and unrolled (the default, faster on GPUs) or applied with `lax.scan`
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+import functools
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -267,6 +268,100 @@ class MambaEye(nnx.Module):
     out = self.norm_f(hidden.astype(jnp.float32) + residual)
     logits = self._logits(out)
     return logits, Cache(conv=conv, ssm=ssm, position=position, steps=cache.steps + 1)
+
+  def jit_step(self) -> Callable[[jax.Array, jax.Array, Cache], tuple[jax.Array, Cache]]:
+    """`step`, compiled once: the function to call in a per-glimpse loop.
+
+        step = model.jit_step()
+        cache = model.init_cache(batch)
+        for t in range(T):
+          logits_t, cache = step(patches[:, t], positions[:, t], cache)
+
+    Eager `step` dispatches every operation from Python (0.55 s a glimpse
+    for Tiny on a CPU); the compiled one runs in milliseconds. It holds a
+    snapshot of the parameters taken now: call `jit_step` again after
+    changing them. Models of one structure share the compilation.
+
+    Returns:
+      step(patch (b, 768), position (b, 2), cache) -> (logits (b, K)
+      float32, cache), as `step`.
+    """
+    graphdef, state = nnx.split(self)
+    return functools.partial(_compiled_step(graphdef), state)
+
+  def jit_forward(self) -> Callable[..., jax.Array]:
+    """`__call__`, compiled (per input shape): the parallel forward without
+    Python dispatching every operation. Holds a snapshot of the parameters
+    taken now, as `jit_step`.
+
+    Returns:
+      forward(patches (b, t, 768), positions (b, t, 2), segment_ids=None)
+      -> logits (b, t, num_classes) float32.
+    """
+    graphdef, state = nnx.split(self)
+    return functools.partial(_compiled_forward(graphdef), state)
+
+  def stream(self, patches: jax.Array, positions: jax.Array,
+             cache: Cache | None = None) -> tuple[jax.Array, Cache]:
+    """Several glimpses through the streaming path, compiled.
+
+    Feeding a sequence in pieces (each call continuing from the last
+    call's cache) gives the logits of `__call__` on the whole sequence, in
+    memory that does not grow with its length. Compiles once per piece
+    length t.
+
+    Args:
+      patches: (b, t, 768) uint8 or float in [0, 1].
+      positions: (b, t, 2) int canvas corners.
+      cache: the state after earlier glimpses; None starts a new sequence.
+
+    Returns:
+      logits (b, t, num_classes) float32, and the cache after the last one.
+    """
+    patches, positions = jnp.asarray(patches), jnp.asarray(positions)
+    if patches.ndim != 3 or patches.shape[-1] != glimpse.PATCH_DIM:
+      raise ValueError(f"patches must be (batch, glimpses, {glimpse.PATCH_DIM}), "
+                       f"got {patches.shape}")
+    if positions.shape != (*patches.shape[:-1], 2):
+      raise ValueError(f"positions must be {(*patches.shape[:-1], 2)}, got {positions.shape}")
+    if cache is None:
+      cache = self.init_cache(patches.shape[0])
+    graphdef, state = nnx.split(self)
+    return _compiled_stream(graphdef)(state, patches, positions, cache)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_step(graphdef):
+  """The jitted `MambaEye.step` of one model structure (cached: each call of
+  `jit_step` reuses the compilation)."""
+  def step(state, patch, position, cache):
+    return nnx.merge(graphdef, state).step(patch, position, cache)
+  return jax.jit(step)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_forward(graphdef):
+  """The jitted `MambaEye.__call__` of one model structure."""
+  def forward(state, patches, positions, segment_ids=None):
+    return nnx.merge(graphdef, state)(patches, positions, segment_ids)
+  return jax.jit(forward)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_stream(graphdef):
+  """The jitted `MambaEye.stream`: `step` scanned over the glimpse axis."""
+  def stream(state, patches, positions, cache):
+    model = nnx.merge(graphdef, state)
+
+    def body(cache, inputs):
+      logits, cache = model.step(*inputs, cache)
+      return cache, logits
+
+    # Scan over time: (b, t, ...) -> (t, b, ...) and the logits back.
+    cache, logits = jax.lax.scan(
+        body, cache, (jnp.swapaxes(patches, 0, 1), jnp.swapaxes(positions, 0, 1)))
+    return jnp.swapaxes(logits, 0, 1), cache
+  return jax.jit(stream)
 
 
 def count_params(model: nnx.Module) -> int:

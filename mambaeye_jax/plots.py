@@ -57,7 +57,7 @@ def accuracy_vs_glimpses(report: Mapping[str, Any], path: str) -> str:
     # into a solid band; the full curve is in the JSON.
     steps = np.unique(np.geomspace(1, len(curve), num=min(len(curve), 200)).astype(int))
     (line,) = ax.plot(steps, curve[steps - 1], linewidth=1.2,
-                      label=f"{r['canvas_size']}, {r['resize']}, {r['scan']}")
+                      label=f"canvas {r['canvas_size']}, {r['resize']}, {r['scan']}")
     counts = sorted(int(g) for g in r["top1"])
     ax.scatter(counts, [curve[g - 1] for g in counts], s=12, color=line.get_color())
   ax.set_xscale("log")

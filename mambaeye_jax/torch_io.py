@@ -134,26 +134,66 @@ def load_torch_file(path: str) -> dict:
 
 
 def load_safetensors(path: str) -> dict:
-  """Loads a `.safetensors` file as a dict of numpy arrays."""
+  """Loads a `.safetensors` file as a dict of numpy arrays.
+
+  Layout: an 8-byte little-endian header length N, N bytes of JSON
+  {name: {"dtype", "shape", "data_offsets": [start, end]}}, then the data.
+
+  Raises:
+    FileNotFoundError: the path does not exist.
+    CheckpointFormatError: not a safetensors file (a header longer than the
+      file, or not JSON), a tensor of a dtype this reader does not know, or
+      offsets that do not fit the shape or the file; the message names the
+      file and the tensor.
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"checkpoint {path} does not exist")
+  size = os.path.getsize(path)
   with open(path, "rb") as f:
     head = f.read(8)
     if len(head) != 8:
-      raise CheckpointFormatError(f"{path}: too short for a safetensors file")
+      raise CheckpointFormatError(f"{path}: not a safetensors file: "
+                                  f"{size} bytes, too short for a header")
     (header_len,) = struct.unpack("<Q", head)
+    # Checked before reading: random bytes give lengths of many exabytes.
+    if header_len > size - 8:
+      raise CheckpointFormatError(
+          f"{path}: not a safetensors file: header length {header_len:,} "
+          f"exceeds the file's size ({size:,} bytes)")
     try:
       header = json.loads(f.read(header_len))
     except (ValueError, UnicodeDecodeError) as e:
-      raise CheckpointFormatError(f"{path}: bad safetensors header ({e})") from None
+      raise CheckpointFormatError(f"{path}: not a safetensors file: its "
+                                  f"header is not JSON ({e})") from None
     body = f.read()
+  if not isinstance(header, dict):
+    raise CheckpointFormatError(f"{path}: not a safetensors file: its header "
+                                f"is a JSON {type(header).__name__}, not an object")
   out = {}
   for name, info in header.items():
     if name == "__metadata__":
       continue
-    start, end = info["data_offsets"]
+    try:
+      dtype_name, shape = info["dtype"], tuple(int(d) for d in info["shape"])
+      start, end = (int(x) for x in info["data_offsets"])
+    except (TypeError, KeyError, ValueError) as e:
+      raise CheckpointFormatError(
+          f"{path}: tensor {name!r} has a malformed header entry {info!r} "
+          f"({type(e).__name__}: {e})") from None
+    if dtype_name not in _SAFETENSORS_DTYPES:
+      raise CheckpointFormatError(
+          f"{path}: tensor {name!r} has dtype {dtype_name}, which this reader "
+          f"does not support (supported: {', '.join(_SAFETENSORS_DTYPES)})")
+    dtype = _np_dtype(_SAFETENSORS_DTYPES[dtype_name])
+    want = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if not 0 <= start <= end or end - start != want:
+      raise CheckpointFormatError(
+          f"{path}: tensor {name!r} has data offsets [{start}, {end}], which "
+          f"do not hold {dtype_name} {list(shape)} ({want} bytes)")
     if end > len(body):
-      raise CheckpointFormatError(f"{path}: tensor {name} is truncated")
-    dtype = _np_dtype(_SAFETENSORS_DTYPES[info["dtype"]])
-    out[name] = np.frombuffer(body[start:end], dtype).reshape(info["shape"]).copy()
+      raise CheckpointFormatError(f"{path}: tensor {name!r} is truncated "
+                                  f"(ends at byte {end} of {len(body)})")
+    out[name] = np.frombuffer(body[start:end], dtype).reshape(shape).copy()
   return out
 
 

@@ -35,6 +35,12 @@ def initialize_distributed(coordinator_address: str | None = None,
   unless JAX can detect a cluster itself (SLURM, TPU pods, ...), which
   `MAMBAEYE_DISTRIBUTED=auto` requests.
 
+  When the coordinator, process count and process id are all given, JAX's
+  cluster detection is turned off: inside a SLURM job it would otherwise
+  also limit each process to the one GPU numbered SLURM_LOCALID, which with
+  one process per node leaves all but one GPU idle. Such a process uses
+  every GPU it sees (JAX_LOCAL_DEVICE_IDS or CUDA_VISIBLE_DEVICES narrow it).
+
   Returns:
     True if `jax.distributed.initialize` was called.
   """
@@ -49,9 +55,11 @@ def initialize_distributed(coordinator_address: str | None = None,
       raise ValueError(f"num_processes={num_processes} needs a coordinator address "
                        "(--coordinator_address or MAMBAEYE_COORDINATOR)")
     return False
+  explicit = None not in (coordinator_address, num_processes, process_id)
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id,
-                             local_device_ids=local_device_ids)
+                             local_device_ids=local_device_ids,
+                             cluster_detection_method="deactivate" if explicit else None)
   return True
 
 

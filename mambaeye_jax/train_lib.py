@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import queue
+import re
 import shutil
 import signal
 import threading
@@ -144,29 +145,131 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+def config_fields(config: ml_collections.ConfigDict | None = None,
+                  prefix: str = "") -> dict[str, object]:
+  """Every leaf field of a config (default_config() when None) -> its value.
+
+  Names are dotted paths ("optim.learning_rate", "data.augment.erase_prob"),
+  in the config's order; the CLI lists them and suggests them on a typo.
+  """
+  config = default_config() if config is None else config
+  out = {}
+  for name, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(config_fields(value, f"{prefix}{name}."))
+    else:
+      out[f"{prefix}{name}"] = value
+  return out
+
+
+def unknown_field_message(name: str, known: list[str] | None = None) -> str:
+  """"config field 'x' does not exist; did you mean ...?" with the valid names.
+
+  Args:
+    name: the dotted name that does not exist (e.g. "lerning_rate").
+    known: every valid dotted name; default_config()'s when None.
+  """
+  import difflib  # pylint: disable=g-import-not-at-top
+  known = list(config_fields()) if known is None else known
+  parent, _, leaf = name.rpartition(".")
+  # A top-level typo of a nested field ("lerning_rate") matches on the last
+  # part of the name ("optim.learning_rate"); a nested one on the whole name.
+  guesses = difflib.get_close_matches(name, known, n=3, cutoff=0.75)
+  by_leaf = {k.rpartition(".")[2]: k for k in known}
+  guesses += [by_leaf[g] for g in difflib.get_close_matches(leaf, list(by_leaf), n=3,
+                                                             cutoff=0.75)]
+  guesses = list(dict.fromkeys(guesses))[:3]
+  hint = f"; did you mean {' or '.join(repr(g) for g in guesses)}?" if guesses else ";"
+  siblings = sorted({k[len(parent) + 1:].split(".")[0] if parent else k.split(".")[0]
+                     for k in known if not parent or k.startswith(parent + ".")})
+  where = f"fields of {parent}" if parent and siblings else "top-level fields"
+  if parent and not siblings:
+    siblings = sorted({k.split(".")[0] for k in known})
+  return (f"config field {name!r} does not exist{hint} valid {where}: "
+          f"{', '.join(siblings)} (train.py --help lists them all)")
+
+
+def _check_range(name: str, value, low=None, high=None, *, low_open: bool = False) -> None:
+  """Raises ValueError "name=value must be ..." unless low <= value <= high."""
+  if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+    raise ValueError(f"{name}={value!r} must be a finite number")
+  if low is not None and (value <= low if low_open else value < low):
+    raise ValueError(f"{name}={value} must be {'>' if low_open else '>='} {low}")
+  if high is not None and value > high:
+    raise ValueError(f"{name}={value} must be <= {high}")
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the first bad field, before anything is built."""
-  known = set(default_config().keys())
-  unknown = sorted(set(config.keys()) - known)
-  if unknown:
-    raise ValueError(f"unknown config fields {unknown}; known: {sorted(known)}")
+  """Raises ValueError naming the first bad field, before anything is built.
+
+  Checks every field's name, type and range, so that a run fails at once and
+  writes nothing, never after minutes of work or with a silently odd setting.
+  """
+  known = list(config_fields())
+  for name in config_fields(config):
+    if name not in known:
+      raise ValueError(unknown_field_message(name, known))
   for group in ("model", "data", "optim"):
     want = set(default_config()[group].keys())
     extra = sorted(set(config[group].keys()) - want)
     if extra:
-      raise ValueError(f"unknown config fields {[f'{group}.{e}' for e in extra]}; "
-                       f"known: {sorted(want)}")
-  model_config_from(config)
-  if config.global_batch_size < 1:
-    raise ValueError(f"global_batch_size={config.global_batch_size} must be >= 1")
-  data_config_from(config, local_batch_size=1)  # Pipeline checks every field.
+      raise ValueError(unknown_field_message(f"{group}.{extra[0]}", known))
+  extra = sorted(set(config.data.augment.keys()) - set(default_config().data.augment.keys()))
+  if extra:
+    raise ValueError(unknown_field_message(f"data.augment.{extra[0]}", known))
+  model = model_config_from(config)
+  for name in ("depth", "dim", "num_classes", "d_state", "d_conv", "expand", "headdim",
+               "ngroups", "chunk_size"):
+    _check_range(f"model.{name}", getattr(model, name), 1)
+  _check_range("seed", config.seed, 0)
+  _check_range("global_batch_size", config.global_batch_size, 1)
+  try:
+    checked = config
+    if config.data.source == "fake":  # The pipeline's fields are checked all the same.
+      checked = config.copy_and_resolve_references()
+      with checked.unlocked():
+        checked.data.source = "synthetic"
+    data_config_from(checked, local_batch_size=1)  # Pipeline checks every field.
+  except (TypeError, ValueError) as e:
+    message = str(e).removeprefix("self.")
+    # "worker_count=-2 must ..." names a field: give its config path.
+    prefix = "data." if re.match(r"[\w.]+=", message) else "config.data: "
+    raise ValueError(prefix + message) from e
+  if config.data.source in ("folder", "arrayrecord") and not config.data.path:
+    raise ValueError(f"data.source={config.data.source!r} needs data.path (the "
+                     f"{'image folder' if config.data.source == 'folder' else 'shard glob'})")
+  if config.data.source == "tfds" and not config.data.tfds_name:
+    raise ValueError("data.source='tfds' needs data.tfds_name (e.g. 'cifar10')")
+  _check_range("train_examples", config.train_examples, 0)
+  _check_range("num_epochs", config.num_epochs)
+  _check_range("num_train_steps", config.num_train_steps)
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ValueError("set num_epochs > 0 or num_train_steps > 0")
-  if config.prefetch_to_device < 0:
-    raise ValueError(f"prefetch_to_device={config.prefetch_to_device} must be >= 0")
+  o = config.optim
+  _check_range("optim.learning_rate", o.learning_rate, 0)
+  _check_range("optim.b1", o.b1, 0, 1)
+  _check_range("optim.b2", o.b2, 0, 1)
+  _check_range("optim.eps", o.eps, 0)
+  _check_range("optim.weight_decay", o.weight_decay, 0)
+  _check_range("optim.clip_norm", o.clip_norm)  # <= 0 turns clipping off.
+  _check_range("optim.warmup_epochs", o.warmup_epochs, 0)
+  _check_range("optim.warmup_steps", o.warmup_steps, -1)
+  _check_range("optim.end_lr_ratio", o.end_lr_ratio, 0, 1)
   for name in ("log_every_steps", "checkpoint_every_steps", "sync_stop_every_steps"):
-    if config[name] < 1:
-      raise ValueError(f"{name}={config[name]} must be >= 1")
+    _check_range(name, config[name], 1)
+  # 0 would let orbax delete every checkpoint, the last one included.
+  if config.keep_checkpoints is not None:  # None keeps every checkpoint.
+    if config.keep_checkpoints < 1:
+      raise ValueError(f"keep_checkpoints={config.keep_checkpoints} must be >= 1 (0 would "
+                       "delete every checkpoint, the last one included)")
+    _check_range("keep_checkpoints", config.keep_checkpoints, 1)
+  _check_range("prefetch_to_device", config.prefetch_to_device, 0)
+  if config.num_devices != -1:
+    _check_range("num_devices", config.num_devices, 1)
+  if not all(isinstance(k, int) and k >= 1 for k in config.accuracy_at):
+    raise ValueError(f"accuracy_at={tuple(config.accuracy_at)} must be glimpse counts >= 1")
+  if not isinstance(config.export_model, bool):
+    raise ValueError(f"export_model={config.export_model!r} must be True or False")
 
 
 def model_config_from(config: ml_collections.ConfigDict) -> model_lib.ModelConfig:
@@ -268,29 +371,68 @@ def data_config_from(config: ml_collections.ConfigDict, local_batch_size: int):
                                       seed=config.seed, num_epochs=0)
 
 
-def num_train_examples(config: ml_collections.ConfigDict) -> int:
-  """Images per epoch, for epoch-based schedules."""
+def make_source(config: ml_collections.ConfigDict):
+  """The configured random-access source (None for "fake"), built once.
+
+  Listing a folder or opening TFDS, and decoding it all with cache_decoded,
+  takes time: train_and_evaluate builds it once for its length, its class
+  count and the iterator.
+  """
+  data_config = data_config_from(config, 1)
+  if data_config is None:
+    return None
+  from mambaeye_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  return pipeline.make_source(data_config)
+
+
+def num_train_examples(config: ml_collections.ConfigDict, source=None) -> int:
+  """Images per epoch, for epoch-based schedules (`source`: make_source's)."""
   if config.train_examples > 0:
     return int(config.train_examples)
   if config.data.source in ("fake", "synthetic"):
     return int(config.data.synthetic_size)
-  from mambaeye_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  return len(pipeline.make_source(data_config_from(config, 1)))
+  return len(make_source(config) if source is None else source)
+
+
+def check_num_classes(source, model_config: model_lib.ModelConfig) -> None:
+  """Refuses a source with more classes than the model has outputs.
+
+  Labels beyond num_classes would otherwise surface only as a NaN loss.
+  Fewer classes are fine (e.g. 10 folders on a 1000-way model).
+  """
+  have = getattr(source, "num_classes", None)
+  if have is None or have <= model_config.num_classes:
+    return
+  where = getattr(source, "root", None) or getattr(source, "paths", None) or repr(source)
+  if isinstance(where, list):
+    where = where[0] if len(where) == 1 else f"{where[0]} (+{len(where) - 1} shards)"
+  raise ValueError(f"{have} classes in {where} but model.num_classes is "
+                   f"{model_config.num_classes}; set --config.model.num_classes={have}")
+
+
+def check_labels(local_batch: dict, num_classes: int, step: int) -> None:
+  """Refuses labels outside [0, num_classes) (sources without a class count)."""
+  labels = local_batch["labels"][np.asarray(local_batch["mask"], bool)]
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    bad = int(labels.max() if labels.max() >= num_classes else labels.min())
+    raise ValueError(f"label {bad} in the batch of step {step} is outside model.num_classes="
+                     f"{num_classes} (labels must be 0..{num_classes - 1})")
 
 
 def make_train_iterator(config: ml_collections.ConfigDict, local_batch_size: int,
-                        model_config: model_lib.ModelConfig) -> Iterator[dict]:
+                        model_config: model_lib.ModelConfig, source=None) -> Iterator[dict]:
   """This process's batches, (b_local, T, ...) host arrays (see FakeBatches).
 
   The returned object has get_state / set_state (for the checkpoint) and,
-  from the real pipeline, `num_skipped` (bad records left out).
+  from the real pipeline, `num_skipped` (bad records left out). `source`:
+  make_source's, to reuse it (built here when None).
   """
   data_config = data_config_from(config, local_batch_size)
   if data_config is None:
     return FakeBatches(local_batch_size, config.data.num_glimpses, model_config.num_classes,
                        seed=config.seed, process_index=jax.process_index())
   from mambaeye_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  return pipeline.make_train_iterator(data_config)
+  return pipeline.make_train_iterator(data_config, data_source=source)
 
 
 def _pipeline_stats(iterator) -> dict[str, float]:
@@ -385,12 +527,21 @@ class BatchPrefetcher:
     return getattr(self.iterator, "num_skipped", None)
 
   def close(self) -> None:
+    """Stops the thread and Grain's workers and frees the batches read ahead.
+
+    Grain's worker batches live in shared memory, freed when the arrays are;
+    batches still queued at exit are what Python reports as "leaked
+    shared_memory objects".
+    """
     self._stop.set()
     if self._thread is not None:
       self._thread.join(timeout=10)
-    close = getattr(self.iterator, "close", None)
-    if close is not None:
-      close()  # Stops Grain's worker processes.
+    while True:
+      try:
+        self._queue.get_nowait()
+      except queue.Empty:
+        break
+    _close_quietly(self.iterator)  # Stops Grain's worker processes.
 
 
 # ----------------------------------------------------------------------------
@@ -500,13 +651,23 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-               "learning_rate": schedule(state["step"])}
+               "learning_rate": schedule(state["step"]),
+               # A finite loss can still come with an overflowing update (a
+               # huge learning rate): the loop never saves such a state.
+               "nonfinite_state": _count_nonfinite((params, opt_state))}
     metrics.update(step_metrics(jax.lax.stop_gradient(logits), batch, accuracy_at))
     new_state = {"params": params, "opt_state": opt_state,
                  "step": state["step"] + 1, "rng": state["rng"]}
     return new_state, metrics
 
   return train_step
+
+
+def _count_nonfinite(tree) -> jax.Array:
+  """() int32: NaN or infinite entries in a tree's floating-point leaves."""
+  counts = [jnp.sum(~jnp.isfinite(x), dtype=jnp.int32) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return sum(counts, jnp.zeros((), jnp.int32))
 
 
 def compile_train_step(train_step: Callable, state_shardings, mesh: jax.sharding.Mesh):
@@ -555,18 +716,86 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict | None = 
   keep = config.keep_checkpoints if config is not None else None
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=not read_only, read_only=read_only,
-      enable_async_checkpointing=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
-                               options=options)
+      enable_async_checkpointing=True,
+      # Synchronous step directories: a directory that cannot be created
+      # raises in save(), on the loop's thread. Created in the background, the
+      # error stays in orbax's thread and the next save waits 20 minutes for it.
+      async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
+  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  if not read_only:
+    return ocp.CheckpointManager(directory, options=options)
+  # Readers open it read-only on purpose: orbax's warning about that is noise.
+  quiet = _DropMessage("Given directory is read only")
+  logging.getLogger("absl").addFilter(quiet)
+  try:
+    return ocp.CheckpointManager(directory, options=options)
+  finally:
+    logging.getLogger("absl").removeFilter(quiet)
+
+
+class _DropMessage(logging.Filter):
+  """Drops log records whose message starts with a given text."""
+
+  def __init__(self, prefix: str):
+    super().__init__()
+    self._prefix = prefix
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(self._prefix)
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint cannot be written; the message names the directory and why."""
+
+
+def check_checkpoint_dir(workdir: str) -> None:
+  """Fails at the start, not at the first save, when checkpoints cannot be written.
+
+  Raises:
+    CheckpointWriteError: WORKDIR/checkpoints cannot be created (a regular
+      file is in the way, no permission) or a file cannot be written there.
+  """
+  import tempfile  # pylint: disable=g-import-not-at-top
+  directory = os.path.join(workdir, CHECKPOINT_DIR)
+  try:
+    os.makedirs(directory, exist_ok=True)
+  except OSError as e:
+    what = "is a file, not a directory" if os.path.isfile(directory) else e.strerror or str(e)
+    raise CheckpointWriteError(f"cannot create the checkpoint directory {directory}: "
+                               f"{what}") from e
+  try:
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".write_test"):
+      pass
+  except OSError as e:
+    raise CheckpointWriteError(f"cannot write in the checkpoint directory {directory}: "
+                               f"{e.strerror or e}") from e
 
 
 def _save(manager: ocp.CheckpointManager, step: int, state: TrainState, iterator) -> None:
+  """Starts an asynchronous save; raises CheckpointWriteError when it cannot."""
   import grain  # pylint: disable=g-import-not-at-top
   train = {k: state[k] for k in ("opt_state", "step", "rng")}
-  manager.save(step, args=ocp.args.Composite(
-      params=ocp.args.StandardSave(state["params"]),
-      train=ocp.args.StandardSave(train),
-      data=grain.checkpoint.CheckpointSave(iterator)), force=True)
+  try:
+    manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(state["params"]),
+        train=ocp.args.StandardSave(train),
+        data=grain.checkpoint.CheckpointSave(iterator)), force=True)
+  except OSError as e:
+    raise CheckpointWriteError(f"cannot write checkpoint {step} in {manager.directory}: "
+                               f"{e}") from e
+
+
+def _wait_for_saves(manager: ocp.CheckpointManager) -> None:
+  """Waits for the asynchronous saves; their errors become CheckpointWriteError."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointWriteError(f"writing a checkpoint in {manager.directory} failed: "
+                               f"{type(e).__name__}: {e}") from e
+
+
+class _DataStateError(ValueError):
+  """A checkpoint's data iterator state does not fit this config's pipeline."""
 
 
 def _restore(manager: ocp.CheckpointManager, step: int, abstract: TrainState,
@@ -580,8 +809,17 @@ def _restore(manager: ocp.CheckpointManager, step: int, abstract: TrainState,
   data_dir = os.path.join(manager.directory, str(step), "data")
   name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
   if os.path.exists(os.path.join(data_dir, name)):
-    manager.restore(step, args=ocp.args.Composite(
-        data=grain.checkpoint.CheckpointRestore(iterator)))
+    try:
+      manager.restore(step, args=ocp.args.Composite(
+          data=grain.checkpoint.CheckpointRestore(iterator)))
+    except (ValueError, KeyError, TypeError) as e:
+      raise _DataStateError(
+          f"cannot restore the data iterator's position from checkpoint {step} in "
+          f"{manager.directory} ({type(e).__name__}: {e}); it was saved with other data "
+          "settings (data.worker_count and the data source are part of the stream): resume "
+          "with the stored data settings (see "
+          f"{os.path.join(os.path.dirname(manager.directory), TRAIN_CONFIG_FILE)}); the "
+          "workdir was left unchanged") from e
   else:
     # Another process count wrote this checkpoint: the model resumes, the
     # data order starts afresh (seeded, so still reproducible).
@@ -713,20 +951,69 @@ class NonFiniteLossError(FloatingPointError):
   """The loss went NaN or infinite; the message names the step and the batch file."""
 
 
-def _check_finite(step: int, loss: float, local_batch: dict, workdir: str,
+class NonFiniteStateError(NonFiniteLossError):
+  """The parameters or optimizer state went NaN or infinite (the loss did not)."""
+
+
+def _check_finite(step: int, metrics: dict, local_batch: dict, workdir: str,
                   last_checkpoint: int | None) -> None:
-  if math.isfinite(loss):
+  """Raises before a non-finite loss or state can be logged as fine or saved."""
+  loss = float(metrics["loss"])
+  nonfinite = int(metrics.get("nonfinite_state", 0))
+  if math.isfinite(loss) and not nonfinite:
     return
   path = os.path.join(workdir, f"nan_batch_step{step}_process{jax.process_index()}.npz")
   np.savez_compressed(path, **local_batch)
-  raise NonFiniteLossError(
-      f"training loss is {loss} at step {step}; that step's batch (this process's rows) "
-      f"is saved in {path}; the last checkpoint is step {last_checkpoint} in "
-      f"{os.path.join(workdir, CHECKPOINT_DIR)}")
+  if last_checkpoint is None:
+    last = "no checkpoint was written"
+  else:
+    last = (f"the last checkpoint is step {last_checkpoint} in "
+            f"{os.path.join(workdir, CHECKPOINT_DIR)}")
+  where = f"that step's batch (this process's rows) is saved in {path}; {last}"
+  if not math.isfinite(loss):
+    raise NonFiniteLossError(f"training loss is {loss} at step {step}; {where}")
+  raise NonFiniteStateError(
+      f"the update of step {step} made {nonfinite} parameter or optimizer values NaN or "
+      f"infinite (the loss, {loss:.4g}, was finite; learning rate "
+      f"{float(metrics['learning_rate']):.3g}: too large?); nothing was saved from that "
+      f"state; {where}")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        step_hook: Callable[[int], None] | None = None) -> dict[str, float]:
+  """Trains (or resumes) and returns the last logged metrics.
+
+  See `_train_and_evaluate` for the arguments, the result and the errors.
+  """
+  try:
+    return _train_and_evaluate(config, workdir, step_hook=step_hook)
+  finally:
+    # The loop's last batches can sit in reference cycles (threads, closures)
+    # that only the collector frees; Grain's shared memory is unlinked when
+    # they are, and at interpreter exit it would be reported as leaked.
+    import gc  # pylint: disable=g-import-not-at-top
+    gc.collect()
+    _wait_for_shared_memory_frees()
+
+
+def _wait_for_shared_memory_frees() -> None:
+  """Waits until Grain's background thread has unlinked the freed batches.
+
+  Grain frees worker batches on a one-thread pool (FIFO): a no-op submitted
+  now returns after every free queued before it. Without the wait a process
+  that exits at once reports those batches as leaked.
+  """
+  try:
+    from grain._src.python.ipc import shared_memory_array  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return
+  pool = getattr(shared_memory_array.SharedMemoryArray, "_del_thread_pool", None)
+  if pool is not None:
+    pool.apply_async(int).wait(timeout=10)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                        step_hook: Callable[[int], None] | None = None) -> dict[str, float]:
   """Trains (or resumes) and returns the last logged metrics.
 
   Args:
@@ -739,37 +1026,58 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     The scalars of the last log line (train/*, perf/*), plus "step".
 
   Raises:
-    NonFiniteLossError: when the loss goes NaN or infinite.
+    ValueError: a bad config, a source with more classes than the model, or
+      a workdir whose checkpoints belong to another model; raised before
+      anything is written to the workdir.
+    NonFiniteLossError: when the loss goes NaN or infinite
+      (NonFiniteStateError: the parameters or optimizer state do).
+    CheckpointWriteError: a checkpoint cannot be written.
+    sources.TooManyBadRecordsError: the data is mostly unreadable.
   """
+  # Everything that can be checked is, before anything is written.
   validate_config(config)
   workdir = os.path.abspath(workdir)
   model_config = model_config_from(config)
+  check_resumable(workdir, config)
+  source = make_source(config)
+  check_num_classes(source, model_config)
   mesh = sharding_lib.make_mesh(None if config.num_devices < 0 else config.num_devices)
   local_bs = sharding_lib.local_batch_size(config.global_batch_size, mesh)
-  num_examples = num_train_examples(config)
+  num_examples = num_train_examples(config, source)
   ocfg = optim_config_from(config, num_examples)
   total_steps = ocfg.total_steps
   tx = optim.make_optimizer(ocfg)
   schedule = optim.learning_rate_schedule(ocfg)
   accuracy_at = tuple(int(k) for k in config.accuracy_at)
   is_chief = jax.process_index() == 0
-  _write_train_config(workdir, config)
+  check_checkpoint_dir(workdir)
   logging.info("MambaEye %s, %d devices on %d processes, global batch %d, %d steps",
                model_config, mesh.size, jax.process_count(), config.global_batch_size,
                total_steps)
 
-  iterator = make_train_iterator(config, local_bs, model_config)
-  state, state_shardings, abstract = create_train_state(model_config, tx, config.seed, mesh)
-  manager = checkpoint_manager(workdir, config)
-  start = manager.latest_step()
-  if start is not None:
-    logging.info("resuming from checkpoint step %d", start)
-    del state  # Free it before the restored copy arrives.
-    state = _restore(manager, start, abstract, iterator)
+  iterator = make_train_iterator(config, local_bs, model_config, source=source)
+  manager = None
+  try:
+    state, state_shardings, abstract = create_train_state(model_config, tx, config.seed, mesh)
+    manager = checkpoint_manager(workdir, config)
+    start = manager.latest_step()
+    if start is not None:
+      logging.info("resuming from checkpoint step %d", start)
+      del state  # Free it before the restored copy arrives.
+      state = _restore_or_explain(manager, start, abstract, iterator, workdir)
+    # Written once the run is known to start or resume: a failed resume
+    # leaves the workdir's record of its model as it was.
+    _write_train_config(workdir, config)
+    batches = BatchPrefetcher(iterator, mesh, config.prefetch_to_device)
+  except BaseException:
+    _close_quietly(iterator)
+    if manager is not None:
+      manager.close()
+    raise
   step = int(start or 0)
   last_checkpoint = start
-
-  batches = BatchPrefetcher(iterator, mesh, config.prefetch_to_device)
+  model_dir = os.path.join(workdir, MODEL_DIR)
+  already_done = step >= total_steps
   graphdef = model_graphdef(model_config)
   p_step = compile_train_step(make_train_step(graphdef, tx, schedule, accuracy_at,
                                               packed=bool(config.data.packing)),
@@ -787,7 +1095,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if pending is not None:
       s, m, local = pending
       pending = None
-      _check_finite(s, float(m["loss"]), local, workdir, last_checkpoint)
+      _check_finite(s, m, local, workdir, last_checkpoint)
 
   try:
     with _StopRequest() as stop, writer:
@@ -810,6 +1118,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             last_checkpoint = step
           break
         data_wait += time.perf_counter() - t0
+        check_labels(local, model_config.num_classes, step + 1)
         state, step_out = p_step(state, batch)
         step += 1
         # Check the previous step's loss while this one runs on the device.
@@ -862,12 +1171,99 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           logging.warning("stopped at step %d; checkpoint saved", step)
           break
       check_pending()
-    manager.wait_until_finished()
-    if step >= total_steps and config.export_model:
-      export_model(os.path.join(workdir, MODEL_DIR), model_config, state["params"])
+    _wait_for_saves(manager)
+    finished = step >= total_steps
+    # A finished run re-run exports again only if its model is missing.
+    if finished and config.export_model and not (already_done and os.path.isdir(model_dir)):
+      export_model(model_dir, model_config, state["params"])
+    if finished and is_chief:
+      print(finished_message(workdir, step, config, already=already_done), flush=True)
   finally:
-    manager.wait_until_finished()
-    manager.close()
-    batches.close()
+    local = batch = pending = window = None  # The last batches' shared memory.
+    try:
+      _wait_for_saves(manager)
+    finally:
+      manager.close()
+      batches.close()
   return last_logged
+
+
+def finished_message(workdir: str, step: int, config: ml_collections.ConfigDict,
+                     already: bool = False) -> str:
+  """Where a finished run's model is and what to run next."""
+  model_dir = os.path.join(workdir, MODEL_DIR)
+  data = "IMAGE_FOLDER"
+  if config.data.source == "synthetic":
+    data = "IMAGE_FOLDER (a root/<class>/<image> folder)"
+  lines = [f"training {'had already ' if already else ''}finished at step {step} (checkpoints in "
+           f"{os.path.join(workdir, CHECKPOINT_DIR)})"]
+  if config.export_model and os.path.isdir(model_dir):
+    lines.append(f"the model is in {model_dir}")
+    lines.append(f"evaluate it with: python eval.py --checkpoint {model_dir} --data {data}")
+  else:
+    lines.append(f"evaluate it with: python eval.py --workdir {workdir} --data {data}")
+  return "\n".join(lines)
+
+
+def _close_quietly(iterator) -> None:
+  close = getattr(iterator, "close", None)
+  if close is not None:
+    try:
+      close()
+    except Exception:  # pylint: disable=broad-except
+      logging.exception("closing the data iterator failed")
+
+
+_SHAPE_NEUTRAL_MODEL_FIELDS = ("dtype", "ssd_impl", "remat", "chunk_size")
+
+
+def _checkpoint_steps(workdir: str) -> list[int]:
+  directory = os.path.join(workdir, CHECKPOINT_DIR)
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+
+
+def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Refuses to resume a workdir whose checkpoints hold another model.
+
+  Compares the model fields of WORKDIR/train_config.json with the config's
+  (dtype, ssd_impl, remat and chunk_size may change: they keep the
+  parameters' shapes). Nothing is written, so the workdir stays usable.
+
+  Raises:
+    ValueError: naming each differing field, its stored and its new value.
+  """
+  path = os.path.join(workdir, TRAIN_CONFIG_FILE)
+  if not os.path.isfile(path) or not _checkpoint_steps(workdir):
+    return
+  try:
+    stored = dict(read_train_config(workdir).model)
+  except (ValueError, KeyError, AttributeError) as e:
+    raise ValueError(f"cannot read {path} to check the resumed model: {e}") from e
+  new = dict(config.model)
+  differ = [f"model.{k} {stored.get(k)!r} -> {new.get(k)!r}"
+            for k in sorted(set(stored) | set(new))
+            if k not in _SHAPE_NEUTRAL_MODEL_FIELDS and stored.get(k) != new.get(k)]
+  if differ:
+    raise ValueError(
+        f"{workdir} holds checkpoints of another model ({'; '.join(differ)}; stored in "
+        f"{path}): resume with the stored model settings, or train in a new --workdir; "
+        "the workdir was left unchanged")
+
+
+def _restore_or_explain(manager: ocp.CheckpointManager, step: int, abstract: TrainState,
+                        iterator, workdir: str) -> TrainState:
+  """_restore, with a failure that says which checkpoint and what to do."""
+  try:
+    return _restore(manager, step, abstract, iterator)
+  except _DataStateError:
+    raise
+  except (ValueError, KeyError, TypeError) as e:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ValueError(
+        f"cannot resume from checkpoint {step} in {manager.directory} ({first}); it was "
+        f"probably written with another model or optimizer config (see "
+        f"{os.path.join(workdir, TRAIN_CONFIG_FILE)}): use a new --workdir or the same "
+        "config; the workdir was left unchanged") from e
 

@@ -52,7 +52,11 @@ def losses(workdir) -> dict[int, float]:
 
 
 def test_smoke_config_trains_end_to_end(tmp_path):
-  """The CI job: real Grain pipeline on synthetic data, through train.py."""
+  """The CI job: real Grain pipeline on synthetic data, through train.py.
+
+  With a worker process: Grain's shared-memory batches must all be freed at
+  the exit (no "leaked shared_memory objects" warning).
+  """
   workdir = tmp_path / "smoke"
   env = dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS="cpu",
              JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
@@ -60,9 +64,12 @@ def test_smoke_config_trains_end_to_end(tmp_path):
   proc = subprocess.run(
       [sys.executable, os.path.join(REPO_ROOT, "train.py"),
        "--config", os.path.join(REPO_ROOT, "configs", "smoke.py"),
-       "--workdir", str(workdir)], env=env, capture_output=True, text=True, timeout=300)
+       "--workdir", str(workdir), "--config.data.worker_count=1"],
+      env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout + proc.stderr[-5000:]
   assert "step 6/6" in proc.stdout
+  assert "leaked shared_memory" not in proc.stderr
+  assert f"the model is in {workdir}/model" in proc.stdout
   records = metrics_lib.read_metrics(str(workdir))
   assert [r["step"] for r in records] == [1, 2, 4, 6]
   last = records[-1]

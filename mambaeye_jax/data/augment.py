@@ -115,6 +115,26 @@ class AugmentConfig:
                        f"{self.canvas_min=}, {self.canvas_max=}")
     if any(k % 2 == 0 or k < 1 for k in self.blur_kernel):
       raise ValueError(f"{self.blur_kernel=} must be odd and positive")
+    # Out-of-range values would not fail, only train on odd images.
+    for name in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob",
+                 "perspective_prob", "crop_prob", "erase_prob",
+                 "perspective_distortion"):
+      if not 0.0 <= getattr(self, name) <= 1.0:
+        raise ValueError(f"augment.{name}={getattr(self, name)} must be in [0, 1]")
+    for name in ("brightness", "contrast", "saturation"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"augment.{name}={getattr(self, name)} must be >= 0")
+    if not 0.0 <= self.hue <= 0.5:
+      raise ValueError(f"augment.hue={self.hue} must be in [0, 0.5]")
+    if not 0.0 < self.crop_min_fraction <= 1.0:
+      raise ValueError(f"augment.crop_min_fraction={self.crop_min_fraction} must be in (0, 1]")
+    ranges = {"blur_sigma": (self.blur_sigma, None), "erase_scale": (self.erase_scale, 1.0),
+              "erase_ratio": (self.erase_ratio, None)}
+    for name, (pair, top) in ranges.items():
+      lo, hi = pair
+      if not 0 < lo <= hi or (top is not None and hi > top):
+        bound = f" <= {top}" if top is not None else ""
+        raise ValueError(f"augment.{name}={tuple(pair)} must satisfy 0 < low <= high{bound}")
 
 
 def fit_size(width: int, height: int, canvas: int) -> tuple[int, int]:

@@ -30,6 +30,10 @@ unsupported pixel mode; see sources.py): with on_error="skip" (default) they
 are logged with their key and reason, left out, and counted in
 `GlimpseIterator.num_skipped` (put it in the training metrics); with
 on_error="raise" the first one stops the pipeline with a `BadImageError`.
+Training stops with `TooManyBadRecordsError` once more than
+`max_bad_fraction` of the records read are bad (a folder of unreadable files
+would otherwise never fill a batch). Both errors pickle, so they reach the
+main process intact from Grain's worker processes.
 """
 
 from __future__ import annotations
@@ -92,6 +96,10 @@ class DataConfig:
     read_threads: threads per process running the per-record transform.
     read_buffer_size: records buffered ahead by those threads.
     on_error: "skip" (log, count, leave out) or "raise" for bad records.
+    max_bad_fraction: training stops with `sources.TooManyBadRecordsError`
+      once more than this fraction of the records read are bad (and more
+      than `sources.MIN_BAD_RECORDS_TO_STOP`): a folder of unreadable files
+      must not loop forever. Counted per reading process; 1 never stops.
     max_image_pixels: decompression-bomb guard.
     cache_decoded: decode every image of the source once, at the start, into
       one memory-mapped buffer that the workers share
@@ -125,6 +133,7 @@ class DataConfig:
   read_threads: int = 1
   read_buffer_size: int = 16
   on_error: str = "skip"
+  max_bad_fraction: float = 0.1
   max_image_pixels: int = sources.DEFAULT_MAX_IMAGE_PIXELS
   cache_decoded: bool = False
 
@@ -142,6 +151,18 @@ class DataConfig:
       raise ValueError(f"{self.seq_len=} must be >= {self.num_glimpses=}")
     if self.batch_size < 1:
       raise ValueError(f"{self.batch_size=} must be >= 1")
+    at_least = {"synthetic_size": 1, "worker_count": 0, "worker_buffer_size": 1,
+                "read_threads": 1, "read_buffer_size": 1, "max_image_pixels": 1,
+                "eval_canvas": 0, "num_epochs": 0}
+    for name, low in at_least.items():
+      if getattr(self, name) < low:
+        raise ValueError(f"{name}={getattr(self, name)} must be >= {low}")
+    if not 0.0 <= self.max_bad_fraction <= 1.0:
+      raise ValueError(f"max_bad_fraction={self.max_bad_fraction} must be in [0, 1]")
+    try:
+      self.augment_config()  # Ranges and probabilities, before any work.
+    except TypeError as e:  # An unknown augment field.
+      raise ValueError(f"augment: {e}") from e
     if self.scan_pattern:
       scan_patterns.get(self.scan_pattern)  # KeyError lists known names.
     if self.resize_mode not in eval_transforms.RESIZE_MODES:
@@ -258,6 +279,17 @@ class TrainTransform(grain.transforms.RandomMap):
     self._pattern_name = cfg.scan_pattern or "train"
     scan_patterns.get(self._pattern_name)  # Fails early on a bad name.
     self._skip = _Skipper(cfg.on_error)
+    # Records read and bad ones, by this process (each worker has its copy).
+    self._seen = 0
+    self._bad = 0
+
+  def _too_many_bad(self, error: sources.BadImageError) -> None:
+    """Stops a stream of mostly bad records, which would never fill a batch."""
+    self._bad += 1
+    limit = max(sources.MIN_BAD_RECORDS_TO_STOP, self._cfg.max_bad_fraction * self._seen)
+    if self._bad > limit:
+      raise sources.TooManyBadRecordsError(self._bad, self._seen, str(error),
+                                           self._cfg.max_bad_fraction)
 
   def random_map(self, record: Mapping[str, Any],
                  rng: np.random.Generator) -> dict[str, Any]:
@@ -269,9 +301,12 @@ class TrainTransform(grain.transforms.RandomMap):
       params.update(augment.plan(rng, width, height, self._aug))
       return params["fit"]
 
+    self._seen += 1
     try:
       image = _to_pil(record, key, self._cfg, draft)
     except sources.BadImageError as e:
+      if self._cfg.on_error == "skip":
+        self._too_many_bad(e)
       return self._skip(e)
     if not params:  # Already-decoded records.
       params = augment.plan(rng, *image.size, self._aug)

@@ -58,6 +58,41 @@ class BadImageError(ValueError):
     self.key = key
     self.reason = reason
 
+  def __reduce__(self):
+    # Grain's worker processes send errors to the main process pickled; the
+    # default reduce would call __init__ with the message alone (TypeError).
+    return type(self), (self.key, self.reason)
+
+
+class TooManyBadRecordsError(RuntimeError):
+  """Training read mostly unreadable records: stop instead of looping forever.
+
+  Attributes:
+    num_bad: bad records seen by the reader that raised (one process or one
+      worker process).
+    num_seen: records it read in all, bad ones included.
+    example: the last bad record's "key: reason".
+  """
+
+  def __init__(self, num_bad: int, num_seen: int, example: str, max_fraction: float):
+    super().__init__(
+        f"{num_bad} of {num_seen} records read were bad (more than "
+        f"data.max_bad_fraction={max_fraction:g} of them, and more than "
+        f"{MIN_BAD_RECORDS_TO_STOP}); last one: {example}. Check the data path, "
+        f"or raise data.max_bad_fraction (1 never stops)")
+    self.num_bad = num_bad
+    self.num_seen = num_seen
+    self.example = example
+    self.max_fraction = max_fraction
+
+  def __reduce__(self):
+    return type(self), (self.num_bad, self.num_seen, self.example, self.max_fraction)
+
+
+# A few bad records at the start of a stream must not stop a run whose data is
+# mostly good: the fraction counts only after this many.
+MIN_BAD_RECORDS_TO_STOP = 100
+
 
 def _to_uint8_rgb(image: Image.Image, key: str) -> Image.Image:
   """Converts any PIL mode to 8-bit RGB without silently clipping.

@@ -20,6 +20,7 @@ import os
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from mambaeye_jax import model as model_lib
@@ -27,6 +28,20 @@ from mambaeye_jax import model as model_lib
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
+
+
+def is_url(path: str | os.PathLike) -> bool:
+  """True for "gs://bucket/dir"-style paths, which must not go through os.path.
+
+  os.path.abspath("gs://b/run") is "$PWD/gs:/b/run", a local directory.
+  """
+  return "://" in os.fspath(path)
+
+
+def absolute(path: str | os.PathLike) -> str:
+  """os.path.abspath of a local path; a URL (gs://...) unchanged."""
+  path = os.fspath(path)
+  return path if is_url(path) else os.path.abspath(path)
 
 
 def config_to_dict(config: model_lib.ModelConfig) -> dict:
@@ -50,25 +65,26 @@ def save_params(directory: str, config: model_lib.ModelConfig, params) -> None:
     config: the model's config.
     params: nested dict (or nnx.State) of arrays.
   """
-  directory = os.path.abspath(directory)
-  if os.path.exists(directory):
+  directory = absolute(directory)
+  # epath: the same os calls for local paths, and gs:// (with gcsfs) too.
+  if epath.Path(directory).exists():
     raise FileExistsError(f"{directory} already exists; choose a new directory")
-  os.makedirs(directory)
+  epath.Path(directory).mkdir(parents=True)
   if isinstance(params, nnx.State):
     params = nnx.to_pure_dict(params)
   params = jax.tree.map(np.asarray, params)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(directory, PARAMS_DIR), params)
-  with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+  with epath.Path(directory, CONFIG_FILE).open("w") as f:
     json.dump({"format_version": FORMAT_VERSION, "model": config_to_dict(config)}, f, indent=2)
 
 
 def read_config(directory: str) -> model_lib.ModelConfig:
   path = os.path.join(directory, CONFIG_FILE)
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise FileNotFoundError(f"{directory} is not a mambaeye-jax model directory "
                             f"(no {CONFIG_FILE})")
-  with open(path) as f:
+  with epath.Path(path).open() as f:
     meta = json.load(f)
   if meta.get("format_version") != FORMAT_VERSION:
     raise ValueError(f"{path}: format_version {meta.get('format_version')} is not "
@@ -111,7 +127,7 @@ def model_from_params(config: model_lib.ModelConfig, params, source: str = "para
 def load_params(directory: str):
   """(config, params) from a model directory written by `save_params`."""
   config = read_config(directory)
-  path = os.path.join(os.path.abspath(directory), PARAMS_DIR)
+  path = os.path.join(absolute(directory), PARAMS_DIR)
   with ocp.StandardCheckpointer() as ckptr:
     params = ckptr.restore(path)
   return config, params
@@ -130,11 +146,12 @@ def load_model(path: str, **overrides) -> model_lib.MambaEye:
   Returns:
     The model, parameters on the default device.
   """
-  if os.path.isdir(path) and not os.path.exists(os.path.join(path, CONFIG_FILE)):
+  is_dir = epath.Path(path).is_dir()
+  if is_dir and not epath.Path(path, CONFIG_FILE).exists():
     from mambaeye_jax import train_lib  # pylint: disable=g-import-not-at-top
-    if os.path.exists(os.path.join(path, train_lib.TRAIN_CONFIG_FILE)):
+    if epath.Path(path, train_lib.TRAIN_CONFIG_FILE).exists():
       return train_lib.restore_model(path, **overrides)
-  if os.path.isdir(path):
+  if is_dir:
     config, params = load_params(path)
   else:
     from mambaeye_jax import convert  # pylint: disable=g-import-not-at-top

@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import logging
 import math
 import os
 import queue
 import re
-import shutil
 import signal
 import threading
 import time
@@ -48,6 +48,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -721,7 +722,7 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict | None = 
       # raises in save(), on the loop's thread. Created in the background, the
       # error stays in orbax's thread and the next save waits 20 minutes for it.
       async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
-  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  directory = os.path.join(checkpoint.absolute(workdir), CHECKPOINT_DIR)
   if not read_only:
     return ocp.CheckpointManager(directory, options=options)
   # Readers open it read-only on purpose: orbax's warning about that is noise.
@@ -757,6 +758,9 @@ def check_checkpoint_dir(workdir: str) -> None:
   """
   import tempfile  # pylint: disable=g-import-not-at-top
   directory = os.path.join(workdir, CHECKPOINT_DIR)
+  if checkpoint.is_url(directory):
+    _check_remote_checkpoint_dir(directory)
+    return
   try:
     os.makedirs(directory, exist_ok=True)
   except OSError as e:
@@ -769,6 +773,22 @@ def check_checkpoint_dir(workdir: str) -> None:
   except OSError as e:
     raise CheckpointWriteError(f"cannot write in the checkpoint directory {directory}: "
                                f"{e.strerror or e}") from e
+
+
+def _check_remote_checkpoint_dir(directory: str) -> None:
+  """check_checkpoint_dir for a bucket (gs://...): epath instead of tempfile."""
+  # One name per process: every process checks, and one's unlink must not
+  # race another's write.
+  probe = epath.Path(directory, f".write_test_process{jax.process_index()}")
+  try:
+    epath.Path(directory).mkdir(parents=True, exist_ok=True)
+    probe.write_text("")
+    probe.unlink(missing_ok=True)
+  # gcsfs and google-auth raise their own types (HttpError, RefreshError...);
+  # ImportError when gcsfs, which epath needs for gs://, is missing.
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointWriteError(f"cannot write in the checkpoint directory {directory}: "
+                               f"{type(e).__name__}: {e}") from e
 
 
 def _save(manager: ocp.CheckpointManager, step: int, state: TrainState, iterator) -> None:
@@ -808,7 +828,7 @@ def _restore(manager: ocp.CheckpointManager, step: int, abstract: TrainState,
       train=ocp.args.StandardRestore(train_abstract)))
   data_dir = os.path.join(manager.directory, str(step), "data")
   name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-  if os.path.exists(os.path.join(data_dir, name)):
+  if epath.Path(data_dir, name).exists():
     try:
       manager.restore(step, args=ocp.args.Composite(
           data=grain.checkpoint.CheckpointRestore(iterator)))
@@ -831,16 +851,16 @@ def _restore(manager: ocp.CheckpointManager, step: int, abstract: TrainState,
 def _write_train_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, TRAIN_CONFIG_FILE), "w") as f:
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  with epath.Path(workdir, TRAIN_CONFIG_FILE).open("w") as f:
     f.write(config.to_json_best_effort(indent=2))
 
 
 def read_train_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, TRAIN_CONFIG_FILE)
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise FileNotFoundError(f"{workdir} is not a training workdir (no {TRAIN_CONFIG_FILE})")
-  with open(path) as f:
+  with epath.Path(path).open() as f:
     return ml_collections.ConfigDict(json.load(f))
 
 
@@ -884,18 +904,20 @@ def export_model(directory: str, model_config: model_lib.ModelConfig, params) ->
   Collective: every process calls it; process 0 writes.
   """
   host_params = sharding_lib.to_host(params)
-  directory = os.path.abspath(directory)
+  directory = checkpoint.absolute(directory)
   if jax.process_index() == 0:
     tmp = directory + ".tmp"
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp)
+    if epath.Path(tmp).exists():
+      epath.Path(tmp).rmtree()
     if jax.process_count() == 1:
       checkpoint.save_params(tmp, model_config, host_params)
     else:
       _save_params_single_process(tmp, model_config, host_params)
-    if os.path.exists(directory):
-      shutil.rmtree(directory)
-    os.rename(tmp, directory)
+    if epath.Path(directory).exists():
+      epath.Path(directory).rmtree()
+    # On a bucket this copies the objects: no atomic rename there, but the
+    # model is small and an interrupted export is redone by the next run.
+    epath.Path(tmp).rename(directory)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("mambaeye_export_model")
 
@@ -906,11 +928,11 @@ def _save_params_single_process(directory: str, model_config, params) -> None:
   checkpoint.save_params' orbax checkpointer would wait for every process at
   its barriers; here only process 0 takes part.
   """
-  os.makedirs(directory)
+  epath.Path(directory).mkdir(parents=True)
   options = ocp.options.MultiprocessingOptions(primary_host=0, active_processes={0})
   with ocp.StandardCheckpointer(multiprocessing_options=options) as ckptr:
     ckptr.save(os.path.join(directory, checkpoint.PARAMS_DIR), params)
-  with open(os.path.join(directory, checkpoint.CONFIG_FILE), "w") as f:
+  with epath.Path(directory, checkpoint.CONFIG_FILE).open("w") as f:
     json.dump({"format_version": checkpoint.FORMAT_VERSION,
                "model": checkpoint.config_to_dict(model_config)}, f, indent=2)
 
@@ -963,7 +985,10 @@ def _check_finite(step: int, metrics: dict, local_batch: dict, workdir: str,
   if math.isfinite(loss) and not nonfinite:
     return
   path = os.path.join(workdir, f"nan_batch_step{step}_process{jax.process_index()}.npz")
-  np.savez_compressed(path, **local_batch)
+  # Through memory: np.savez seeks in its file, which a bucket's files cannot.
+  buffer = io.BytesIO()
+  np.savez_compressed(buffer, **local_batch)
+  epath.Path(path).write_bytes(buffer.getvalue())
   if last_checkpoint is None:
     last = "no checkpoint was written"
   else:
@@ -1036,7 +1061,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   # Everything that can be checked is, before anything is written.
   validate_config(config)
-  workdir = os.path.abspath(workdir)
+  workdir = checkpoint.absolute(workdir)  # A bucket's gs://... stays as it is.
   model_config = model_config_from(config)
   check_resumable(workdir, config)
   source = make_source(config)
@@ -1174,7 +1199,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     _wait_for_saves(manager)
     finished = step >= total_steps
     # A finished run re-run exports again only if its model is missing.
-    if finished and config.export_model and not (already_done and os.path.isdir(model_dir)):
+    if (finished and config.export_model
+        and not (already_done and epath.Path(model_dir).is_dir())):
       export_model(model_dir, model_config, state["params"])
     if finished and is_chief:
       print(finished_message(workdir, step, config, already=already_done), flush=True)
@@ -1197,7 +1223,7 @@ def finished_message(workdir: str, step: int, config: ml_collections.ConfigDict,
     data = "IMAGE_FOLDER (a root/<class>/<image> folder)"
   lines = [f"training {'had already ' if already else ''}finished at step {step} (checkpoints in "
            f"{os.path.join(workdir, CHECKPOINT_DIR)})"]
-  if config.export_model and os.path.isdir(model_dir):
+  if config.export_model and epath.Path(model_dir).is_dir():
     lines.append(f"the model is in {model_dir}")
     lines.append(f"evaluate it with: python eval.py --checkpoint {model_dir} --data {data}")
   else:
@@ -1218,10 +1244,10 @@ _SHAPE_NEUTRAL_MODEL_FIELDS = ("dtype", "ssd_impl", "remat", "chunk_size")
 
 
 def _checkpoint_steps(workdir: str) -> list[int]:
-  directory = os.path.join(workdir, CHECKPOINT_DIR)
-  if not os.path.isdir(directory):
+  directory = epath.Path(workdir, CHECKPOINT_DIR)
+  if not directory.is_dir():
     return []
-  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+  return sorted(int(d.name) for d in directory.iterdir() if d.name.isdigit())
 
 
 def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -1235,7 +1261,7 @@ def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
     ValueError: naming each differing field, its stored and its new value.
   """
   path = os.path.join(workdir, TRAIN_CONFIG_FILE)
-  if not os.path.isfile(path) or not _checkpoint_steps(workdir):
+  if not epath.Path(path).is_file() or not _checkpoint_steps(workdir):
     return
   try:
     stored = dict(read_train_config(workdir).model)

@@ -350,22 +350,44 @@ class ArrayRecordSource:
 
     Raises:
       FileNotFoundError: when no shard matches.
+      ValueError: a shard is not an ArrayRecord file (the message names it).
     """
     import glob
     import grain
+    from etils import epath
+    # array_record reads gs:// itself; only the look-ups go through epath
+    # (gcsfs), as glob / os.path would search a local "gs:" directory.
+    globbed = False
+    asked = [paths] if isinstance(paths, str) else list(paths)
     if isinstance(paths, str):
-      paths = sorted(glob.glob(paths)) if any(c in paths for c in "*?[") \
-          else [paths]
-    missing = [p for p in paths if not os.path.isfile(p)]
+      if not any(c in paths for c in "*?["):
+        paths = [paths]
+      elif _is_url(paths):
+        pattern = epath.Path(paths)
+        paths = sorted(str(p) for p in pattern.parent.glob(pattern.name))
+        globbed = True
+      else:
+        paths = sorted(glob.glob(paths))
+    # A bucket's glob lists existing objects only; a look-up per shard would
+    # cost one request each (thousands of shards).
+    missing = [p for p in paths if not (
+        (globbed or epath.Path(p).exists()) if _is_url(p) else os.path.isfile(p))]
     if not paths or missing:
+      # A pattern that matched nothing is named as given.
       raise FileNotFoundError(f"ArrayRecord shards not found: "
-                              f"{missing or paths}")
+                              f"{missing or paths or asked}")
     self.paths = list(paths)
-    self._source = grain.sources.ArrayRecordDataSource(self.paths)
+    try:
+      self._source = grain.sources.ArrayRecordDataSource(self.paths)
+    except Exception:  # pylint: disable=broad-except
+      # array_record's errors ("ArrayRecord file should be at least 64KB
+      # big") do not say which of the shards is bad: find it.
+      _raise_bad_shard(self.paths)
+      raise
     meta_path = _metadata_path(self.paths[0])
     self.num_classes = None
-    if os.path.isfile(meta_path):
-      with open(meta_path) as f:
+    if epath.Path(meta_path).is_file():
+      with epath.Path(meta_path).open() as f:
         self.num_classes = json.load(f).get("num_classes")
 
   def __len__(self) -> int:
@@ -376,6 +398,27 @@ class ArrayRecordSource:
 
   def __repr__(self) -> str:
     return f"ArrayRecordSource({len(self.paths)} shards, {len(self)} records)"
+
+
+def _is_url(path: str | os.PathLike) -> bool:
+  """True for "gs://bucket/..."-style paths, which os.path and glob cannot read."""
+  return "://" in os.fspath(path)
+
+
+def _raise_bad_shard(paths: Sequence[str]) -> None:
+  """Opens each shard alone; raises ValueError naming the first that fails.
+
+  Returns (the caller re-raises its own error) when each opens alone.
+  """
+  import grain
+  for path in paths:
+    try:
+      grain.sources.ArrayRecordDataSource([path])
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"ArrayRecord shard {path} cannot be read: {type(e).__name__}: "
+                       f"{e} (a corrupt or truncated file, or not an ArrayRecord "
+                       "file; rewrite it with mambaeye_jax.data.convert_arrayrecord)"
+                       ) from e
 
 
 _SHARD_SUFFIX = re.compile(r"-\d{5}-of-\d{5}\.array_record$")

@@ -1,10 +1,14 @@
-"""Shared test fixtures: where the official golden outputs live; CUDA lowering."""
+"""Shared test fixtures: golden outputs, CUDA lowering, the compilation
+cache of the training tests, the eval.py command line as a module."""
 
 import glob
+import importlib.util
 import os
 
 import jax
+import numpy as np
 import pytest
+from flax import nnx
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,3 +56,44 @@ def cuda_lowering():
     return exported.mlir_module()
 
   return lower
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+  """A persistent JAX compilation cache for one test module (restored after).
+
+  Modules that train several tiny runs use it (`pytestmark =
+  pytest.mark.usefixtures("compilation_cache")`), so each compiles once.
+  """
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  old = {n: getattr(jax.config, n) for n in names}
+  values = (str(tmp_path_factory.mktemp("jax_cache")), 0.0, 0)
+  for name, value in zip(names, values):
+    jax.config.update(name, value)
+  yield values[0]
+  for name, value in old.items():
+    jax.config.update(name, value)
+
+
+def load_eval_cli(module_name: str):
+  """eval.py (a script, not a package module) imported as `module_name`."""
+  spec = importlib.util.spec_from_file_location(
+      module_name, os.path.join(REPO_ROOT, "eval.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def random_params(config, seed: int = 0, scale: float = 0.2):
+  """Random float32 parameters of a MambaEye config's shapes (a pure dict).
+
+  Drawn directly with numpy: the eager `MambaEye(...)` initialisation takes
+  seconds on a busy CPU, and tests of loading and evaluation only need some
+  weights of the right shapes.
+  """
+  from mambaeye_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  shapes = nnx.to_pure_dict(nnx.state(checkpoint.abstract_model(config), nnx.Param))
+  return jax.tree.map(
+      lambda s: (scale * rng.standard_normal(s.shape)).astype(np.float32), shapes)

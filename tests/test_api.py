@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-import jax
+import conftest
 import numpy as np
 import pytest
 from flax import nnx
@@ -21,10 +21,7 @@ def tiny_model(seed: int = 0) -> model_lib.MambaEye:
   initialisation of `MambaEye(...)` takes seconds on a busy CPU)."""
   config = model_lib.ModelConfig(depth=2, dim=32, num_classes=10, d_state=16,
                                  headdim=16, chunk_size=8)
-  rng = np.random.default_rng(seed)
-  shapes = nnx.to_pure_dict(nnx.state(checkpoint.abstract_model(config), nnx.Param))
-  params = jax.tree.map(
-      lambda s: (0.2 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
+  params = conftest.random_params(config, seed)
   return checkpoint.model_from_params(config, params)
 
 

@@ -1,6 +1,6 @@
 """Tests of eval.py: dataset mode, single-image mode, clear errors."""
 
-import importlib.util
+import conftest
 import json
 import os
 import sys
@@ -16,15 +16,7 @@ from mambaeye_jax import model as model_lib
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load_cli():
-  spec = importlib.util.spec_from_file_location(
-      "eval_cli", os.path.join(REPO_ROOT, "eval.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-eval_cli = _load_cli()
+eval_cli = conftest.load_eval_cli("eval_cli")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """eval.py for a first-time user: one-line errors, stratified --max-examples,
 CPU defaults, worker errors, labelled reports."""
 
-import importlib.util
+import conftest
 import json
 import os
 import pickle
@@ -9,7 +9,6 @@ import pickle
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 from PIL import Image
 
 from mambaeye_jax import checkpoint
@@ -20,15 +19,7 @@ from mambaeye_jax import plots
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load_cli():
-  spec = importlib.util.spec_from_file_location(
-      "eval_cli_errors", os.path.join(REPO_ROOT, "eval.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-eval_cli = _load_cli()
+eval_cli = conftest.load_eval_cli("eval_cli_errors")
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +28,7 @@ def model_dir(tmp_path_factory):
   the eager `MambaEye(...)` initialisation takes seconds)."""
   config = model_lib.ModelConfig(depth=1, dim=32, num_classes=10, d_state=16,
                                  headdim=16, chunk_size=16)
-  rng = np.random.default_rng(0)
-  shapes = nnx.to_pure_dict(nnx.state(checkpoint.abstract_model(config), nnx.Param))
-  params = jax.tree.map(
-      lambda s: (0.2 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
+  params = conftest.random_params(config, 0)
   path = str(tmp_path_factory.mktemp("ckpt") / "model")
   checkpoint.save_params(path, config, params)
   return path

@@ -4,9 +4,8 @@ import os
 import re
 import time
 
-import jax
+import conftest
 import numpy as np
-from flax import nnx
 from PIL import Image
 
 from mambaeye_jax import checkpoint
@@ -28,10 +27,7 @@ def tiny_params(seed: int = 0):
   """
   config = model_lib.ModelConfig(depth=1, dim=32, num_classes=10, d_state=16,
                                  headdim=16, chunk_size=16)
-  rng = np.random.default_rng(seed)
-  shapes = nnx.to_pure_dict(nnx.state(checkpoint.abstract_model(config), nnx.Param))
-  params = jax.tree.map(
-      lambda s: (0.2 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
+  params = conftest.random_params(config, seed)
   return config, params
 
 

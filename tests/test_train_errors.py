@@ -27,18 +27,7 @@ sys.path.insert(0, REPO_ROOT)
 from configs import smoke  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """Persistent compilation cache for this module (restored afterwards)."""
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  old = {n: getattr(jax.config, n) for n in names}
-  values = (str(tmp_path_factory.mktemp("jax_cache")), 0.0, 0)
-  for name, value in zip(names, values):
-    jax.config.update(name, value)
-  yield values[0]
-  for name, value in old.items():
-    jax.config.update(name, value)
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 @contextlib.contextmanager

@@ -87,6 +87,39 @@ def plain_cross_entropy(logits: jax.Array, labels: jax.Array,
   return masked_mean(stepwise_cross_entropy(logits, labels, jnp.ones(labels.shape)), mask)
 
 
+# Training objectives: the paper's step-wise loss and its Table 4 ablation,
+# ordinary cross-entropy at every step or at the last step of each sequence.
+LOSSES = ("stepwise", "ce_every_step", "ce_last_step")
+
+
+def training_loss(kind: str, logits: jax.Array, labels: jax.Array, ratio: jax.Array,
+                  mask: jax.Array | None, last: jax.Array | None = None) -> jax.Array:
+  """The training objective `kind` (one of LOSSES).
+
+  Args:
+    kind: "stepwise" (soft targets by information ratio), "ce_every_step"
+      (ratio 1 at every real step) or "ce_last_step" (ordinary CE at the
+      last glimpse of each sequence only, the usual classifier objective).
+    logits: (b, t, K).
+    labels: (b, t) int (or (b,)).
+    ratio: (b, t) information ratio.
+    mask: (b, t) bool real steps, or None.
+    last: (b, t) bool last real step of each sequence ("ce_last_step").
+
+  Returns:
+    () float32.
+  """
+  if kind == "stepwise":
+    return stepwise_loss(logits, labels, ratio, mask)
+  if kind == "ce_every_step":
+    return plain_cross_entropy(logits, labels, mask)
+  if kind == "ce_last_step":
+    if last is None:
+      raise ValueError("loss 'ce_last_step' needs the last-step mask")
+    return plain_cross_entropy(logits, labels, last)
+  raise ValueError(f"unknown loss {kind!r}; known: {', '.join(LOSSES)}")
+
+
 def correct_at_steps(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """(b, t) bool: argmax of logits_t equals the label."""
   if labels.ndim == 1:

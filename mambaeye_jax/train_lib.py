@@ -136,6 +136,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 100
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
+  # The objective: "stepwise" (the paper's), or the ablation's plain
+  # cross-entropy, "ce_every_step" or "ce_last_step" (loss.LOSSES).
+  c.loss = "stepwise"
   c.accuracy_at = (16, 64, 256)  # glimpse counts reported besides the last.
   c.num_devices = -1  # -1: every device of every process.
   c.sync_stop_every_steps = 10  # multi-process: how often hosts agree to stop.
@@ -269,6 +272,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _check_range("num_devices", config.num_devices, 1)
   if not all(isinstance(k, int) and k >= 1 for k in config.accuracy_at):
     raise ValueError(f"accuracy_at={tuple(config.accuracy_at)} must be glimpse counts >= 1")
+  if config.loss not in loss_lib.LOSSES:
+    raise ValueError(f"loss={config.loss!r} must be one of {', '.join(loss_lib.LOSSES)}")
   if not isinstance(config.export_model, bool):
     raise ValueError(f"export_model={config.export_model!r} must be True or False")
 
@@ -629,7 +634,8 @@ def step_metrics(logits: jax.Array, batch: dict, accuracy_at: tuple[int, ...]) -
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    accuracy_at: tuple[int, ...], packed: bool = True) -> Callable:
+                    accuracy_at: tuple[int, ...], packed: bool = True,
+                    loss: str = "stepwise") -> Callable:
   """(state, batch) -> (state, metrics), to be jitted.
 
   batch: the contract's global arrays, (b, T, ...). metrics: () arrays,
@@ -638,15 +644,23 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
   batches), the model is not given segment ids: a row's padding comes after
   its real steps, which a causal model never lets it reach, so the ids would
   only cost masking work in the conv and the SSD kernel.
+  loss: the objective, one of `loss_lib.LOSSES`.
   """
+
+  loss_kind = loss
+  if loss_kind not in loss_lib.LOSSES:
+    raise ValueError(f"unknown loss {loss_kind!r}; known: {', '.join(loss_lib.LOSSES)}")
 
   def train_step(state: TrainState, batch: dict):
     def loss_fn(params):
       model = nnx.merge(graphdef, params)
       segment_ids = batch["segment_ids"] if packed else None
       logits = model(batch["patches"], batch["positions"], segment_ids)
-      loss = loss_lib.stepwise_loss(logits, batch["labels"], batch["ratio"], batch["mask"])
-      return loss, logits
+      last = (_is_last(batch["segment_ids"], batch["mask"]) if loss_kind == "ce_last_step"
+              else None)
+      value = loss_lib.training_loss(loss_kind, logits, batch["labels"], batch["ratio"],
+                                     batch["mask"], last)
+      return value, logits
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -1105,7 +1119,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   already_done = step >= total_steps
   graphdef = model_graphdef(model_config)
   p_step = compile_train_step(make_train_step(graphdef, tx, schedule, accuracy_at,
-                                              packed=bool(config.data.packing)),
+                                              packed=bool(config.data.packing),
+                                              loss=config.loss),
                               state_shardings, mesh)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_chief)
   last_logged: dict[str, float] = {"step": step}

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from mambaeye_jax import loss as loss_lib
 
@@ -37,3 +38,25 @@ def test_mask_excludes_padding():
   np.testing.assert_allclose(loss_lib.stepwise_loss(garbage, labels, ratio, mask),
                              loss_lib.stepwise_loss(logits[:, :4], labels, ratio[:, :4]),
                              rtol=1e-6)
+
+
+def test_training_loss_kinds_of_the_ablation():
+  logits = jax.random.normal(jax.random.PRNGKey(3), (2, 5, 4))
+  labels = jnp.array([1, 3])
+  ratio = jnp.linspace(0, 1, 5)[None].repeat(2, 0)
+  mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
+  last = jnp.array([[0, 0, 1, 0, 0], [0, 0, 0, 0, 1]], bool)
+  np.testing.assert_allclose(
+      loss_lib.training_loss("stepwise", logits, labels, ratio, mask),
+      loss_lib.stepwise_loss(logits, labels, ratio, mask), rtol=1e-6)
+  np.testing.assert_allclose(
+      loss_lib.training_loss("ce_every_step", logits, labels, ratio, mask),
+      loss_lib.plain_cross_entropy(logits, labels, mask), rtol=1e-6)
+  # CE at the last real glimpse only: the mean of two ordinary CEs.
+  logp = jax.nn.log_softmax(logits)
+  want = -(logp[0, 2, 1] + logp[1, 4, 3]) / 2
+  np.testing.assert_allclose(
+      loss_lib.training_loss("ce_last_step", logits, labels, ratio, mask, last), want,
+      rtol=1e-6)
+  with pytest.raises(ValueError, match="known: stepwise"):
+    loss_lib.training_loss("focal", logits, labels, ratio, mask)

@@ -284,3 +284,14 @@ def test_padded_rows_need_no_segment_ids():
     _, metrics = step(state, batch)
     out[packed] = (float(metrics["loss"]), float(metrics["grad_norm"]))
   np.testing.assert_allclose(out[False], out[True], rtol=1e-5)
+
+
+def test_the_loss_ablation_trains_with_plain_cross_entropy(tmp_path):
+  c = fake_config(steps=2)
+  c.loss = "ce_last_step"
+  train_lib.train_and_evaluate(c, str(tmp_path / "last"))
+  got = losses(tmp_path / "last")
+  assert sorted(got) == [1, 2] and all(np.isfinite(v) for v in got.values())
+  c.loss = "focal"
+  with pytest.raises(ValueError, match="loss='focal' must be one of stepwise"):
+    train_lib.validate_config(c)

@@ -729,31 +729,33 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict | None = 
                        read_only: bool = False) -> ocp.CheckpointManager:
   """Orbax manager of WORKDIR/checkpoints (asynchronous saves)."""
   keep = config.keep_checkpoints if config is not None else None
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=not read_only, read_only=read_only,
-      enable_async_checkpointing=True,
-      # Synchronous step directories: a directory that cannot be created
-      # raises in save(), on the loop's thread. Created in the background, the
-      # error stays in orbax's thread and the next save waits 20 minutes for it.
-      async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
   directory = os.path.join(checkpoint.absolute(workdir), CHECKPOINT_DIR)
-  if not read_only:
-    return ocp.CheckpointManager(directory, options=options)
-  # Readers open it read-only on purpose: orbax's warning about that is noise.
-  quiet = _DropMessage("Given directory is read only")
-  logging.getLogger("absl").addFilter(quiet)
+  # Readers open it read-only on purpose: orbax's two warnings about that
+  # (from the options and from the manager) are noise.
+  quiet = _DropMessage(("Given directory is read only",
+                        "CheckpointManagerOptions.read_only=True"))
+  if read_only:
+    logging.getLogger("absl").addFilter(quiet)
   try:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=not read_only, read_only=read_only,
+        enable_async_checkpointing=True,
+        # Synchronous step directories: a directory that cannot be created
+        # raises in save(), on the loop's thread. Created in the background,
+        # the error stays in orbax's thread and the next save waits 20
+        # minutes for it.
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
     return ocp.CheckpointManager(directory, options=options)
   finally:
     logging.getLogger("absl").removeFilter(quiet)
 
 
 class _DropMessage(logging.Filter):
-  """Drops log records whose message starts with a given text."""
+  """Drops log records whose message starts with one of the given texts."""
 
-  def __init__(self, prefix: str):
+  def __init__(self, prefixes: tuple[str, ...]):
     super().__init__()
-    self._prefix = prefix
+    self._prefix = prefixes  # str.startswith takes a tuple.
 
   def filter(self, record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith(self._prefix)

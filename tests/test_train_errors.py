@@ -273,4 +273,4 @@ def test_finished_run_rerun_says_where_the_model_is(tmp_path, capsys, caplog):
   assert f"python eval.py --checkpoint {tmp_path}/model --data" in out
   with caplog.at_level(logging.WARNING):
     train_lib.restore_model(str(tmp_path))
-  assert "read only" not in caplog.text
+  assert "read only" not in caplog.text and "read_only" not in caplog.text

@@ -22,6 +22,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import ml_collections
 import optax
 
 # Leaf names that decay. Everything else (bias, conv_bias, norm weights,
@@ -68,6 +69,26 @@ class OptimConfig:
                        f"[0, total_steps={self.total_steps}]")
     if self.learning_rate <= 0:
       raise ValueError(f"OptimConfig.learning_rate={self.learning_rate} must be > 0")
+
+
+def config_dict(warmup_epochs: float = 20.0) -> ml_collections.ConfigDict:
+  """The optimiser's fields as a training config group (`c.optim`).
+
+  Official values; the warm-up is given in epochs (`warmup_steps` >= 0
+  overrides it), which a trainer turns into `OptimConfig.warmup_steps`.
+  """
+  c = ml_collections.ConfigDict()
+  c.learning_rate = 1e-3
+  c.b1 = 0.9
+  c.b2 = 0.999
+  c.eps = 1e-8
+  c.weight_decay = 0.05
+  c.clip_norm = 1.0
+  c.warmup_epochs = float(warmup_epochs)
+  c.warmup_steps = -1  # >= 0 overrides warmup_epochs.
+  c.end_lr_ratio = 0.0
+  c.decay = "matrices"  # or "all", as the official CIFAR harness.
+  return c
 
 
 def learning_rate_schedule(config: OptimConfig) -> optax.Schedule:

@@ -53,6 +53,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from mambaeye_jax import checkpoint
+from mambaeye_jax import config_fields as config_fields_lib
 from mambaeye_jax import loss as loss_lib
 from mambaeye_jax import metrics as metrics_lib
 from mambaeye_jax import model as model_lib
@@ -121,17 +122,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.num_epochs = 300.0
   c.num_train_steps = -1  # > 0 overrides num_epochs.
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.learning_rate = 1e-3
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.999
-  c.optim.eps = 1e-8
-  c.optim.weight_decay = 0.05
-  c.optim.clip_norm = 1.0
-  c.optim.warmup_epochs = 20.0
-  c.optim.warmup_steps = -1  # >= 0 overrides warmup_epochs.
-  c.optim.end_lr_ratio = 0.0
-  c.optim.decay = "matrices"  # or "all", as the official CIFAR harness.
+  c.optim = optim.config_dict(warmup_epochs=20.0)
 
   c.log_every_steps = 100
   c.checkpoint_every_steps = 1000
@@ -149,48 +140,18 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def config_fields(config: ml_collections.ConfigDict | None = None,
-                  prefix: str = "") -> dict[str, object]:
-  """Every leaf field of a config (default_config() when None) -> its value.
-
-  Names are dotted paths ("optim.learning_rate", "data.augment.erase_prob"),
-  in the config's order; the CLI lists them and suggests them on a typo.
-  """
-  config = default_config() if config is None else config
-  out = {}
-  for name, value in config.items():
-    if isinstance(value, ml_collections.ConfigDict):
-      out.update(config_fields(value, f"{prefix}{name}."))
-    else:
-      out[f"{prefix}{name}"] = value
-  return out
+def config_fields(config: ml_collections.ConfigDict | None = None) -> dict[str, object]:
+  """Every leaf field of a config (default_config() when None) -> its value,
+  by dotted name; the CLI lists them and suggests them on a typo."""
+  return config_fields_lib.leaf_fields(default_config() if config is None else config)
 
 
 def unknown_field_message(name: str, known: list[str] | None = None) -> str:
-  """"config field 'x' does not exist; did you mean ...?" with the valid names.
-
-  Args:
-    name: the dotted name that does not exist (e.g. "lerning_rate").
-    known: every valid dotted name; default_config()'s when None.
-  """
-  import difflib  # pylint: disable=g-import-not-at-top
+  """"config field 'x' does not exist; did you mean ...?" with the valid names
+  (default_config()'s when `known` is None)."""
   known = list(config_fields()) if known is None else known
-  parent, _, leaf = name.rpartition(".")
-  # A top-level typo of a nested field ("lerning_rate") matches on the last
-  # part of the name ("optim.learning_rate"); a nested one on the whole name.
-  guesses = difflib.get_close_matches(name, known, n=3, cutoff=0.75)
-  by_leaf = {k.rpartition(".")[2]: k for k in known}
-  guesses += [by_leaf[g] for g in difflib.get_close_matches(leaf, list(by_leaf), n=3,
-                                                             cutoff=0.75)]
-  guesses = list(dict.fromkeys(guesses))[:3]
-  hint = f"; did you mean {' or '.join(repr(g) for g in guesses)}?" if guesses else ";"
-  siblings = sorted({k[len(parent) + 1:].split(".")[0] if parent else k.split(".")[0]
-                     for k in known if not parent or k.startswith(parent + ".")})
-  where = f"fields of {parent}" if parent and siblings else "top-level fields"
-  if parent and not siblings:
-    siblings = sorted({k.split(".")[0] for k in known})
-  return (f"config field {name!r} does not exist{hint} valid {where}: "
-          f"{', '.join(siblings)} (train.py --help lists them all)")
+  return config_fields_lib.unknown_field_message(name, known,
+                                                 "train.py --help lists them all")
 
 
 def _check_range(name: str, value, low=None, high=None, *, low_open: bool = False) -> None:

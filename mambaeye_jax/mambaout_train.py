@@ -39,7 +39,6 @@ file.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import logging
 import math
@@ -66,6 +65,7 @@ from mambaeye_jax import optim
 from mambaeye_jax import sharding as sharding_lib
 from mambaeye_jax.data import augment
 from mambaeye_jax.data import eval_transforms
+from mambaeye_jax.data import pipeline
 from mambaeye_jax.data import sources
 
 PARAMS_FILE = "params.msgpack"
@@ -482,23 +482,6 @@ def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   return sharding_lib.make_mesh(None if config.num_devices < 0 else config.num_devices)
 
 
-def _free_shared_memory() -> None:
-  """Lets Grain unlink the workers' last batches before the process may exit.
-
-  Batches can sit in reference cycles only the collector frees, and Grain
-  unlinks freed batches on a one-thread pool: without both, an exit right
-  after training reports them as leaked shared memory (as train_lib does).
-  """
-  gc.collect()
-  try:
-    from grain._src.python.ipc import shared_memory_array  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return
-  pool = getattr(shared_memory_array.SharedMemoryArray, "_del_thread_pool", None)
-  if pool is not None:
-    pool.apply_async(int).wait(timeout=10)
-
-
 def progress_line(step: int, total: int, scalars: Mapping[str, float], eta: bool) -> str:
   """"step 200/5859 | loss 1.2345 | acc 55.1% | 9000 img/s | 28.4 ms/step | data wait 3% | ETA"."""
   seconds = scalars["perf/step_time_ms"] / 1000.0
@@ -587,7 +570,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, train_source=None,
     close = getattr(iterator, "close", None)
     if close is not None:  # Stops Grain's worker processes.
       close()
-    _free_shared_memory()
+    pipeline.release_shared_memory()
   summary["train_seconds"] = time.perf_counter() - start
   summary["epochs"] = total * batch_size / num_examples
   return state["params"], summary

@@ -990,28 +990,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   try:
     return _train_and_evaluate(config, workdir, step_hook=step_hook)
   finally:
-    # The loop's last batches can sit in reference cycles (threads, closures)
-    # that only the collector frees; Grain's shared memory is unlinked when
-    # they are, and at interpreter exit it would be reported as leaked.
-    import gc  # pylint: disable=g-import-not-at-top
-    gc.collect()
-    _wait_for_shared_memory_frees()
-
-
-def _wait_for_shared_memory_frees() -> None:
-  """Waits until Grain's background thread has unlinked the freed batches.
-
-  Grain frees worker batches on a one-thread pool (FIFO): a no-op submitted
-  now returns after every free queued before it. Without the wait a process
-  that exits at once reports those batches as leaked.
-  """
-  try:
-    from grain._src.python.ipc import shared_memory_array  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return
-  pool = getattr(shared_memory_array.SharedMemoryArray, "_del_thread_pool", None)
-  if pool is not None:
-    pool.apply_async(int).wait(timeout=10)
+    from mambaeye_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    pipeline.release_shared_memory()
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,

@@ -97,3 +97,18 @@ def random_params(config, seed: int = 0, scale: float = 0.2):
   shapes = nnx.to_pure_dict(nnx.state(checkpoint.abstract_model(config), nnx.Param))
   return jax.tree.map(
       lambda s: (scale * rng.standard_normal(s.shape)).astype(np.float32), shapes)
+
+
+def fake_train_config(steps: int):
+  """configs/smoke.py on in-process fake batches, logging every step: the
+  cheapest whole training run (`train_lib.FakeBatches`)."""
+  import sys  # pylint: disable=g-import-not-at-top
+  if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+  from configs import smoke  # pylint: disable=g-import-not-at-top
+  c = smoke.get_config()
+  c.data.source = "fake"
+  c.num_train_steps = steps
+  c.log_every_steps = 1
+  c.checkpoint_every_steps = 100
+  return c

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 
+import conftest
 import jax
 import pytest
 from PIL import Image
@@ -46,12 +47,7 @@ def no_hang(seconds: int = 120):
 
 
 def fake_config(steps: int = 2):
-  c = smoke.get_config()
-  c.data.source = "fake"
-  c.num_train_steps = steps
-  c.log_every_steps = 1
-  c.checkpoint_every_steps = 100
-  return c
+  return conftest.fake_train_config(steps)
 
 
 def folder_config(root, **data):

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 
+import conftest
 import jax
 import numpy as np
 import pytest
@@ -27,12 +28,7 @@ pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 def fake_config(steps: int = 6):
-  c = smoke.get_config()
-  c.data.source = "fake"
-  c.num_train_steps = steps
-  c.log_every_steps = 1
-  c.checkpoint_every_steps = 100
-  return c
+  return conftest.fake_train_config(steps)
 
 
 def losses(workdir) -> dict[int, float]:

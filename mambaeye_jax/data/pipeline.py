@@ -522,3 +522,23 @@ def make_eval_iterator(config: Any = None, *, data_source=None,
   return GlimpseIterator(iter(make_eval_dataset(
       config, data_source=data_source, shard_options=shard_options,
       **overrides)))
+
+
+def release_shared_memory() -> None:
+  """Lets Grain unlink the workers' last batches before the process exits.
+
+  A trainer's last batches can sit in reference cycles (threads, closures)
+  that only the collector frees, and Grain unlinks freed batches on a
+  one-thread pool (FIFO): a no-op submitted after the collection returns
+  once every queued free is done. Without both, a process that exits right
+  after training reports those batches as leaked shared memory.
+  """
+  import gc  # pylint: disable=g-import-not-at-top
+  gc.collect()
+  try:
+    from grain._src.python.ipc import shared_memory_array  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return
+  pool = getattr(shared_memory_array.SharedMemoryArray, "_del_thread_pool", None)
+  if pool is not None:
+    pool.apply_async(int).wait(timeout=10)

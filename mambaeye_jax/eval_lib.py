@@ -243,12 +243,6 @@ class EvalConfig:
 # ------------------------------------------------------------------ host side
 
 
-def example_rng(seed: int, index: int) -> np.random.Generator:
-  """The scan pattern's randomness for one example: independent of the batch
-  size, the worker and the order in which examples are prepared."""
-  return np.random.default_rng([seed, index])
-
-
 def to_pil(record: Mapping[str, Any]) -> Image.Image:
   """A record's image as an RGB PIL image (encoded bytes or a uint8 array).
 
@@ -268,11 +262,9 @@ def to_pil(record: Mapping[str, Any]) -> Image.Image:
 def prepare_example(record: Mapping[str, Any], setting: Setting, seed: int,
                     index: int) -> tuple[np.ndarray, np.ndarray, glimpse.ImageBox]:
   """One record -> (canvas (S, S, 3) uint8, positions (T, 2) int32, box)."""
-  canvas, box = eval_transforms.eval_canvas(to_pil(record), setting.resize,
-                                            setting.canvas_size)
-  positions = scan_patterns.generate(setting.scan, example_rng(seed, index),
-                                     canvas.shape[:2], box,
-                                     setting.num_glimpses)
+  canvas, box, positions = glimpse.eval_canvas_and_positions(
+      to_pil(record), canvas_size=setting.canvas_size, resize=setting.resize,
+      scan=setting.scan, num_glimpses=setting.num_glimpses, seed=seed, index=index)
   return canvas, positions, box
 
 
@@ -1049,10 +1041,9 @@ def classify_image(model: nnx.Module, path: str, *, canvas_size: int | None = 51
     pil = sources.decode_image(data, path)
   except sources.BadImageError as e:
     raise DataError(f"unreadable image {e}") from e
-  canvas, box = eval_transforms.eval_canvas(
-      pil, resize, None if resize == "none" else canvas_size, shrink_first=False)
-  positions = scan_patterns.generate(scan, example_rng(seed, 0), canvas.shape[:2],
-                                     box, num_glimpses)
+  canvas, _, positions = glimpse.eval_canvas_and_positions(
+      pil, canvas_size=None if resize == "none" else canvas_size, resize=resize,
+      scan=scan, num_glimpses=num_glimpses, seed=seed, index=0, shrink_first=False)
   graphdef, state = nnx.split(model)
   probs = np.asarray(_image_logits(graphdef, state, canvas[None], positions[None]))[0]
   final = probs[-1]

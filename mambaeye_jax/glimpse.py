@@ -262,6 +262,42 @@ class Glimpses(NamedTuple):
   box: ImageBox
 
 
+def example_rng(seed: int, index: int) -> np.random.Generator:
+  """The scan pattern's randomness for one evaluation example: a function of
+  (seed, example index) alone, so independent of the batch size, the worker
+  and the order in which examples are prepared."""
+  return np.random.default_rng([seed, index])
+
+
+def eval_canvas_and_positions(image, *, canvas_size: int | None, resize: str,
+                              scan: str, num_glimpses: int, seed: int, index: int,
+                              shrink_first: bool = True
+                              ) -> tuple[np.ndarray, ImageBox, np.ndarray]:
+  """A decoded image -> its evaluation canvas and glimpse corners.
+
+  The one implementation behind `glimpses_from_image`, eval.py's dataset
+  mode (`eval_lib.prepare_example`) and its single-image mode; the patches
+  are left to the caller (the evaluator gathers them on the device).
+
+  Args:
+    image: a PIL image or a uint8 array (see `glimpses_from_image`).
+    canvas_size, resize, shrink_first: as `data.eval_transforms.eval_canvas`.
+    scan: a registered scan pattern.
+    num_glimpses: T.
+    seed, index: the scan's randomness (`example_rng`).
+
+  Returns:
+    (canvas (S, S, 3) uint8, box, positions (T, 2) int32).
+  """
+  from mambaeye_jax.data import eval_transforms  # pylint: disable=g-import-not-at-top
+  from mambaeye_jax.data import scan_patterns  # pylint: disable=g-import-not-at-top
+  canvas, box = eval_transforms.eval_canvas(image, resize, canvas_size,
+                                            shrink_first=shrink_first)
+  positions = scan_patterns.generate(scan, example_rng(seed, index), canvas.shape[:2],
+                                     box, num_glimpses)
+  return canvas, box, positions
+
+
 def glimpses_from_image(image, *, canvas_size: int | None = 512,
                         resize: str = "fit", scan: str = "random",
                         num_glimpses: int = 4096, seed: int = 0,
@@ -301,7 +337,6 @@ def glimpses_from_image(image, *, canvas_size: int | None = 512,
   # Imported here: both modules import this one, and `import mambaeye_jax`
   # should not pull in PIL for users who only need the model.
   import os  # pylint: disable=g-import-not-at-top
-  from mambaeye_jax.data import eval_transforms  # pylint: disable=g-import-not-at-top
   from mambaeye_jax.data import scan_patterns  # pylint: disable=g-import-not-at-top
   from mambaeye_jax.data import sources  # pylint: disable=g-import-not-at-top
   if num_glimpses < 1:
@@ -315,9 +350,7 @@ def glimpses_from_image(image, *, canvas_size: int | None = 512,
       raise FileNotFoundError(f"image {path} does not exist")
     with open(path, "rb") as f:
       image = sources.decode_image(f.read(), path)  # BadImageError: a ValueError.
-  canvas, box = eval_transforms.eval_canvas(image, resize, canvas_size,
-                                            shrink_first=shrink_first)
-  rng = np.random.default_rng([seed, index])  # = eval_lib.example_rng.
-  positions = scan_patterns.generate(scan, rng, canvas.shape[:2], box,
-                                     num_glimpses).astype(np.int32)
+  canvas, box, positions = eval_canvas_and_positions(
+      image, canvas_size=canvas_size, resize=resize, scan=scan,
+      num_glimpses=num_glimpses, seed=seed, index=index, shrink_first=shrink_first)
   return Glimpses(extract_patches(canvas, positions), positions, canvas, box)

@@ -4,6 +4,8 @@ cache of the training tests, the eval.py command line as a module."""
 import glob
 import importlib.util
 import os
+import socket
+import subprocess
 
 import jax
 import numpy as np
@@ -112,3 +114,44 @@ def fake_train_config(steps: int):
   c.log_every_steps = 1
   c.checkpoint_every_steps = 100
   return c
+
+
+def subprocess_env(cache_dir, devices: int = 1, environ: dict | None = None,
+                   **extra) -> dict:
+  """Environment of a test's JAX subprocess: this checkout importable, CPU
+  with `devices` simulated devices, a compilation cache shared by the
+  subprocesses in `cache_dir`, then `extra` (from `environ`, default ours)."""
+  env = dict(os.environ if environ is None else environ)
+  env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
+                      + f" --xla_force_host_platform_device_count={devices}").strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+  env.update(extra)
+  return env
+
+
+def free_port() -> int:
+  """A TCP port free on localhost now (for a coordinator)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def run_processes(cmds_envs, cwd, timeout: int = 240) -> list[tuple[int, str]]:
+  """Starts every (cmd, env) at once; [(returncode, stdout + stderr)]."""
+  procs = [subprocess.Popen(cmd, env=env, cwd=str(cwd), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+           for cmd, env in cmds_envs]
+  results = []
+  try:
+    for p in procs:
+      out, _ = p.communicate(timeout=timeout)
+      results.append((p.returncode, out))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  return results

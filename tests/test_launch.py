@@ -16,10 +16,10 @@ TPU pods (JAX's GCE TPU detection) need a TPU VM and are not tested here.
 
 import os
 import socket
-import subprocess
 import sys
 import textwrap
 
+import conftest
 import pytest
 
 from mambaeye_jax import sharding
@@ -38,22 +38,7 @@ def _clean_environ() -> dict:
 
 
 def _env(cache_dir, **extra) -> dict:
-  env = _clean_environ()
-  env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
-                      + " --xla_force_host_platform_device_count=1").strip()
-  env["JAX_PLATFORMS"] = "cpu"
-  env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-  env.update(extra)
-  return env
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+  return conftest.subprocess_env(cache_dir, environ=_clean_environ(), **extra)
 
 
 def _port_is_free(port: int) -> bool:
@@ -63,23 +48,6 @@ def _port_is_free(port: int) -> bool:
     except OSError:
       return False
   return True
-
-
-def _run_processes(cmds_envs, cwd, timeout: int = 240) -> list[tuple[int, str]]:
-  """Starts every (cmd, env) at once; [(returncode, stdout + stderr)]."""
-  procs = [subprocess.Popen(cmd, env=env, cwd=str(cwd), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-           for cmd, env in cmds_envs]
-  results = []
-  try:
-    for p in procs:
-      out, _ = p.communicate(timeout=timeout)
-      results.append((p.returncode, out))
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  return results
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +187,7 @@ def test_slurm_auto_two_local_processes(cache_dir, tmp_path):
     env = _env(cache_dir, MAMBAEYE_DISTRIBUTED="auto",
                **_slurm_vars(job_id, 2, pid, pid, "localhost"))
     runs.append(([sys.executable, "-c", textwrap.dedent(_JOIN)], env))
-  results = _run_processes(runs, tmp_path, timeout=120)
+  results = conftest.run_processes(runs, tmp_path, timeout=120)
   for pid, (rc, out) in enumerate(results):
     assert rc == 0, out[-6000:]
     assert f"JOINED {pid} 2 2 [0, 1]" in out, out[-3000:]
@@ -235,21 +203,21 @@ def test_gpus_per_process_under_slurm(cache_dir, tmp_path):
   """
   cases = {
       # The explicit path ignores SLURM: every GPU of the node.
-      "explicit": ({"MAMBAEYE_COORDINATOR": f"localhost:{_free_port()}",
+      "explicit": ({"MAMBAEYE_COORDINATOR": f"localhost:{conftest.free_port()}",
                     "MAMBAEYE_NUM_PROCESSES": "1", "MAMBAEYE_PROCESS_ID": "0"}, "all"),
       # auto: JAX's SLURM detection keeps GPU SLURM_LOCALID only...
-      "auto": ({"MAMBAEYE_DISTRIBUTED": "auto", "JAX_COORDINATOR_PORT": str(_free_port())},
+      "auto": ({"MAMBAEYE_DISTRIBUTED": "auto", "JAX_COORDINATOR_PORT": str(conftest.free_port())},
                "0"),
       # ...unless JAX_LOCAL_DEVICE_IDS names them (docs/training.md).
       "auto+ids": ({"MAMBAEYE_DISTRIBUTED": "auto",
-                    "JAX_COORDINATOR_PORT": str(_free_port()),
+                    "JAX_COORDINATOR_PORT": str(conftest.free_port()),
                     "JAX_LOCAL_DEVICE_IDS": "0,1,2,3"}, "0,1,2,3"),
   }
   runs = []
   for extra, _ in cases.values():
     env = _env(cache_dir, **_slurm_vars(4242, 1, 0, 0, "localhost"), **extra)
     runs.append(([sys.executable, "-c", textwrap.dedent(_JOIN)], env))
-  results = _run_processes(runs, tmp_path, timeout=120)
+  results = conftest.run_processes(runs, tmp_path, timeout=120)
   for (name, (_, visible)), (rc, out) in zip(cases.items(), results):
     assert rc == 0, f"{name}:\n{out[-6000:]}"
     assert "JOINED 0 1 1 [0]" in out, f"{name}:\n{out[-3000:]}"
@@ -263,7 +231,7 @@ def test_gpus_per_process_under_slurm(cache_dir, tmp_path):
 @pytest.mark.slow
 def test_environment_variable_path_trains_two_processes(cache_dir, tmp_path):
   workdir = tmp_path / "w"
-  port = _free_port()
+  port = conftest.free_port()
   runs = []
   for pid in range(2):
     cmd = [sys.executable, os.path.join(REPO_ROOT, "train.py"),
@@ -276,7 +244,7 @@ def test_environment_variable_path_trains_two_processes(cache_dir, tmp_path):
     env = _env(cache_dir, MAMBAEYE_COORDINATOR=f"localhost:{port}",
                MAMBAEYE_NUM_PROCESSES="2", MAMBAEYE_PROCESS_ID=str(pid))
     runs.append((cmd, env))
-  results = _run_processes(runs, tmp_path)
+  results = conftest.run_processes(runs, tmp_path)
   for rc, out in results:
     assert rc == 0, out[-6000:]
   # The line docs/training.md tells users to look for, on every process.

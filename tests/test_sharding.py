@@ -6,12 +6,12 @@ cache shared by the subprocesses of this file.
 """
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 import types
 
+import conftest
 import numpy as np
 import pytest
 
@@ -21,16 +21,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _env(cache_dir, devices: int = 1, **extra) -> dict:
-  env = dict(os.environ)
-  env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
-                      + f" --xla_force_host_platform_device_count={devices}").strip()
-  env["JAX_PLATFORMS"] = "cpu"
-  env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-  env.update(extra)
-  return env
+  return conftest.subprocess_env(cache_dir, devices, **extra)
 
 
 def _run(code: str, env: dict, timeout: int = 240) -> str:
@@ -132,16 +123,10 @@ def test_restore_onto_fewer_devices(cache_dir, tmp_path):
   assert "STEPS 2 4" in out, out
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_train_and_checkpoint(cache_dir, tmp_path):
   workdir = tmp_path / "w"
-  port = _free_port()
-  procs = []
+  port = conftest.free_port()
+  runs = []
   for pid in range(2):
     cmd = [sys.executable, os.path.join(REPO_ROOT, "train.py"),
            "--config", os.path.join(REPO_ROOT, "configs", "smoke.py"),
@@ -149,19 +134,11 @@ def test_two_processes_train_and_checkpoint(cache_dir, tmp_path):
            "--config.checkpoint_every_steps=2", "--config.sync_stop_every_steps=1",
            "--coordinator_address", f"127.0.0.1:{port}", "--num_processes=2",
            f"--process_id={pid}"]
-    procs.append(subprocess.Popen(cmd, env=_env(cache_dir), cwd=str(tmp_path),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-  outs = []
-  try:
-    for p in procs:
-      outs.append(p.communicate(timeout=300))
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, (out, err) in zip(procs, outs):
-    assert p.returncode == 0, f"{out}\n{err[-6000:]}"
-  assert "2 devices on 2 processes" in outs[0][1] + outs[0][0]
+    runs.append((cmd, _env(cache_dir)))
+  results = conftest.run_processes(runs, tmp_path, timeout=300)
+  for rc, out in results:
+    assert rc == 0, out[-6000:]
+  assert "2 devices on 2 processes" in results[0][1]
   assert sorted(os.listdir(workdir / "checkpoints")) >= ["2", "4"]
   data_files = set(os.listdir(workdir / "checkpoints" / "4" / "data"))
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= data_files, data_files

@@ -46,6 +46,18 @@ def _ints(text: str) -> tuple[int, ...]:
   return tuple(int(x) for x in text.split(",") if x.strip())
 
 
+PROTOCOLS = ("official", "random", "random_official")
+
+
+def _names(text: str) -> tuple[str, ...]:
+  names = tuple(x.strip() for x in text.split(",") if x.strip())
+  unknown = sorted(set(names) - set(PROTOCOLS))
+  if unknown:
+    raise argparse.ArgumentTypeError(
+        f"unknown protocol(s) {', '.join(unknown)}; choose from {', '.join(PROTOCOLS)}")
+  return names
+
+
 def _parse_models(specs: list[str]) -> dict[str, str]:
   models = {}
   for spec in specs:
@@ -191,6 +203,8 @@ def main() -> None:
   parser.add_argument("--workers", type=int, default=min(15, os.cpu_count() or 1))
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--dtype", default="auto")
+  parser.add_argument("--protocols", type=_names, default=PROTOCOLS,
+                      help="comma-separated subset of " + ",".join(PROTOCOLS))
   parser.add_argument("--no-torch", action="store_true",
                       help="skip the official PyTorch model on official weights")
   parser.add_argument("--output", default=None, help="JSON file for the numbers")
@@ -200,14 +214,17 @@ def main() -> None:
   sys.path.insert(0, os.path.abspath(args.official_src))
   forwards = load_jax_models(models, args.dtype)
   torch_models = {}
-  if not args.no_torch:
+  if not args.no_torch and "official" in args.protocols:
     for name, path in models.items():
       if path.endswith(".pt"):
         torch_models[name] = load_torch_model(path, forwards[name][2].config.num_classes)
 
-  tables = {"official validation": official_protocol(args, forwards, torch_models)}
+  tables = {}
+  if "official" in args.protocols:
+    tables["official validation"] = official_protocol(args, forwards, torch_models)
   for scan in ("random", "random_official"):
-    tables[f"eval.py {scan}"] = evalpy_protocol(args, forwards, scan)
+    if scan in args.protocols:
+      tables[f"eval.py {scan}"] = evalpy_protocol(args, forwards, scan)
   report = markdown(tables, args.canvas_sizes, args.glimpses)
   print(f"top-1 % at {' / '.join(map(str, args.glimpses))} glimpses (resize fit)")
   print(report)

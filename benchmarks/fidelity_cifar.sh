@@ -3,12 +3,15 @@
 # one 10-minute device call; run them on one warm machine, in this order).
 #
 #   bash benchmarks/fidelity_cifar.sh official        # the official code, 10 epochs
-#   bash benchmarks/fidelity_cifar.sh ours SEED [STEPS]  # this project, 10 epochs
-#   bash benchmarks/fidelity_cifar.sh evaluate NAME=PATH ...  # both protocols
+#   bash benchmarks/fidelity_cifar.sh ours SEED [STEPS [FLAGS...]]  # this project
+#   bash benchmarks/fidelity_cifar.sh evaluate NAME=PATH ... [FLAGS...]  # both protocols
 #
 # "ours" trains configs/cifar10.py with the official harness's budget:
 # STEPS steps (1,953 = 10 epochs of batch 256 by default), warm-up STEPS/10
-# (the harness's 1 epoch in 10). Environment: OFFICIAL (a copy of
+# (the harness's 1 epoch in 10); FLAGS go to train.py as they are (say
+# --config.loss=ce_last_step), and TAG, when set, names the work directory
+# ours_${TAG}_s${SEED}_${STEPS} apart from the default runs (for "evaluate",
+# TAG.json and TAG.log instead of fidelity.*). Environment: OFFICIAL (a copy of
 # ../shared/official with cifar10_{train,test}.tar.gz beside it, default
 # .official), DATA (default /tmp/data), RUNS (default /tmp/fid), LOGS (where
 # logs and the JSON go, default RUNS), PYTHON (default python3).
@@ -23,7 +26,7 @@ for split in train test; do
   [ -d "$DATA/cifar10/$split" ] || tar xzf "$OFFICIAL/cifar10_$split.tar.gz" -C "$DATA"
 done
 
-stage=${1:?usage: fidelity_cifar.sh official | ours SEED [STEPS] | evaluate NAME=PATH ...}
+stage=${1:?usage: fidelity_cifar.sh official | ours SEED [STEPS [FLAGS...]] | evaluate NAME=PATH ... [FLAGS...]}
 shift
 start=$(date +%s)
 case "$stage" in
@@ -34,18 +37,24 @@ case "$stage" in
   ours)
     seed=${1:?seed}
     steps=${2:-1953}
-    workdir="$RUNS/ours_s${seed}_${steps}"
-    "$PYTHON" -u train.py --config "configs/cifar10.py:$DATA" --workdir "$workdir" \
+    shift $(( $# < 2 ? $# : 2 ))
+    name="ours_${TAG:+${TAG}_}s${seed}_${steps}"
+    "$PYTHON" -u train.py --config "configs/cifar10.py:$DATA" --workdir "$RUNS/$name" \
       --config.seed="$seed" --config.num_train_steps="$steps" \
-      --config.optim.warmup_steps=$(( steps / 10 )) \
-      2>&1 | grep --line-buffered -v "absl" | tee "$LOGS/ours_s${seed}_${steps}.log"
+      --config.optim.warmup_steps=$(( steps / 10 )) "$@" \
+      2>&1 | grep --line-buffered -v "absl" | tee "$LOGS/$name.log"
     ;;
   evaluate)
     models=()
-    for spec in "$@"; do models+=(--model "$spec"); done
+    for spec in "$@"; do
+      case "$spec" in
+        --*) models+=("$spec") ;;  # a flag of fidelity_cifar.py, say --protocols=random
+        *) models+=(--model "$spec") ;;
+      esac
+    done
     "$PYTHON" -u benchmarks/fidelity_cifar.py --data "$DATA" --official-src "$OFFICIAL" \
-      "${models[@]}" --output "$LOGS/fidelity.json" 2>&1 | grep --line-buffered -v "absl" \
-      | tee "$LOGS/fidelity.log"
+      "${models[@]}" --output "$LOGS/${TAG:-fidelity}.json" 2>&1 | grep --line-buffered -v "absl" \
+      | tee "$LOGS/${TAG:-fidelity}.log"
     ;;
   *)
     echo "unknown stage $stage" >&2

@@ -69,3 +69,42 @@ def accuracy_vs_glimpses(report: Mapping[str, Any], path: str) -> str:
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   return path
+
+
+def compare_runs_vs_glimpses(reports: Mapping[str, Mapping[str, Any]], path: str,
+                             title: str = "Accuracy versus glimpses") -> str:
+  """Top-1 accuracy (%) after each glimpse for several runs side by side.
+
+  One panel per (canvas, resize, scan) setting present in the first report,
+  one curve per run in each panel; the log x axis runs to T.
+
+  Args:
+    reports: run name -> report dict (`eval_lib.results_to_json`).
+    path: the PNG to write.
+    title: the figure's title.
+
+  Returns:
+    `path`.
+  """
+  settings = [(r["canvas_size"], r["resize"], r["scan"])
+              for r in next(iter(reports.values()))["results"]]
+  fig = _figure(width=4.2 * len(settings) + 0.6, height=4.2)
+  for i, setting in enumerate(settings):
+    ax = fig.add_subplot(1, len(settings), i + 1)
+    for name, report in reports.items():
+      for r in report["results"]:
+        if (r["canvas_size"], r["resize"], r["scan"]) != setting:
+          continue
+        curve = 100.0 * np.asarray(r["top1_curve"], np.float64)
+        ax.plot(np.arange(1, len(curve) + 1), curve, linewidth=1.2, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("glimpses")
+    if i == 0:
+      ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(f"canvas {setting[0]}, {setting[1]}, {setting[2]}", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  return path

@@ -1,0 +1,75 @@
+r"""Several runs' `eval.py` reports side by side: one table and one plot.
+
+Each `NAME=PATH` is an `eval.py` output folder (or its `results.json`). The
+table gives top-1 % per glimpse count (rows) and run x canvas (columns) for
+the settings of the first report; the plot (`--plot`) draws each run's
+accuracy after every glimpse, one panel per canvas. docs/RESULTS.md's loss
+ablation was made with:
+
+    python benchmarks/compare_runs.py \
+        step-wise=docs/results/cifar10/loss_stepwise.json \
+        ce-last=docs/results/cifar10/loss_ce_last_step.json \
+        ce-every=docs/results/cifar10/loss_ce_every_step.json \
+        --plot docs/results/cifar10/loss_ablation.png \
+        --title "Loss ablation: CIFAR-10, MambaEye-Tiny, 1,953 steps, seed 0"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from mambaeye_jax import plots
+
+
+def load_report(spec: str) -> tuple[str, dict]:
+  """'NAME=PATH' -> (NAME, the report dict); PATH a folder or a JSON file."""
+  name, sep, path = spec.partition("=")
+  if not sep or not name or not path:
+    raise SystemExit(f"give NAME=PATH (an eval.py output folder or results.json), got {spec!r}")
+  if os.path.isdir(path):
+    path = os.path.join(path, "results.json")
+  if not os.path.isfile(path):
+    raise SystemExit(f"{name}: {path} does not exist")
+  with open(path) as f:
+    report = json.load(f)
+  if "results" not in report:
+    raise SystemExit(f"{name}: {path} is not an eval.py report (no 'results')")
+  return name, report
+
+
+def markdown(reports: dict[str, dict]) -> str:
+  """Top-1 % table: rows glimpse counts, columns run x setting."""
+  first = next(iter(reports.values()))["results"]
+  keys = [(r["canvas_size"], r["resize"], r["scan"]) for r in first]
+  glimpses = sorted({int(g) for r in first for g in r["top1"]})
+  by_run = {name: {(r["canvas_size"], r["resize"], r["scan"]): r for r in report["results"]}
+            for name, report in reports.items()}
+  columns = [(name, key) for key in keys for name in reports]
+  head = " | ".join(f"{name} @{key[0]}" for name, key in columns)
+  lines = [f"| glimpses | {head} |", "|---|" + "---|" * len(columns)]
+  for g in glimpses:
+    cells = []
+    for name, key in columns:
+      r = by_run[name].get(key)
+      acc = None if r is None else r["top1"].get(str(g))
+      cells.append("-" if acc is None else f"{100 * acc:.2f}")
+    lines.append(f"| {g} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("runs", nargs="+", help="NAME=PATH, an eval.py output folder or results.json")
+  parser.add_argument("--plot", default=None, help="PNG of accuracy after every glimpse")
+  parser.add_argument("--title", default="Accuracy versus glimpses", help="the plot's title")
+  args = parser.parse_args()
+  reports = dict(load_report(spec) for spec in args.runs)
+  print(markdown(reports))
+  if args.plot:
+    print(f"plot: {plots.compare_runs_vs_glimpses(reports, args.plot, args.title)}")
+
+
+if __name__ == "__main__":
+  main()

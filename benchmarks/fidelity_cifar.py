@@ -78,7 +78,10 @@ def load_jax_models(models: dict[str, str], dtype: str):
 
   forwards = {}
   for name, path in models.items():
-    kind = "checkpoint_path" if os.path.isfile(path) else "workdir"
+    # A .pt or a model directory (config.json beside params/) is a checkpoint;
+    # any other directory is a training work directory (its latest step).
+    is_checkpoint = os.path.isfile(path) or os.path.isfile(os.path.join(path, "config.json"))
+    kind = "checkpoint_path" if is_checkpoint else "workdir"
     model = eval_lib.load_eval_model(dtype=dtype, **{kind: path})
     graphdef, state = nnx.split(model)
 
@@ -196,7 +199,7 @@ def main() -> None:
   parser.add_argument("--official-src", default=".official",
                       help="copy of ../shared/official (mambaeye_official, mamba_ssm)")
   parser.add_argument("--model", action="append", required=True,
-                      help="NAME=PATH: an official .pt or a training work directory")
+                      help="NAME=PATH: an official .pt, a model directory or a training work directory")
   parser.add_argument("--canvas-sizes", type=_ints, default=(32, 48, 64, 96))
   parser.add_argument("--glimpses", type=_ints, default=(16, 64, 128))
   parser.add_argument("--batch-size", type=int, default=500)

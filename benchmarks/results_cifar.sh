@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Issue 12's CIFAR-10 results on one GPU machine, stage by stage (each stage
+# fits one 10-minute device call; docs/RESULTS.md quotes what they print).
+#
+#   bash benchmarks/results_cifar.sh recipe     # configs/cifar10.py as it is (~490 s)
+#   bash benchmarks/results_cifar.sh grid       # the recipe's model: 7 canvases x 4 scans x T to 1024
+#   bash benchmarks/results_cifar.sh ablation   # the loss ablation at the 10-epoch budget, seed 0
+#   bash benchmarks/results_cifar.sh mambaout   # configs/cifar10_mambaout.py: train, then every canvas
+#
+# Environment as benchmarks/fidelity_cifar.sh: OFFICIAL (where the CIFAR
+# archives are, default .official), DATA (default /tmp/data), RUNS (default
+# /tmp/results), LOGS (logs and eval outputs, default RUNS), PYTHON. For
+# "grid": MODEL, a model directory to score instead of the recipe's work
+# directory, and EVAL_FLAGS, more eval.py flags (say "--max-examples 500
+# --glimpses 16,64,256" for a look on a CPU).
+set -euo pipefail
+OFFICIAL=${OFFICIAL:-.official}
+DATA=${DATA:-/tmp/data}
+RUNS=${RUNS:-/tmp/results}
+LOGS=${LOGS:-$RUNS}
+PYTHON=${PYTHON:-python3}
+WORKERS=${WORKERS:-$(( $(nproc) - 1 ))}
+mkdir -p "$RUNS" "$LOGS" "$DATA"
+for split in train test; do
+  [ -d "$DATA/cifar10/$split" ] || tar xzf "$OFFICIAL/cifar10_$split.tar.gz" -C "$DATA"
+done
+quiet() { grep --line-buffered -v -E "absl|^[IW][0-9]{4} "; }
+
+stage=${1:?usage: results_cifar.sh recipe | grid | ablation | mambaout}
+start=$(date +%s)
+case "$stage" in
+  recipe)
+    "$PYTHON" -u train.py --config "configs/cifar10.py:$DATA" --workdir "$RUNS/cifar10" \
+      2>&1 | quiet | tee "$LOGS/recipe.log"
+    ;;
+  grid)
+    if [ -n "${MODEL:-}" ]; then model=(--checkpoint "$MODEL"); else model=(--workdir "$RUNS/cifar10"); fi
+    # shellcheck disable=SC2086  # EVAL_FLAGS is a list of flags.
+    "$PYTHON" -u eval.py "${model[@]}" --data "$DATA/cifar10/test" \
+      --canvas-sizes 32,48,64,96,128,192,256 --scan random,horizontal_raster,spiral,hilbert \
+      --glimpses 16,32,64,128,256,512,1024 --workers "$WORKERS" --batch-size 250 \
+      --output "$LOGS/grid" ${EVAL_FLAGS:-} 2>&1 | quiet | tee "$LOGS/grid.log"
+    ;;
+  ablation)
+    for loss in stepwise ce_last_step ce_every_step; do
+      TAG=$loss RUNS=$RUNS LOGS=$LOGS bash benchmarks/fidelity_cifar.sh ours 0 1953 \
+        --config.loss=$loss
+      "$PYTHON" -u eval.py --workdir "$RUNS/ours_${loss}_s0_1953" --data "$DATA/cifar10/test" \
+        --canvas-sizes 32,64 --glimpses 1,2,4,8,16,32,64,128 --workers "$WORKERS" \
+        --batch-size 500 --output "$LOGS/loss_$loss" --no-plots 2>&1 | quiet | tail -3
+    done
+    "$PYTHON" benchmarks/compare_runs.py "step-wise=$LOGS/loss_stepwise" \
+      "ce-last=$LOGS/loss_ce_last_step" "ce-every=$LOGS/loss_ce_every_step" \
+      --plot "$LOGS/loss_ablation.png" | tee "$LOGS/loss_ablation.md"
+    ;;
+  mambaout)
+    "$PYTHON" -u -m mambaeye_jax.mambaout_train --config "configs/cifar10_mambaout.py:$DATA" \
+      --workdir "$RUNS/mambaout" 2>&1 | quiet | tee "$LOGS/mambaout.log"
+    ;;
+  *)
+    echo "unknown stage $stage" >&2
+    exit 2
+    ;;
+esac
+echo "stage $stage wall $(( $(date +%s) - start )) s"

@@ -16,15 +16,8 @@
 # .official), DATA (default /tmp/data), RUNS (default /tmp/fid), LOGS (where
 # logs and the JSON go, default RUNS), PYTHON (default python3).
 set -euo pipefail
-OFFICIAL=${OFFICIAL:-.official}
-DATA=${DATA:-/tmp/data}
 RUNS=${RUNS:-/tmp/fid}
-LOGS=${LOGS:-$RUNS}
-PYTHON=${PYTHON:-python3}
-mkdir -p "$RUNS" "$LOGS" "$DATA"
-for split in train test; do
-  [ -d "$DATA/cifar10/$split" ] || tar xzf "$OFFICIAL/cifar10_$split.tar.gz" -C "$DATA"
-done
+source "$(dirname "$0")/cifar_env.sh"
 
 stage=${1:?usage: fidelity_cifar.sh official | ours SEED [STEPS [FLAGS...]] | evaluate NAME=PATH ... [FLAGS...]}
 shift

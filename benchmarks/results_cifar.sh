@@ -14,16 +14,9 @@
 # directory, and EVAL_FLAGS, more eval.py flags (say "--max-examples 500
 # --glimpses 16,64,256" for a look on a CPU).
 set -euo pipefail
-OFFICIAL=${OFFICIAL:-.official}
-DATA=${DATA:-/tmp/data}
 RUNS=${RUNS:-/tmp/results}
-LOGS=${LOGS:-$RUNS}
-PYTHON=${PYTHON:-python3}
+source "$(dirname "$0")/cifar_env.sh"
 WORKERS=${WORKERS:-$(( $(nproc) - 1 ))}
-mkdir -p "$RUNS" "$LOGS" "$DATA"
-for split in train test; do
-  [ -d "$DATA/cifar10/$split" ] || tar xzf "$OFFICIAL/cifar10_$split.tar.gz" -C "$DATA"
-done
 quiet() { grep --line-buffered -v -E "absl|^[IW][0-9]{4} "; }
 
 stage=${1:?usage: results_cifar.sh recipe | grid | ablation | mambaout}

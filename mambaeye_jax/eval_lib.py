@@ -48,10 +48,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from PIL import Image
 
+from mambaeye_jax import checkpoint
 from mambaeye_jax import glimpse
 from mambaeye_jax import loss
+from mambaeye_jax import model_dir
+from mambaeye_jax import plots as plots_lib
+from mambaeye_jax import work_dir
 from mambaeye_jax.data import eval_transforms
 from mambaeye_jax.data import scan_patterns
 from mambaeye_jax.data import sources
@@ -89,28 +94,14 @@ def resolve_dtype(dtype: str) -> str:
 
 
 def _restore_from_workdir(workdir: str, **overrides):
-  """The latest model of a training work directory (`train_lib`); a work
-  directory holding only a model directory `model/` (the layout before
-  train_lib existed), or read where train_lib's dependencies are missing,
-  loads that."""
-  # Imported here, as in load_eval_model: orbax is slow to import and the
-  # worker processes, which import this module, never need it.
-  from mambaeye_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  model_dir = os.path.join(workdir, "model")
-  has_model_dir = os.path.isfile(os.path.join(model_dir, checkpoint.CONFIG_FILE))
+  """The latest model of a training work directory; one holding only an
+  exported model directory `model/` (no checkpoint) loads that."""
+  export_dir = os.path.join(workdir, work_dir.MODEL_DIR)
   try:
-    from mambaeye_jax import train_lib  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    if has_model_dir:
-      return checkpoint.load_model(model_dir, **overrides)
-    raise CheckpointError(f"reading the training work directory {workdir} "
-                          f"needs mambaeye_jax.train_lib, which does not "
-                          f"import here: {e}") from e
-  try:
-    return train_lib.restore_model(workdir, **overrides)
+    return work_dir.restore_model(workdir, **overrides)
   except FileNotFoundError:
-    if has_model_dir:
-      return checkpoint.load_model(model_dir, **overrides)
+    if os.path.isfile(os.path.join(export_dir, model_dir.CONFIG_FILE)):
+      return checkpoint.load_model(export_dir, **overrides)
     raise
 
 
@@ -134,7 +125,6 @@ def load_eval_model(*, checkpoint_path: str | None = None,
     CheckpointError: missing path, or a file or directory that is not a
       MambaEye checkpoint; the message names the path.
   """
-  from mambaeye_jax import checkpoint  # pylint: disable=g-import-not-at-top
   if (checkpoint_path is None) == (workdir is None):
     raise CheckpointError("give exactly one of a checkpoint or a work directory")
   path = checkpoint_path or workdir
@@ -681,7 +671,6 @@ def combine_counts(parts: Sequence[_Counts]) -> _Counts:
 
 def _gather_processes(counts: _Counts) -> _Counts:
   """Every process's counts, combined (a collective: all processes call it)."""
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   arrays = multihost_utils.process_allgather(
       (counts.top1, counts.top5, counts.predictions, counts.labels,
        np.array([counts.counted, counts.skipped], np.int64)), tiled=False)
@@ -978,7 +967,6 @@ def write_reports(results: Sequence[SettingResult], config: EvalConfig,
   with open(paths["markdown"], "w") as f:
     f.write(markdown_report(report))
   if plots:
-    from mambaeye_jax import plots as plots_lib  # pylint: disable=g-import-not-at-top
     paths["resolution_plot"] = plots_lib.accuracy_vs_resolution(
         report, os.path.join(output_dir, "accuracy_vs_resolution.png"))
     paths["glimpses_plot"] = plots_lib.accuracy_vs_glimpses(

@@ -8,7 +8,7 @@
                         (the data iterator's state, one file per process)
     metrics.jsonl, tb/  training metrics (see mambaeye_jax.metrics)
     model/              the final parameters as a model directory
-                        (checkpoint.save_params; what eval.py loads)
+                        (model_dir.save_params; what eval.py loads)
     nan_batch_step<N>_process<i>.npz   only if a loss went non-finite
 
 Dimension letters: b global batch, b_local this process's rows, T glimpses,
@@ -52,17 +52,15 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from mambaeye_jax import checkpoint
 from mambaeye_jax import config_fields as config_fields_lib
 from mambaeye_jax import loss as loss_lib
 from mambaeye_jax import metrics as metrics_lib
 from mambaeye_jax import model as model_lib
+from mambaeye_jax import model_dir
 from mambaeye_jax import optim
 from mambaeye_jax import sharding as sharding_lib
+from mambaeye_jax import work_dir
 
-TRAIN_CONFIG_FILE = "train_config.json"
-CHECKPOINT_DIR = "checkpoints"
-MODEL_DIR = "model"
 BATCH_KEYS = ("patches", "positions", "ratio", "labels", "mask", "segment_ids")
 
 TrainState = dict  # {"params": tree, "opt_state": tree, "step": () int32, "rng": (2,) uint32}
@@ -182,7 +180,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   extra = sorted(set(config.data.augment.keys()) - set(default_config().data.augment.keys()))
   if extra:
     raise ValueError(unknown_field_message(f"data.augment.{extra[0]}", known))
-  model = model_config_from(config)
+  model = work_dir.model_config_from(config)
   for name in ("depth", "dim", "num_classes", "d_state", "d_conv", "expand", "headdim",
                "ngroups", "chunk_size"):
     _check_range(f"model.{name}", getattr(model, name), 1)
@@ -237,11 +235,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"loss={config.loss!r} must be one of {', '.join(loss_lib.LOSSES)}")
   if not isinstance(config.export_model, bool):
     raise ValueError(f"export_model={config.export_model!r} must be True or False")
-
-
-def model_config_from(config: ml_collections.ConfigDict) -> model_lib.ModelConfig:
-  """The ModelConfig of config.model (errors name the bad field)."""
-  return checkpoint.config_from_dict(dict(config.model), "config.model")
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict, num_examples: int) -> float:
@@ -528,7 +521,7 @@ def _init_state(model_config: model_lib.ModelConfig, tx: optax.GradientTransform
 
 def model_graphdef(model_config: model_lib.ModelConfig):
   """The NNX graph definition (structure, no arrays) of a MambaEye."""
-  graphdef, _ = nnx.split(checkpoint.abstract_model(model_config))
+  graphdef, _ = nnx.split(model_dir.abstract_model(model_config))
   return graphdef
 
 
@@ -686,42 +679,6 @@ def summarize(window: list[dict], accuracy_at: tuple[int, ...]) -> dict[str, flo
 # Checkpoints.
 
 
-def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict | None = None,
-                       read_only: bool = False) -> ocp.CheckpointManager:
-  """Orbax manager of WORKDIR/checkpoints (asynchronous saves)."""
-  keep = config.keep_checkpoints if config is not None else None
-  directory = os.path.join(checkpoint.absolute(workdir), CHECKPOINT_DIR)
-  # Readers open it read-only on purpose: orbax's two warnings about that
-  # (from the options and from the manager) are noise.
-  quiet = _DropMessage(("Given directory is read only",
-                        "CheckpointManagerOptions.read_only=True"))
-  if read_only:
-    logging.getLogger("absl").addFilter(quiet)
-  try:
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=not read_only, read_only=read_only,
-        enable_async_checkpointing=True,
-        # Synchronous step directories: a directory that cannot be created
-        # raises in save(), on the loop's thread. Created in the background,
-        # the error stays in orbax's thread and the next save waits 20
-        # minutes for it.
-        async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
-    return ocp.CheckpointManager(directory, options=options)
-  finally:
-    logging.getLogger("absl").removeFilter(quiet)
-
-
-class _DropMessage(logging.Filter):
-  """Drops log records whose message starts with one of the given texts."""
-
-  def __init__(self, prefixes: tuple[str, ...]):
-    super().__init__()
-    self._prefix = prefixes  # str.startswith takes a tuple.
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith(self._prefix)
-
-
 class CheckpointWriteError(OSError):
   """A checkpoint cannot be written; the message names the directory and why."""
 
@@ -734,8 +691,8 @@ def check_checkpoint_dir(workdir: str) -> None:
       file is in the way, no permission) or a file cannot be written there.
   """
   import tempfile  # pylint: disable=g-import-not-at-top
-  directory = os.path.join(workdir, CHECKPOINT_DIR)
-  if checkpoint.is_url(directory):
+  directory = os.path.join(workdir, work_dir.CHECKPOINT_DIR)
+  if model_dir.is_url(directory):
     _check_remote_checkpoint_dir(directory)
     return
   try:
@@ -815,7 +772,7 @@ def _restore(manager: ocp.CheckpointManager, step: int, abstract: TrainState,
           f"{manager.directory} ({type(e).__name__}: {e}); it was saved with other data "
           "settings (data.worker_count and the data source are part of the stream): resume "
           "with the stored data settings (see "
-          f"{os.path.join(os.path.dirname(manager.directory), TRAIN_CONFIG_FILE)}); the "
+          f"{os.path.join(os.path.dirname(manager.directory), work_dir.TRAIN_CONFIG_FILE)}); the "
           "workdir was left unchanged") from e
   else:
     # Another process count wrote this checkpoint: the model resumes, the
@@ -825,71 +782,19 @@ def _restore(manager: ocp.CheckpointManager, step: int, abstract: TrainState,
   return {"params": restored["params"], **restored["train"]}
 
 
-def _write_train_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  if jax.process_index() != 0:
-    return
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  with epath.Path(workdir, TRAIN_CONFIG_FILE).open("w") as f:
-    f.write(config.to_json_best_effort(indent=2))
-
-
-def read_train_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, TRAIN_CONFIG_FILE)
-  if not epath.Path(path).exists():
-    raise FileNotFoundError(f"{workdir} is not a training workdir (no {TRAIN_CONFIG_FILE})")
-  with epath.Path(path).open() as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
-def restore_model(workdir: str, step: int | None = None, **overrides) -> model_lib.MambaEye:
-  """The model of a training workdir's checkpoint, for evaluation.
-
-  Args:
-    workdir: a directory `train_and_evaluate` wrote.
-    step: checkpoint step; the latest when None.
-    **overrides: ModelConfig fields that keep parameter shapes (dtype,
-      ssd_impl, remat, chunk_size).
-
-  Returns:
-    A MambaEye with the checkpoint's parameters on the default device.
-  """
-  config = model_config_from(read_train_config(workdir))
-  config = dataclasses.replace(config, **overrides)
-  manager = checkpoint_manager(workdir, read_only=True)
-  try:
-    if step is None:
-      step = manager.latest_step()
-      if step is None:
-        raise FileNotFoundError(f"no checkpoint in {manager.directory}")
-    if step not in manager.all_steps():
-      raise FileNotFoundError(f"no checkpoint of step {step} in {manager.directory}; "
-                              f"steps: {sorted(manager.all_steps())}")
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    expected = nnx.to_pure_dict(nnx.state(checkpoint.abstract_model(config), nnx.Param))
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                          expected)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(target)))
-  finally:
-    manager.close()
-  return checkpoint.model_from_params(config, restored["params"], source=f"{workdir}@{step}")
-
-
 def export_model(directory: str, model_config: model_lib.ModelConfig, params) -> None:
-  """Writes a model directory (checkpoint.save_params), replacing an old one.
+  """Writes a model directory (model_dir.save_params), replacing an old one.
 
   Collective: every process calls it; process 0 writes.
   """
   host_params = sharding_lib.to_host(params)
-  directory = checkpoint.absolute(directory)
+  directory = model_dir.absolute(directory)
   if jax.process_index() == 0:
     tmp = directory + ".tmp"
     if epath.Path(tmp).exists():
       epath.Path(tmp).rmtree()
-    if jax.process_count() == 1:
-      checkpoint.save_params(tmp, model_config, host_params)
-    else:
-      _save_params_single_process(tmp, model_config, host_params)
+    model_dir.save_params(tmp, model_config, host_params,
+                          this_process_only=jax.process_count() > 1)
     if epath.Path(directory).exists():
       epath.Path(directory).rmtree()
     # On a bucket this copies the objects: no atomic rename there, but the
@@ -897,21 +802,6 @@ def export_model(directory: str, model_config: model_lib.ModelConfig, params) ->
     epath.Path(tmp).rename(directory)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("mambaeye_export_model")
-
-
-def _save_params_single_process(directory: str, model_config, params) -> None:
-  """checkpoint.save_params' format, written by process 0 alone.
-
-  checkpoint.save_params' orbax checkpointer would wait for every process at
-  its barriers; here only process 0 takes part.
-  """
-  epath.Path(directory).mkdir(parents=True)
-  options = ocp.options.MultiprocessingOptions(primary_host=0, active_processes={0})
-  with ocp.StandardCheckpointer(multiprocessing_options=options) as ckptr:
-    ckptr.save(os.path.join(directory, checkpoint.PARAMS_DIR), params)
-  with epath.Path(directory, checkpoint.CONFIG_FILE).open("w") as f:
-    json.dump({"format_version": checkpoint.FORMAT_VERSION,
-               "model": checkpoint.config_to_dict(model_config)}, f, indent=2)
 
 
 # ----------------------------------------------------------------------------
@@ -970,7 +860,7 @@ def _check_finite(step: int, metrics: dict, local_batch: dict, workdir: str,
     last = "no checkpoint was written"
   else:
     last = (f"the last checkpoint is step {last_checkpoint} in "
-            f"{os.path.join(workdir, CHECKPOINT_DIR)}")
+            f"{os.path.join(workdir, work_dir.CHECKPOINT_DIR)}")
   where = f"that step's batch (this process's rows) is saved in {path}; {last}"
   if not math.isfinite(loss):
     raise NonFiniteLossError(f"training loss is {loss} at step {step}; {where}")
@@ -1018,8 +908,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   # Everything that can be checked is, before anything is written.
   validate_config(config)
-  workdir = checkpoint.absolute(workdir)  # A bucket's gs://... stays as it is.
-  model_config = model_config_from(config)
+  workdir = model_dir.absolute(workdir)  # A bucket's gs://... stays as it is.
+  model_config = work_dir.model_config_from(config)
   check_resumable(workdir, config)
   source = make_source(config)
   check_num_classes(source, model_config)
@@ -1041,7 +931,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   manager = None
   try:
     state, state_shardings, abstract = create_train_state(model_config, tx, config.seed, mesh)
-    manager = checkpoint_manager(workdir, config)
+    manager = work_dir.checkpoint_manager(workdir, config)
     start = manager.latest_step()
     if start is not None:
       logging.info("resuming from checkpoint step %d", start)
@@ -1049,7 +939,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       state = _restore_or_explain(manager, start, abstract, iterator, workdir)
     # Written once the run is known to start or resume: a failed resume
     # leaves the workdir's record of its model as it was.
-    _write_train_config(workdir, config)
+    work_dir.write_train_config(workdir, config)
     batches = BatchPrefetcher(iterator, mesh, config.prefetch_to_device)
   except BaseException:
     _close_quietly(iterator)
@@ -1058,7 +948,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     raise
   step = int(start or 0)
   last_checkpoint = start
-  model_dir = os.path.join(workdir, MODEL_DIR)
+  export_dir = os.path.join(workdir, work_dir.MODEL_DIR)
   already_done = step >= total_steps
   graphdef = model_graphdef(model_config)
   p_step = compile_train_step(make_train_step(graphdef, tx, schedule, accuracy_at,
@@ -1158,8 +1048,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     finished = step >= total_steps
     # A finished run re-run exports again only if its model is missing.
     if (finished and config.export_model
-        and not (already_done and epath.Path(model_dir).is_dir())):
-      export_model(model_dir, model_config, state["params"])
+        and not (already_done and epath.Path(export_dir).is_dir())):
+      export_model(export_dir, model_config, state["params"])
     if finished and is_chief:
       print(finished_message(workdir, step, config, already=already_done), flush=True)
   finally:
@@ -1175,15 +1065,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 def finished_message(workdir: str, step: int, config: ml_collections.ConfigDict,
                      already: bool = False) -> str:
   """Where a finished run's model is and what to run next."""
-  model_dir = os.path.join(workdir, MODEL_DIR)
+  export_dir = os.path.join(workdir, work_dir.MODEL_DIR)
   data = "IMAGE_FOLDER"
   if config.data.source == "synthetic":
     data = "IMAGE_FOLDER (a root/<class>/<image> folder)"
   lines = [f"training {'had already ' if already else ''}finished at step {step} (checkpoints in "
-           f"{os.path.join(workdir, CHECKPOINT_DIR)})"]
-  if config.export_model and epath.Path(model_dir).is_dir():
-    lines.append(f"the model is in {model_dir}")
-    lines.append(f"evaluate it with: python eval.py --checkpoint {model_dir} --data {data}")
+           f"{os.path.join(workdir, work_dir.CHECKPOINT_DIR)})"]
+  if config.export_model and epath.Path(export_dir).is_dir():
+    lines.append(f"the model is in {export_dir}")
+    lines.append(f"evaluate it with: python eval.py --checkpoint {export_dir} --data {data}")
   else:
     lines.append(f"evaluate it with: python eval.py --workdir {workdir} --data {data}")
   return "\n".join(lines)
@@ -1201,13 +1091,6 @@ def _close_quietly(iterator) -> None:
 _SHAPE_NEUTRAL_MODEL_FIELDS = ("dtype", "ssd_impl", "remat", "chunk_size")
 
 
-def _checkpoint_steps(workdir: str) -> list[int]:
-  directory = epath.Path(workdir, CHECKPOINT_DIR)
-  if not directory.is_dir():
-    return []
-  return sorted(int(d.name) for d in directory.iterdir() if d.name.isdigit())
-
-
 def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Refuses to resume a workdir whose checkpoints hold another model.
 
@@ -1218,11 +1101,11 @@ def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
   Raises:
     ValueError: naming each differing field, its stored and its new value.
   """
-  path = os.path.join(workdir, TRAIN_CONFIG_FILE)
-  if not epath.Path(path).is_file() or not _checkpoint_steps(workdir):
+  path = os.path.join(workdir, work_dir.TRAIN_CONFIG_FILE)
+  if not epath.Path(path).is_file() or not work_dir.checkpoint_steps(workdir):
     return
   try:
-    stored = dict(read_train_config(workdir).model)
+    stored = dict(work_dir.read_train_config(workdir).model)
   except (ValueError, KeyError, AttributeError) as e:
     raise ValueError(f"cannot read {path} to check the resumed model: {e}") from e
   new = dict(config.model)
@@ -1248,6 +1131,6 @@ def _restore_or_explain(manager: ocp.CheckpointManager, step: int, abstract: Tra
     raise ValueError(
         f"cannot resume from checkpoint {step} in {manager.directory} ({first}); it was "
         f"probably written with another model or optimizer config (see "
-        f"{os.path.join(workdir, TRAIN_CONFIG_FILE)}): use a new --workdir or the same "
+        f"{os.path.join(workdir, work_dir.TRAIN_CONFIG_FILE)}): use a new --workdir or the same "
         "config; the workdir was left unchanged") from e
 

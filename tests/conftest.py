@@ -94,9 +94,9 @@ def random_params(config, seed: int = 0, scale: float = 0.2):
   seconds on a busy CPU, and tests of loading and evaluation only need some
   weights of the right shapes.
   """
-  from mambaeye_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from mambaeye_jax import model_dir  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
-  shapes = nnx.to_pure_dict(nnx.state(checkpoint.abstract_model(config), nnx.Param))
+  shapes = nnx.to_pure_dict(nnx.state(model_dir.abstract_model(config), nnx.Param))
   return jax.tree.map(
       lambda s: (scale * rng.standard_normal(s.shape)).astype(np.float32), shapes)
 

@@ -14,6 +14,7 @@ from mambaeye_jax import checkpoint
 from mambaeye_jax import eval_lib
 from mambaeye_jax import glimpse
 from mambaeye_jax import model as model_lib
+from mambaeye_jax import model_dir
 
 
 def tiny_model(seed: int = 0) -> model_lib.MambaEye:
@@ -22,7 +23,7 @@ def tiny_model(seed: int = 0) -> model_lib.MambaEye:
   config = model_lib.ModelConfig(depth=2, dim=32, num_classes=10, d_state=16,
                                  headdim=16, chunk_size=8)
   params = conftest.random_params(config, seed)
-  return checkpoint.model_from_params(config, params)
+  return model_dir.model_from_params(config, params)
 
 
 def test_import_is_light_and_exports_resolve():

@@ -14,6 +14,7 @@ from PIL import Image
 from mambaeye_jax import checkpoint
 from mambaeye_jax import eval_lib
 from mambaeye_jax import model as model_lib
+from mambaeye_jax import model_dir as model_dir_lib
 from mambaeye_jax import plots
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +31,7 @@ def model_dir(tmp_path_factory):
                                  headdim=16, chunk_size=16)
   params = conftest.random_params(config, 0)
   path = str(tmp_path_factory.mktemp("ckpt") / "model")
-  checkpoint.save_params(path, config, params)
+  model_dir_lib.save_params(path, config, params)
   return path
 
 

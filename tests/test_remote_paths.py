@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 from etils.epath import testing as epath_testing
 
-from mambaeye_jax import checkpoint
 from mambaeye_jax import metrics as metrics_lib
+from mambaeye_jax import model_dir
 from mambaeye_jax import train_lib
+from mambaeye_jax import work_dir
 from mambaeye_jax.data import sources
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -78,9 +79,9 @@ def bucket(tmp_path, monkeypatch):
 
 def test_url_paths_are_never_made_absolute(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  assert checkpoint.is_url("gs://b/run") and not checkpoint.is_url("b/run")
-  assert checkpoint.absolute("gs://b/run") == "gs://b/run"
-  assert checkpoint.absolute("run") == os.path.join(str(tmp_path), "run")
+  assert model_dir.is_url("gs://b/run") and not model_dir.is_url("b/run")
+  assert model_dir.absolute("gs://b/run") == "gs://b/run"
+  assert model_dir.absolute("run") == os.path.join(str(tmp_path), "run")
 
 
 def test_checkpoint_manager_gets_the_url(tmp_path, monkeypatch):
@@ -88,9 +89,9 @@ def test_checkpoint_manager_gets_the_url(tmp_path, monkeypatch):
   got = []
   monkeypatch.setattr(train_lib.ocp, "CheckpointManager",
                       lambda directory, options: got.append(directory))
-  train_lib.checkpoint_manager("gs://b/run")
-  train_lib.checkpoint_manager("gs://b/run", read_only=True)
-  train_lib.checkpoint_manager("run")
+  work_dir.checkpoint_manager("gs://b/run")
+  work_dir.checkpoint_manager("gs://b/run", read_only=True)
+  work_dir.checkpoint_manager("run")
   assert got == ["gs://b/run/checkpoints"] * 2 + [str(tmp_path / "run" / "checkpoints")]
   assert os.listdir(tmp_path) == []
 
@@ -98,15 +99,15 @@ def test_checkpoint_manager_gets_the_url(tmp_path, monkeypatch):
 def test_train_config_round_trip_and_resume_check(bucket):
   root, seen = bucket
   config = smoke.get_config()
-  train_lib._write_train_config("gs://b/run", config)  # pylint: disable=protected-access
-  assert (root / "b" / "run" / train_lib.TRAIN_CONFIG_FILE).is_file()
-  assert train_lib.read_train_config("gs://b/run").model.to_dict() == config.model.to_dict()
+  work_dir.write_train_config("gs://b/run", config)  # pylint: disable=protected-access
+  assert (root / "b" / "run" / work_dir.TRAIN_CONFIG_FILE).is_file()
+  assert work_dir.read_train_config("gs://b/run").model.to_dict() == config.model.to_dict()
   with pytest.raises(FileNotFoundError, match="gs://b/other is not a training workdir"):
-    train_lib.read_train_config("gs://b/other")
+    work_dir.read_train_config("gs://b/other")
   # No checkpoints yet: resumable whatever the model; with one, checked.
   train_lib.check_resumable("gs://b/run", config)
   (root / "b" / "run" / "checkpoints" / "7").mkdir(parents=True)
-  assert train_lib._checkpoint_steps("gs://b/run") == [7]  # pylint: disable=protected-access
+  assert work_dir.checkpoint_steps("gs://b/run") == [7]  # pylint: disable=protected-access
   other = config.copy_and_resolve_references()
   other.model.depth += 1
   with pytest.raises(ValueError, match=r"gs://b/run holds checkpoints of another model"):
@@ -149,12 +150,12 @@ def test_metrics_on_a_bucket_resume_and_skip_tensorboard(bucket, monkeypatch, ca
 def test_model_directory_config_on_a_bucket(bucket):
   root, _ = bucket
   with pytest.raises(FileNotFoundError, match="gs://b/model is not a mambaeye-jax model"):
-    checkpoint.read_config("gs://b/model")
-  config = train_lib.model_config_from(smoke.get_config())
+    model_dir.read_config("gs://b/model")
+  config = work_dir.model_config_from(smoke.get_config())
   (root / "b" / "model").mkdir(parents=True)
-  (root / "b" / "model" / checkpoint.CONFIG_FILE).write_text(json.dumps(
-      {"format_version": checkpoint.FORMAT_VERSION, "model": checkpoint.config_to_dict(config)}))
-  assert checkpoint.read_config("gs://b/model") == config
+  (root / "b" / "model" / model_dir.CONFIG_FILE).write_text(json.dumps(
+      {"format_version": model_dir.FORMAT_VERSION, "model": model_dir.config_to_dict(config)}))
+  assert model_dir.read_config("gs://b/model") == config
 
 
 def test_arrayrecord_glob_on_a_bucket_goes_through_epath(bucket, monkeypatch):

@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from mambaeye_jax import train_lib
+from mambaeye_jax import work_dir
 from mambaeye_jax.data import sources
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -172,7 +173,7 @@ def test_labels_beyond_num_classes_in_a_batch_are_named():
 
 def test_resuming_another_model_is_refused_and_the_workdir_kept(tmp_path):
   old = fake_config()
-  train_lib._write_train_config(str(tmp_path), old)
+  work_dir.write_train_config(str(tmp_path), old)
   (tmp_path / "checkpoints" / "6").mkdir(parents=True)
   before = (tmp_path / "train_config.json").read_text()
   new = fake_config()
@@ -233,7 +234,7 @@ def test_checkpoint_failure_during_the_run_raises_instead_of_hanging(tmp_path):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   state = {"params": {"w": jnp.ones(3)}, "opt_state": {"mu": jnp.zeros(3)},
            "step": jnp.zeros((), jnp.int32), "rng": jnp.zeros(2, jnp.uint32)}
-  manager = train_lib.checkpoint_manager(str(tmp_path), fake_config())
+  manager = work_dir.checkpoint_manager(str(tmp_path), fake_config())
   try:
     os.rmdir(tmp_path / "checkpoints")
     (tmp_path / "checkpoints").write_text("in the way")
@@ -268,5 +269,5 @@ def test_finished_run_rerun_says_where_the_model_is(tmp_path, capsys, caplog):
   assert f"the model is in {tmp_path}/model" in out
   assert f"python eval.py --checkpoint {tmp_path}/model --data" in out
   with caplog.at_level(logging.WARNING):
-    train_lib.restore_model(str(tmp_path))
+    work_dir.restore_model(str(tmp_path))
   assert "read only" not in caplog.text and "read_only" not in caplog.text

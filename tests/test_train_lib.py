@@ -17,7 +17,9 @@ import pytest
 
 from mambaeye_jax import checkpoint
 from mambaeye_jax import metrics as metrics_lib
+from mambaeye_jax import model_dir
 from mambaeye_jax import train_lib
+from mambaeye_jax import work_dir
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
@@ -68,11 +70,11 @@ def test_smoke_config_trains_end_to_end(tmp_path):
   # The exported model directory loads with the library's loader and
   # agrees with restore_model on the last checkpoint.
   exported = checkpoint.load_model(str(workdir / "model"))
-  restored = train_lib.restore_model(str(workdir))
+  restored = work_dir.restore_model(str(workdir))
   via_loader = checkpoint.load_model(str(workdir))  # A workdir loads too.
-  a = jax.tree.leaves(checkpoint.nnx.state(exported))
+  a = jax.tree.leaves(model_dir.nnx.state(exported))
   for other in (restored, via_loader):
-    b = jax.tree.leaves(checkpoint.nnx.state(other))
+    b = jax.tree.leaves(model_dir.nnx.state(other))
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
@@ -95,8 +97,8 @@ def test_interrupt_and_resume_reproduces_the_loss_curve(tmp_path):
   assert sorted(got) == list(range(1, 7))
   np.testing.assert_allclose([got[s] for s in range(1, 7)], [want[s] for s in range(1, 7)],
                              rtol=1e-6)
-  a = checkpoint.load_params(str(tmp_path / "straight" / "model"))[1]
-  b = checkpoint.load_params(str(tmp_path / "resumed" / "model"))[1]
+  a = model_dir.load_params(str(tmp_path / "straight" / "model"))[1]
+  b = model_dir.load_params(str(tmp_path / "resumed" / "model"))[1]
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
 
@@ -195,7 +197,7 @@ def test_config_errors_name_the_field():
 
 def test_restore_model_names_missing_steps(tmp_path):
   with pytest.raises(FileNotFoundError, match="not a training workdir"):
-    train_lib.restore_model(str(tmp_path))
+    work_dir.restore_model(str(tmp_path))
 
 
 def test_glimpse_index_and_last_step_with_packing():
@@ -218,10 +220,10 @@ def test_glimpse_index_and_last_step_with_packing():
 
 def test_train_config_json_roundtrips(tmp_path):
   c = fake_config()
-  train_lib._write_train_config(str(tmp_path), c)
-  back = train_lib.read_train_config(str(tmp_path))
-  assert train_lib.model_config_from(back) == train_lib.model_config_from(c)
-  with open(tmp_path / train_lib.TRAIN_CONFIG_FILE) as f:
+  work_dir.write_train_config(str(tmp_path), c)
+  back = work_dir.read_train_config(str(tmp_path))
+  assert work_dir.model_config_from(back) == work_dir.model_config_from(c)
+  with open(tmp_path / work_dir.TRAIN_CONFIG_FILE) as f:
     assert json.load(f)["data"]["source"] == "fake"
 
 

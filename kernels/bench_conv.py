@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 
 from kernels import conv_pallas_gpu
+from kernels import conv_reference
 from kernels import gated_norm_pallas_gpu
-from mambaeye_jax import layers
+from kernels import norms
 
 SHAPES = ((64, 1024, 512), (64, 1024, 128), (64, 4096, 512))  # Tiny: x, BC (g n = 64)
 FWD_TILES = ((64, 128, 4), (32, 128, 4), (64, 64, 4), (32, 64, 2), (128, 64, 4), (16, 128, 2))
@@ -53,9 +54,9 @@ def bench_shape(shape, cfgs, reps, inner):
   kernel = jax.random.normal(keys[1], (4, c)) * 0.5
   bias = jax.random.normal(keys[2], (c,)) * 0.1
   d_out = jax.random.normal(keys[3], shape, jnp.bfloat16)
-  xla_fwd = jax.jit(lambda x, k, b: layers.causal_conv_silu(x, k, b, None, jnp.bfloat16))
+  xla_fwd = jax.jit(lambda x, k, b: conv_reference.causal_conv_silu_reference(x, k, b, None, jnp.bfloat16))
   xla_bwd = jax.jit(lambda x, k, b, g: jax.vjp(
-      lambda x, k, b: layers.causal_conv_silu(x, k, b, None, jnp.bfloat16), x, k, b)[1](g))
+      lambda x, k, b: conv_reference.causal_conv_silu_reference(x, k, b, None, jnp.bfloat16), x, k, b)[1](g))
   ref_out, ref_grads = xla_fwd(x, kernel, bias), xla_bwd(x, kernel, bias, d_out)
   rows = [("xla (custom vjp)", _median_ms(lambda: xla_fwd(x, kernel, bias), reps, inner),
            _median_ms(lambda: xla_bwd(x, kernel, bias, d_out), reps, inner), 0.0, 0.0)]
@@ -84,9 +85,9 @@ def bench_gated_norm(rows, cfgs, reps, inner):
   z = jax.random.normal(keys[1], (rows, 512), jnp.bfloat16)
   d_out = jax.random.normal(keys[2], (rows, 512), jnp.bfloat16)
   weight = jnp.ones((512,))
-  xla = jax.jit(lambda y, z, w: layers.gated_rms_norm(y, z, w, 1e-5, 512, jnp.bfloat16))
+  xla = jax.jit(lambda y, z, w: norms.gated_rms_norm(y, z, w, 1e-5, 512, jnp.bfloat16))
   xla_bwd = jax.jit(lambda y, z, w, g: jax.vjp(
-      lambda y, z, w: layers.gated_rms_norm(y, z, w, 1e-5, 512, jnp.bfloat16), y, z, w)[1](g))
+      lambda y, z, w: norms.gated_rms_norm(y, z, w, 1e-5, 512, jnp.bfloat16), y, z, w)[1](g))
   want = xla(y, z, weight).astype(jnp.float32)
   out = [("xla (reduce + elementwise)", _median_ms(lambda: xla(y, z, weight), reps, inner),
           _median_ms(lambda: xla_bwd(y, z, weight, d_out), reps, inner), 0.0)]

@@ -6,7 +6,7 @@ tt tokens per program (`block_t`), cc channels per program (`block_c`).
     out_t = silu(bias + sum_k kernel[k] * x_{t - (K-1-k)})
 
 with x before the row's start, or before the token's segment start, taken as
-zero. The reference is `mambaeye_jax.layers.causal_conv_silu` (XLA, with its
+zero. The reference is `kernels.conv_reference.causal_conv_silu_reference` (XLA, with its
 own custom VJP); tests/test_conv_pallas.py checks this module against it and
 against autodiff of the plain definition, in interpret mode on the CPU.
 
@@ -210,7 +210,7 @@ def _check(x, kernel, block_t, block_c):
   fit = tiles(t, c, block_t, block_c)
   if fit is None:
     raise ValueError(f"conv kernel needs length % 16 == 0 and channels % 32 == 0, got "
-                     f"x {x.shape}; use mambaeye_jax.layers.causal_conv_silu")
+                     f"x {x.shape}; use kernels.conv_reference.causal_conv_silu_reference")
   return b, t, c, fit
 
 

@@ -286,7 +286,7 @@ def stratified_subset(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
   n = len(labels)
   if count >= n:
     return np.arange(n, dtype=np.int64)
-  # A stream apart from the scan orders' (glimpse.example_rng: [seed, i]).
+  # A stream apart from the scan orders' (glimpses.example_rng: [seed, i]).
   rng = np.random.default_rng([seed, 0, 1])
   shuffled = rng.permutation(n)
   # Grouped by class, shuffled within: the rank of each example in its class.

@@ -58,6 +58,8 @@ from mambaeye_jax import model_dir
 from mambaeye_jax import plots as plots_lib
 from mambaeye_jax import work_dir
 from mambaeye_jax.data import eval_transforms
+from mambaeye_jax.data import geometry
+from mambaeye_jax.data import glimpses
 from mambaeye_jax.data import scan_patterns
 from mambaeye_jax.data import sources
 from mambaeye_jax.eval_data import CheckpointError
@@ -200,9 +202,9 @@ class EvalConfig:
       if not getattr(self, name):
         raise ValueError(f"EvalConfig.{name} is empty")
     for s in self.canvas_sizes:
-      if s < glimpse.PATCH_SIZE:
+      if s < geometry.PATCH_SIZE:
         raise ValueError(f"canvas size {s} is smaller than one "
-                         f"{glimpse.PATCH_SIZE}x{glimpse.PATCH_SIZE} patch")
+                         f"{geometry.PATCH_SIZE}x{geometry.PATCH_SIZE} patch")
     for mode in self.resize_modes:
       if mode not in eval_transforms.RESIZE_MODES:
         raise ValueError(f"unknown resize mode {mode!r}; known modes: "
@@ -250,9 +252,9 @@ def to_pil(record: Mapping[str, Any]) -> Image.Image:
 
 
 def prepare_example(record: Mapping[str, Any], setting: Setting, seed: int,
-                    index: int) -> tuple[np.ndarray, np.ndarray, glimpse.ImageBox]:
+                    index: int) -> tuple[np.ndarray, np.ndarray, geometry.ImageBox]:
   """One record -> (canvas (S, S, 3) uint8, positions (T, 2) int32, box)."""
-  canvas, box, positions = glimpse.eval_canvas_and_positions(
+  canvas, box, positions = glimpses.eval_canvas_and_positions(
       to_pil(record), canvas_size=setting.canvas_size, resize=setting.resize,
       scan=setting.scan, num_glimpses=setting.num_glimpses, seed=seed, index=index)
   return canvas, positions, box
@@ -1029,7 +1031,7 @@ def classify_image(model: nnx.Module, path: str, *, canvas_size: int | None = 51
     pil = sources.decode_image(data, path)
   except sources.BadImageError as e:
     raise DataError(f"unreadable image {e}") from e
-  canvas, _, positions = glimpse.eval_canvas_and_positions(
+  canvas, _, positions = glimpses.eval_canvas_and_positions(
       pil, canvas_size=None if resize == "none" else canvas_size, resize=resize,
       scan=scan, num_glimpses=num_glimpses, seed=seed, index=0, shrink_first=False)
   graphdef, state = nnx.split(model)

@@ -14,8 +14,8 @@ from flax import nnx
 from PIL import Image
 
 from mambaeye_jax import eval_lib
-from mambaeye_jax import glimpse
 from mambaeye_jax import model as model_lib
+from mambaeye_jax.data import geometry
 
 K = 10
 T = 12
@@ -204,7 +204,7 @@ def test_prepare_example_is_deterministic_per_index():
   c = eval_lib.prepare_example(source[1], setting, 7, 2)
   np.testing.assert_array_equal(a[1], b[1])
   assert not np.array_equal(a[1], c[1])
-  assert a[1].max() <= CANVAS - glimpse.PATCH_SIZE
+  assert a[1].max() <= CANVAS - geometry.PATCH_SIZE
 
 
 def test_reports_and_plots(tmp_path):
@@ -247,7 +247,7 @@ def test_device_gather_matches_a_per_image_host_reference():
   for i in range(len(source)):
     record = source[i]
     canvas, pos, _ = eval_lib.prepare_example(record, setting, cfg.seed, i)
-    patches.append(glimpse.extract_patches(canvas, pos))  # numpy gather
+    patches.append(geometry.extract_patches(canvas, pos))  # numpy gather
     positions.append(pos)
     labels.append(record["label"])
   forward = nnx.jit(lambda m, p, q: m(p, q))

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from kernels import ssd_pallas as ssd_pallas_mod
 from kernels import ssd_pallas_gpu
+from kernels import ssd_pallas_tpu
 from kernels.ssd_reference import ssd_sequential
 
 SSDGpuConfig = ssd_pallas_gpu.SSDGpuConfig
@@ -260,14 +261,8 @@ def test_cpu_without_interpret_raises():
 
 def test_tpu_dispatch(monkeypatch):
   """On TPU, ssd_pallas hands everything to kernels.ssd_pallas_tpu."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(ssd_pallas_mod.jax, "default_backend", lambda: "tpu")
   args, _ = _inputs(0, 1, 8, 1, 16, 1, 16, jnp.float32, seg=False, init=False)
-  if importlib.util.find_spec("kernels.ssd_pallas_tpu") is None:
-    with pytest.raises(NotImplementedError, match="ssd_pallas_tpu"):
-      ssd_pallas_mod.ssd_pallas(*args[:6])
-    return
-  from kernels import ssd_pallas_tpu  # pylint: disable=g-import-not-at-top
   calls = []
 
   def fake(*a, **kw):

@@ -14,7 +14,7 @@ transform (T = 1024, canvas 256..1024 by default; `--preset cifar10`: T =
      stages per sample: batching (`rows_to_batch`) and the worker -> main
      process transfer (Grain's copy into shared memory and its opening);
   2. the same work in the official order and sizes (`apply_reference`, the
-     full canvas, glimpse.py's ratio), for comparison on the same machine;
+     full canvas, geometry.py's ratio), for comparison on the same machine;
   3. end to end through the Grain pipeline (`make_train_iterator`,
      in-process, one thread), batches included; what it costs beyond the
      stages is Grain's own per-record overhead;
@@ -38,9 +38,9 @@ import time
 
 import numpy as np
 
-from mambaeye_jax import glimpse
 from mambaeye_jax.data import augment
 from mambaeye_jax.data import batching
+from mambaeye_jax.data import geometry
 from mambaeye_jax.data import glimpses
 from mambaeye_jax.data import pipeline
 from mambaeye_jax.data import scan_patterns
@@ -120,9 +120,9 @@ def bench_stages(files, cfg: pipeline.DataConfig, samples: int, seed: int):
     positions = scan_patterns.generate("train", rng, (canvas, canvas), box,
                                        cfg.num_glimpses)
     t4 = _clock()
-    glimpses.gather_patches(pixels, (canvas, canvas), box, positions)
+    geometry.gather_patches(pixels, (canvas, canvas), box, positions)
     t5 = _clock()
-    glimpse.information_ratio(positions, box)
+    geometry.information_ratio(positions, box)
     t6 = _clock()
     plan_s = marks["plan1"] - marks["plan0"]
     totals["read file"] += t1 - t0
@@ -150,7 +150,7 @@ def bench_reference(files, cfg: pipeline.DataConfig, samples: int,
   """CPU seconds per sample of the official order of work, same machine.
 
   Full decode, `augment.apply_reference` (every step at the official sizes),
-  the full zero canvas, `glimpse.extract_patches` on it and glimpse.py's
+  the full zero canvas, `geometry.extract_patches` on it and geometry.py's
   coverage ratio: the official loader's work without its PyTorch overheads
   (so a lower bound on what the official loader costs here).
   """
@@ -169,8 +169,8 @@ def bench_reference(files, cfg: pipeline.DataConfig, samples: int,
         pixels)
     positions = scan_patterns.generate("train", rng, (side, side), box,
                                        cfg.num_glimpses)
-    glimpse.extract_patches(canvas, positions)
-    glimpse.information_ratio(positions, box, method="paint")
+    geometry.extract_patches(canvas, positions)
+    geometry.information_ratio(positions, box, method="paint")
   return (_clock() - t0) / samples
 
 
@@ -356,7 +356,7 @@ def main(argv=None):
       per_sample = bench_reference(files, cfg, args.reference_samples,
                                    args.seed)
       print(f"official order of work, step by step (apply_reference, full "
-            f"canvas, glimpse.py ratio), {args.reference_samples} samples: "
+            f"canvas, geometry.py ratio), {args.reference_samples} samples: "
             f"{per_sample * 1e3:.2f} ms/sample = {1 / per_sample:.1f} "
             "samples/s per core")
     source = _MemorySource(files)

@@ -46,10 +46,10 @@ import grain
 import numpy as np
 from PIL import Image
 
-from mambaeye_jax import glimpse
 from mambaeye_jax.data import augment
 from mambaeye_jax.data import batching
 from mambaeye_jax.data import eval_transforms
+from mambaeye_jax.data import geometry
 from mambaeye_jax.data import glimpses
 from mambaeye_jax.data import scan_patterns
 from mambaeye_jax.data import sources
@@ -338,8 +338,8 @@ class EvalTransform(grain.transforms.Map):
   def map(self, record: Mapping[str, Any]) -> dict[str, Any]:
     if record.get("empty"):
       return glimpses.make_example(
-          np.zeros((1, 1, 3), np.uint8), (glimpse.PATCH_SIZE,) * 2,
-          glimpse.ImageBox(0, 0, 1, 1), np.zeros((0, 2), np.int32), 0)
+          np.zeros((1, 1, 3), np.uint8), (geometry.PATCH_SIZE,) * 2,
+          geometry.ImageBox(0, 0, 1, 1), np.zeros((0, 2), np.int32), 0)
     key = record.get("key", "<record>")
     try:
       image = _to_pil(record, key, self._cfg)

@@ -36,9 +36,8 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import timing  # benchmarks/timing.py: benchmarks/ is sys.path[0].
 
 
 def _random_batch(batch: int, length: int, num_classes: int, seed: int = 0):
@@ -58,14 +57,7 @@ def _random_batch(batch: int, length: int, num_classes: int, seed: int = 0):
 
 def _time_calls(fn, iters: int) -> list[float]:
   import jax  # pylint: disable=g-import-not-at-top
-  for _ in range(3):
-    jax.block_until_ready(fn())
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return times
+  return timing.call_times(fn, repeats=iters, warmup=3, sync=jax.block_until_ready)
 
 
 def where() -> str:

@@ -24,7 +24,7 @@ kernel and bias gradients, which XLA adds up (small: (b, t / tt, K + 1, c)
 float32). The second reads d(pre-activation) at the K shifted rows for dx
 alone. A one-pass variant (`bwd_two_pass=False`) recomputes the
 pre-activation at the K - 1 tokens after its tile instead (K sigmoids a
-token). Times of both and of XLA: `python -m kernels.bench_conv`.
+token). Times of both and of XLA: `python benchmarks/bench_conv.py`.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ _F32 = jnp.float32
 @dataclasses.dataclass(frozen=True)
 class ConvGpuConfig:
   """Tiles and launch parameters of both kernels (picked on an H100 with
-  `python -m kernels.bench_conv`). The backward keeps more (tt, cc) float32
+  `python benchmarks/bench_conv.py`). The backward keeps more (tt, cc) float32
   tiles alive, so it takes smaller ones."""
   block_t: int = 64
   block_c: int = 64

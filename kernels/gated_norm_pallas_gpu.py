@@ -33,7 +33,7 @@ _F32 = jnp.float32
 @dataclasses.dataclass(frozen=True)
 class GatedNormGpuConfig:
   """Rows per program and warps of each kernel (picked on an H100 with
-  `python -m kernels.bench_conv --sweep`)."""
+  `python benchmarks/bench_conv.py --sweep`)."""
   block_rows: int = 8
   num_warps: int = 8
   bwd_block_rows: int = 8

@@ -2,10 +2,12 @@
 cache of the training tests, the eval.py command line as a module."""
 
 import glob
+import importlib
 import importlib.util
 import os
 import socket
 import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -85,6 +87,15 @@ def load_eval_cli(module_name: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def load_benchmark(name: str):
+  """benchmarks/<name>.py imported as a module (benchmarks/ is a folder of
+  scripts, not a package: its scripts import their siblings)."""
+  folder = os.path.join(REPO_ROOT, "benchmarks")
+  if folder not in sys.path:
+    sys.path.insert(0, folder)
+  return importlib.import_module(name)
 
 
 def random_params(config, seed: int = 0, scale: float = 0.2):

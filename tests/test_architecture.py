@@ -45,7 +45,7 @@ LAYERS = (
     ("eval", ("mambaeye_jax.eval_data", "mambaeye_jax.eval_lib", "mambaeye_jax.plots")),
     # Command lines and benchmark entry points: import anything below.
     ("entry", ("mambaeye_jax", "mambaeye_jax.convert", "mambaeye_jax.bench_eval",
-               "mambaeye_jax.data.bench", "kernels.bench_ssd", "kernels.bench_conv")),
+               "mambaeye_jax.data.bench")),
     ("configs", ("configs",)),
 )
 
@@ -74,13 +74,6 @@ OPTIONAL_DEPS = frozenset({
 # "Not done yet"). Each entry: (importer, imported).
 ALLOWED_UPWARD: frozenset[tuple[str, str]] = frozenset()
 ALLOWED_LOCAL_IMPORTS: frozenset[tuple[str, str]] = frozenset({
-    ("kernels.bench_ssd", "flax"),
-    ("kernels.bench_ssd", "jax"),
-    ("kernels.bench_ssd", "kernels.ssd_pallas"),
-    ("kernels.bench_ssd", "kernels.ssd_pallas_gpu"),
-    ("kernels.bench_ssd", "kernels.ssd_reference"),
-    ("mambaeye_jax.bench_eval", "mambaeye_jax.ssd"),
-    ("mambaeye_jax.data.bench", "grain"),
     ("mambaeye_jax.data.pipeline", "absl"),
     ("mambaeye_jax.data.pipeline", "gc"),
     ("mambaeye_jax.data.pipeline", "grain"),

@@ -406,7 +406,7 @@ def test_eval_shards_are_even_and_cover_everything_once():
 
 
 def test_bench_cli_runs(messy_folder, capsys):
-  from mambaeye_jax.data import bench  # pylint: disable=g-import-not-at-top
+  bench = conftest.load_benchmark("bench_data")
   bench.main(["--images", messy_folder, "--samples", "9", "--batch_size",
               "2", "--pipeline_batches", "1", "--reference_samples", "2",
               "--num_glimpses", "16", "--canvas_min", "32", "--canvas_max",

@@ -8,6 +8,7 @@ chunks and splits); the whole file takes well under a minute there.
 
 from __future__ import annotations
 
+import conftest
 import numpy as np
 import pytest
 
@@ -279,8 +280,8 @@ def test_tpu_dispatch(monkeypatch):
 
 
 def test_bench_smoke_runs_and_checks():
-  """`python -m kernels.bench_ssd --smoke` checks the kernel and times it."""
-  from kernels import bench_ssd  # pylint: disable=g-import-not-at-top
+  """`python benchmarks/bench_ssd.py --smoke` checks the kernel and times it."""
+  bench_ssd = conftest.load_benchmark("bench_ssd")
   rows = bench_ssd.main(["--smoke", "--impls", "pallas", "chunked",
                          "--modes", "fwdbwd"])
   pallas = [r for r in rows if r["impl"].startswith("pallas")]

@@ -1,7 +1,7 @@
 r"""The block's small kernels against XLA: causal conv + SiLU, gated RMSNorm.
 
-    python -m kernels.bench_conv                 # MambaEye shapes, default tiles
-    python -m kernels.bench_conv --sweep         # + other tiles of each kernel
+    python benchmarks/bench_conv.py                 # MambaEye shapes, default tiles
+    python benchmarks/bench_conv.py --sweep         # + other tiles of each kernel
 
 Shapes are (batch, tokens, channels) of one Mamba2 layer of MambaEye-Tiny:
 the x part (512 channels) and a B or C part (64) at training size (64 x
@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +26,8 @@ from kernels import conv_reference
 from kernels import gated_norm_pallas_gpu
 from kernels import norms
 
+import timing  # benchmarks/timing.py: benchmarks/ is sys.path[0].
+
 SHAPES = ((64, 1024, 512), (64, 1024, 128), (64, 4096, 512))  # Tiny: x, BC (g n = 64)
 FWD_TILES = ((64, 128, 4), (32, 128, 4), (64, 64, 4), (32, 64, 2), (128, 64, 4), (16, 128, 2))
 BWD_TILES = ((32, 64, 4), (16, 128, 4), (32, 32, 2), (16, 64, 2), (64, 64, 4), (32, 128, 4), (64, 32, 2),
@@ -35,15 +35,7 @@ BWD_TILES = ((32, 64, 4), (16, 128, 4), (32, 32, 2), (16, 64, 2), (64, 64, 4), (
 
 
 def _median_ms(fn, reps: int, inner: int) -> float:
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    for _ in range(inner):
-      out = fn()
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t0) / inner * 1e3)
-  return statistics.median(times)
+  return timing.median_ms(fn, repeats=reps, inner=inner, sync=jax.block_until_ready)
 
 
 def bench_shape(shape, cfgs, reps, inner):

@@ -41,7 +41,6 @@ import numpy as np
 from mambaeye_jax.data import augment
 from mambaeye_jax.data import batching
 from mambaeye_jax.data import geometry
-from mambaeye_jax.data import glimpses
 from mambaeye_jax.data import pipeline
 from mambaeye_jax.data import scan_patterns
 from mambaeye_jax.data import sources

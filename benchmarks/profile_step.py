@@ -25,7 +25,6 @@ import gzip
 import json
 import os
 import re
-import sys
 import tempfile
 
 import bench_model  # benchmarks/ is sys.path[0] when this script runs.

@@ -54,8 +54,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import app
+from absl import flags
 from flax import nnx
 from flax import serialization
+from ml_collections import config_flags
 from PIL import Image
 
 from mambaeye_jax import config_fields as config_fields_lib
@@ -290,14 +293,6 @@ def open_folder(path: str, cache_decoded: bool):
   return (sources.DecodedImageCache(folder) if cache_decoded else folder), folder
 
 
-def _mark_absl_flags_parsed() -> None:
-  # Grain's worker processes read absl flags; a program not run under
-  # absl.app (pytest, a notebook) never parsed them (as data/pipeline.py).
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-
-
 def make_train_dataset(source, data: ml_collections.ConfigDict, batch_size: int,
                        num_steps: int, seed: int) -> grain.IterDataset:
   """Shuffled (per epoch), augmented batches; exactly `num_steps` of them.
@@ -316,7 +311,7 @@ def make_train_dataset(source, data: ml_collections.ConfigDict, batch_size: int,
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads,
                                             prefetch_buffer_size=2 * data.read_threads))
   if data.worker_count > 0:
-    _mark_absl_flags_parsed()
+    pipeline.mark_absl_flags_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=data.worker_count, per_worker_buffer_size=data.worker_buffer_size))
   return ds
@@ -717,10 +712,6 @@ def _check_overrides(argv: Sequence[str]) -> None:
 
 def run(argv: Sequence[str]) -> int:
   """The command line; errors are one "error: ..." line and exit status 1."""
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-
   config_flag = config_flags.DEFINE_config_file(
       "config", None, "Config file (configs/<name>.py[:DATA_ROOT]).", lock_config=True)
   workdir = flags.DEFINE_string("workdir", None, "Output directory (params, results).")

@@ -38,10 +38,12 @@ import os
 import queue
 import re
 import signal
+import tempfile
 import threading
 import time
 from typing import Callable, Iterator
 
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -60,6 +62,8 @@ from mambaeye_jax import model_dir
 from mambaeye_jax import optim
 from mambaeye_jax import sharding as sharding_lib
 from mambaeye_jax import work_dir
+from mambaeye_jax.data import augment
+from mambaeye_jax.data import pipeline
 
 BATCH_KEYS = ("patches", "positions", "ratio", "labels", "mask", "segment_ids")
 
@@ -81,12 +85,10 @@ _LOOP_DATA_FIELDS = ("batch_size", "seed", "num_epochs")
 
 def data_config_dict(**overrides) -> ml_collections.ConfigDict:
   """The pipeline's DataConfig defaults (less the loop's fields), as a ConfigDict."""
-  from mambaeye_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   fields = dataclasses.asdict(pipeline.DataConfig(source="synthetic"))
   for name in _LOOP_DATA_FIELDS:
     del fields[name]
   # Every augmentation field, so `--config.data.augment.<typo>` fails loudly.
-  from mambaeye_jax.data import augment  # pylint: disable=g-import-not-at-top
   fields["augment"] = {f.name: getattr(augment.AugmentConfig(), f.name)
                        for f in dataclasses.fields(augment.AugmentConfig)
                        if f.name not in ("canvas_min", "canvas_max")}
@@ -323,7 +325,6 @@ class FakeBatches:
 
 def data_config_from(config: ml_collections.ConfigDict, local_batch_size: int):
   """The pipeline's DataConfig for this process (None for the fake source)."""
-  from mambaeye_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   fields = config.data.to_dict()
   if fields["source"] == "fake":
     return None
@@ -341,7 +342,6 @@ def make_source(config: ml_collections.ConfigDict):
   data_config = data_config_from(config, 1)
   if data_config is None:
     return None
-  from mambaeye_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   return pipeline.make_source(data_config)
 
 
@@ -391,7 +391,6 @@ def make_train_iterator(config: ml_collections.ConfigDict, local_batch_size: int
   if data_config is None:
     return FakeBatches(local_batch_size, config.data.num_glimpses, model_config.num_classes,
                        seed=config.seed, process_index=jax.process_index())
-  from mambaeye_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   return pipeline.make_train_iterator(data_config, data_source=source)
 
 
@@ -690,7 +689,6 @@ def check_checkpoint_dir(workdir: str) -> None:
     CheckpointWriteError: WORKDIR/checkpoints cannot be created (a regular
       file is in the way, no permission) or a file cannot be written there.
   """
-  import tempfile  # pylint: disable=g-import-not-at-top
   directory = os.path.join(workdir, work_dir.CHECKPOINT_DIR)
   if model_dir.is_url(directory):
     _check_remote_checkpoint_dir(directory)
@@ -727,7 +725,6 @@ def _check_remote_checkpoint_dir(directory: str) -> None:
 
 def _save(manager: ocp.CheckpointManager, step: int, state: TrainState, iterator) -> None:
   """Starts an asynchronous save; raises CheckpointWriteError when it cannot."""
-  import grain  # pylint: disable=g-import-not-at-top
   train = {k: state[k] for k in ("opt_state", "step", "rng")}
   try:
     manager.save(step, args=ocp.args.Composite(
@@ -755,7 +752,6 @@ class _DataStateError(ValueError):
 def _restore(manager: ocp.CheckpointManager, step: int, abstract: TrainState,
              iterator) -> TrainState:
   """Restores state (resharded onto `abstract`'s shardings) and the iterator."""
-  import grain  # pylint: disable=g-import-not-at-top
   train_abstract = {k: abstract[k] for k in ("opt_state", "step", "rng")}
   restored = manager.restore(step, args=ocp.args.Composite(
       params=ocp.args.StandardRestore(abstract["params"]),
@@ -880,7 +876,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   try:
     return _train_and_evaluate(config, workdir, step_hook=step_hook)
   finally:
-    from mambaeye_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     pipeline.release_shared_memory()
 
 

@@ -8,7 +8,6 @@ import conftest
 import numpy as np
 from PIL import Image
 
-from mambaeye_jax import checkpoint
 from mambaeye_jax import model as model_lib
 from mambaeye_jax import model_dir
 

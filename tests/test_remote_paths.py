@@ -21,7 +21,7 @@ from mambaeye_jax import metrics as metrics_lib
 from mambaeye_jax import model_dir
 from mambaeye_jax import train_lib
 from mambaeye_jax import work_dir
-from mambaeye_jax.data import sources
+from mambaeye_jax.data import arrayrecord
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import smoke  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -162,7 +162,7 @@ def test_arrayrecord_glob_on_a_bucket_goes_through_epath(bucket, monkeypatch):
   root, seen = bucket
   data = root / "b" / "data"
   data.mkdir(parents=True)
-  for name in sources.shard_paths("train", 2)[::-1]:
+  for name in arrayrecord.shard_paths("train", 2)[::-1]:
     (data / name).write_bytes(b"")
   (data / "train.json").write_text(json.dumps({"num_classes": 5}))
 
@@ -180,27 +180,27 @@ def test_arrayrecord_glob_on_a_bucket_goes_through_epath(bucket, monkeypatch):
       return 0
   import grain  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(grain.sources, "ArrayRecordDataSource", FakeDataSource)
-  src = sources.ArrayRecordSource("gs://b/data/train-*")
-  want = [f"gs://b/data/{n}" for n in sources.shard_paths("train", 2)]
+  src = arrayrecord.ArrayRecordSource("gs://b/data/train-*")
+  want = [f"gs://b/data/{n}" for n in arrayrecord.shard_paths("train", 2)]
   assert opened == [want] and src.paths == want and src.num_classes == 5
   assert "gs://b/data/train-*" in seen
   with pytest.raises(FileNotFoundError, match="gs://b/data/test-"):
-    sources.ArrayRecordSource("gs://b/data/test-*")
+    arrayrecord.ArrayRecordSource("gs://b/data/test-*")
   with pytest.raises(FileNotFoundError, match="gs://b/data/missing.array_record"):
-    sources.ArrayRecordSource([want[0], "gs://b/data/missing.array_record"])
+    arrayrecord.ArrayRecordSource([want[0], "gs://b/data/missing.array_record"])
 
 
 def test_corrupt_arrayrecord_shard_is_named(tmp_path):
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-  good, bad = (str(tmp_path / n) for n in sources.shard_paths("train", 2))
+  good, bad = (str(tmp_path / n) for n in arrayrecord.shard_paths("train", 2))
   writer = array_record_module.ArrayRecordWriter(good, "group_size:1")
-  writer.write(sources.encode_record(b"img", 0, "a.jpg"))
+  writer.write(arrayrecord.encode_record(b"img", 0, "a.jpg"))
   writer.close()
   with open(bad, "wb") as f:
     f.write(np.random.default_rng(0).bytes(1000))
   with pytest.raises(ValueError, match=f"ArrayRecord shard {bad} cannot be read"):
-    sources.ArrayRecordSource(str(tmp_path / "train-*"))
-  assert len(sources.ArrayRecordSource([good])) == 1
+    arrayrecord.ArrayRecordSource(str(tmp_path / "train-*"))
+  assert len(arrayrecord.ArrayRecordSource([good])) == 1
 
 
 def test_train_on_a_bucket_without_gcsfs_says_so_and_writes_nothing(tmp_path, monkeypatch):

@@ -39,13 +39,21 @@ main process intact from Grain's worker processes.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 from typing import Any, Mapping
 
 import grain
 import numpy as np
+from absl import flags
 from PIL import Image
 
+try:  # Grain's private pool of shared-memory unlinks (release_shared_memory).
+  from grain._src.python.ipc import shared_memory_array
+except ImportError:  # Another Grain version: nothing to wait for.
+  shared_memory_array = None
+
+from mambaeye_jax.data import arrayrecord
 from mambaeye_jax.data import augment
 from mambaeye_jax.data import batching
 from mambaeye_jax.data import eval_transforms
@@ -219,7 +227,7 @@ def make_source(cfg: DataConfig):
   if cfg.source == "folder":
     source = sources.ImageFolderSource(cfg.path)
   elif cfg.source == "arrayrecord":
-    source = sources.ArrayRecordSource(cfg.path)
+    source = arrayrecord.ArrayRecordSource(cfg.path)
   elif cfg.source == "tfds":
     source = sources.TfdsSource(cfg.tfds_name, cfg.split,
                                 data_dir=cfg.path or None)
@@ -426,6 +434,17 @@ class GlimpseIterator(grain.DatasetIterator):
 
 
 
+def mark_absl_flags_parsed() -> None:
+  """Lets Grain's worker processes start in a program not run by absl.app.
+
+  The workers read absl flags (their defaults); a program that does not run
+  under absl.app (pytest, a notebook, an argparse command line) never parsed
+  them, and the read would fail.
+  """
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
 def _finish(ds: grain.MapDataset, cfg: DataConfig,
             drop_remainder: bool) -> grain.IterDataset:
   ds = ds.to_iter_dataset(grain.ReadOptions(
@@ -434,12 +453,7 @@ def _finish(ds: grain.MapDataset, cfg: DataConfig,
                                  seq_len=cfg.row_length, packing=cfg.packing,
                                  drop_remainder=drop_remainder)
   if cfg.worker_count > 0:
-    # Grain's worker processes read absl flags (their defaults); a program
-    # that does not run under absl.app (pytest, argparse CLIs) never parsed
-    # them, and the read would fail.
-    from absl import flags  # pylint: disable=g-import-not-at-top
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
+    mark_absl_flags_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=cfg.worker_count,
         per_worker_buffer_size=cfg.worker_buffer_size))
@@ -533,11 +547,8 @@ def release_shared_memory() -> None:
   once every queued free is done. Without both, a process that exits right
   after training reports those batches as leaked shared memory.
   """
-  import gc  # pylint: disable=g-import-not-at-top
   gc.collect()
-  try:
-    from grain._src.python.ipc import shared_memory_array  # pylint: disable=g-import-not-at-top
-  except ImportError:
+  if shared_memory_array is None:
     return
   pool = getattr(shared_memory_array.SharedMemoryArray, "_del_thread_pool", None)
   if pool is not None:

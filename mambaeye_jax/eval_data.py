@@ -18,11 +18,10 @@ synsets, read from the copy tensorflow-datasets ships
 
 from __future__ import annotations
 
-import ast
 import atexit
 import collections
 import dataclasses
-import importlib.util
+import importlib.resources
 import json
 import logging
 import os
@@ -51,6 +50,9 @@ class DataError(EvalError):
 
 
 # Loose photos and folder names carrying an ImageNet synset id.
+# Package data beside the data modules: the ImageNet-1K class list.
+IMAGENET_CLASSES_FILE = "imagenet_classes.txt"
+
 SYNSET_PATTERN = re.compile(r"^(n\d{8})(?:[_\-. ](.*))?$")
 # The official rule for what is an image (as `data.sources.ImageFolderSource`).
 _IMAGE_SUFFIXES = tuple(e.lower() for e in sources.IMAGE_EXTENSIONS)
@@ -87,6 +89,20 @@ class ClassMap:
     return str(index)
 
 
+def _parse_class_text(text: str) -> ClassMap:
+  """`KEY [readable name]` lines in index order (blank lines and `#` comments
+  skipped) -> ClassMap."""
+  keys, names = [], []
+  for line in text.splitlines():
+    line = line.strip()
+    if not line or line.startswith("#"):
+      continue
+    key, _, name = line.partition(" ")
+    keys.append(key.strip())
+    names.append(name.strip())
+  return ClassMap(tuple(keys), tuple(names))
+
+
 def read_class_map(path: str) -> ClassMap:
   """Reads a class-map file.
 
@@ -114,65 +130,23 @@ def read_class_map(path: str) -> ClassMap:
       if [e[0] for e in entries] != list(range(len(entries))):
         raise ValueError("indices must be 0..K-1, each once")
       return ClassMap(tuple(e[1] for e in entries), tuple(e[2] for e in entries))
-    keys, names = [], []
-    for line in text.splitlines():
-      line = line.strip()
-      if not line or line.startswith("#"):
-        continue
-      key, _, name = line.partition(" ")
-      keys.append(key.strip())
-      names.append(name.strip())
-    return ClassMap(tuple(keys), tuple(names))
+    return _parse_class_text(text)
   except (ValueError, TypeError, KeyError) as e:
     raise DataError(f"class map {path} is malformed: {e}") from e
 
 
-def _imagenet_names(tfds_root: str) -> tuple[str, ...] | None:
-  """The 1000 readable ImageNet names in class order, from a constant list
-  inside tensorflow-datasets (SI-Score's labels); parsed, never imported or
-  executed. None where that file or list is missing or malformed."""
-  path = os.path.join(tfds_root, "datasets", "siscore", "labels.py")
-  try:
-    with open(path) as f:
-      tree = ast.parse(f.read())
-    for node in tree.body:
-      if isinstance(node, ast.Assign) and any(
-          getattr(t, "id", None) == "IMAGENET_LABELS_LIST" for t in node.targets):
-        names = ast.literal_eval(node.value)
-        if len(names) == 1000 and all(isinstance(n, str) for n in names):
-          # "tench, Tinca tinca" -> "tench": the first synonym is enough.
-          return tuple(n.split(",")[0].strip() for n in names)
-  except (OSError, SyntaxError, ValueError):
-    pass
-  return None
-
-
-def builtin_imagenet_classes() -> ClassMap | None:
-  """The 1000 ImageNet-1K synsets in class-index order, if available offline.
+def builtin_imagenet_classes() -> ClassMap:
+  """The 1000 ImageNet-1K synsets in class-index order, with readable names.
 
   The standard class index of ImageNet-1K (torchvision's ImageFolder over
   the train folders, the official code's labels) is the position of the
-  synset in the sorted list of the 1000 synsets. That list ships with
-  tensorflow-datasets (`datasets/imagenet2012/labels.txt`, a dependency of
-  this package); it is read as a file, without importing TFDS. Readable
-  names come from the same package where it has them (else left empty,
-  for the dataset to supply).
-
-  Returns:
-    The map, or None when tensorflow-datasets is not installed.
+  synset in the sorted list of the 1000 synsets. The list ships with this
+  package (`data/imagenet_classes.txt`, written once by
+  tools/make_imagenet_classes.py from tensorflow-datasets' files).
   """
-  spec = importlib.util.find_spec("tensorflow_datasets")
-  if spec is None or not spec.submodule_search_locations:
-    return None
-  for root in spec.submodule_search_locations:
-    path = os.path.join(root, "datasets", "imagenet2012", "labels.txt")
-    if os.path.isfile(path):
-      with open(path) as f:
-        keys = tuple(line.strip() for line in f if line.strip())
-      if len(keys) == 1000 and list(keys) == sorted(keys):
-        names = _imagenet_names(root) or ("",) * len(keys)
-        return ClassMap(keys, names)
-  return None
+  text = importlib.resources.files("mambaeye_jax.data").joinpath(
+      IMAGENET_CLASSES_FILE).read_text(encoding="utf-8")
+  return _parse_class_text(text)
 
 
 def _readable(name: str) -> str:

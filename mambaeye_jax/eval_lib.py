@@ -958,7 +958,8 @@ def write_reports(results: Sequence[SettingResult], config: EvalConfig,
 
   Returns:
     {"json": path, "markdown": path, "resolution_plot": path,
-    "glimpses_plot": path} (plots left out when `plots` is False).
+    "glimpses_plot": path} (plots left out when `plots` is False or
+    matplotlib, the "plots" extra, is not installed).
   """
   os.makedirs(output_dir, exist_ok=True)
   report = results_to_json(results, config, meta)
@@ -968,7 +969,10 @@ def write_reports(results: Sequence[SettingResult], config: EvalConfig,
     json.dump(report, f, indent=1)
   with open(paths["markdown"], "w") as f:
     f.write(markdown_report(report))
-  if plots:
+  if plots and not plots_lib.available():
+    logging.warning("no PNG plots: matplotlib is not installed "
+                    "(pip install 'mambaeye-jax[plots]')")
+  elif plots:
     paths["resolution_plot"] = plots_lib.accuracy_vs_resolution(
         report, os.path.join(output_dir, "accuracy_vs_resolution.png"))
     paths["glimpses_plot"] = plots_lib.accuracy_vs_glimpses(

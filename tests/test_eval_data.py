@@ -48,11 +48,10 @@ def test_tarball_of_loose_synset_photos(tmp_path):
                          class_map=eval_data.ClassMap(("n00000001",), ("",)))
 
 
-def test_builtin_imagenet_list_when_available(tmp_path):
-  classes = eval_data.builtin_imagenet_classes()
-  if classes is None:
-    pytest.skip("tensorflow-datasets is not installed")
-  assert len(classes.keys) == 1000
+def test_builtin_imagenet_list(tmp_path):
+  classes = eval_data.builtin_imagenet_classes()  # Package data: always there.
+  assert len(classes.keys) == 1000 and list(classes.keys) == sorted(classes.keys)
+  assert all(classes.names)
   assert classes.keys[0] == "n01440764"  # tench, class 0
   (tmp_path / "n01443537_goldfish.JPEG").write_bytes(_photo_bytes())
   source = eval_data.open_source(str(tmp_path))
@@ -129,8 +128,6 @@ def test_imagenet_sample_mapping(tmp_path):
   if not os.path.isfile(archive):
     pytest.skip(f"{archive} is not there")
   classes = eval_data.builtin_imagenet_classes()
-  if classes is None or not classes.names[0]:
-    pytest.skip("tensorflow-datasets (synsets and names) is not installed")
   source = eval_data.open_source(archive, extract_dir=str(tmp_path))
   assert len(source) == 100
   labels = []

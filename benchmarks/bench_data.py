@@ -62,10 +62,10 @@ def _clock() -> float:
 
 
 def _image_files(root: str) -> list[str]:
+  """Every image under `root`, at any depth (`sources.list_images`' rule)."""
   files = []
-  for folder, _, names in os.walk(root):
-    files.extend(os.path.join(folder, n) for n in names
-                 if n.lower().endswith(sources.IMAGE_EXTENSIONS))
+  for folder, _, _ in os.walk(root):
+    files.extend(os.path.join(folder, n) for n in sources.list_images(folder)[0])
   return sorted(files)
 
 

@@ -32,6 +32,7 @@ from flax import nnx
 
 from mambaeye_jax import eval_lib
 from mambaeye_jax import model as model_lib
+from mambaeye_jax import progress as progress_lib
 
 import timing  # benchmarks/timing.py: benchmarks/ is sys.path[0].
 
@@ -167,7 +168,7 @@ def main(argv=None) -> int:
     print(f"end to end with the fastest: {best[2]}", flush=True)
 
     e2e = eval_lib.evaluate_setting(e2e_runner, pool, source, setting, config,
-                                    eval_lib.Progress(num, interval=5.0))
+                                    progress_lib.Progress(num, interval=5.0))
     e2e_rate = e2e.num_examples / e2e.seconds
     rows.append(("end to end (decode ... device, overlapped)", e2e_rate,
                  f"{e2e.num_examples} images in {e2e.seconds:.1f} s"))

@@ -55,7 +55,6 @@ IMAGENET_CLASSES_FILE = "imagenet_classes.txt"
 
 SYNSET_PATTERN = re.compile(r"^(n\d{8})(?:[_\-. ](.*))?$")
 # The official rule for what is an image (as `data.sources.ImageFolderSource`).
-_IMAGE_SUFFIXES = tuple(e.lower() for e in sources.IMAGE_EXTENSIONS)
 
 
 # ------------------------------------------------------------------ classes
@@ -292,12 +291,6 @@ class _Described:
     return record_labels(self._source)
 
 
-def _list_images(folder: str) -> list[str]:
-  return sorted(f for f in os.listdir(folder)
-                if f.lower().endswith(_IMAGE_SUFFIXES)
-                and os.path.isfile(os.path.join(folder, f)))
-
-
 def _extract_archive(path: str, extract_dir: str | None) -> str:
   """Unpacks a tar archive; returns the directory holding its content.
 
@@ -369,8 +362,7 @@ def _class_folders(root: str, class_map: ClassMap | None):
   ImageNet list (right for any subset of the 1000 classes); other folders
   by their sorted names, as the official code (torchvision ImageFolder).
   """
-  folders = sorted(d for d in os.listdir(root)
-                   if os.path.isdir(os.path.join(root, d)))
+  folders = sources.class_folders(root)
   if class_map is None and folders and all(SYNSET_PATTERN.match(d) for d in folders):
     class_map = builtin_imagenet_classes()
   if class_map is None:
@@ -387,7 +379,7 @@ def _class_folders(root: str, class_map: ClassMap | None):
   items = []
   for d in folders:
     items += [(os.path.join(root, d, f), index[d])
-              for f in _list_images(os.path.join(root, d))]
+              for f in sources.list_images(os.path.join(root, d))[0]]
   if not items:
     raise DataError(f"{root} holds no images")
   return FileListSource(items, class_map, f"{root} ({len(items)} images)")
@@ -453,8 +445,8 @@ def open_source(spec: str, *, class_map: str | ClassMap | None = None,
     if not tarfile.is_tarfile(spec):
       raise DataError(f"{spec} is neither a folder nor a tar archive")
     root = _extract_archive(spec, extract_dir)
-  files = _list_images(root)
-  folders = [d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))]
+  files = sources.list_images(root)[0]
+  folders = sources.class_folders(root)
   try:
     if files and not folders:
       return _loose_photos(root, files, class_map, unknown_synsets)

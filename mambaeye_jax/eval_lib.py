@@ -39,7 +39,6 @@ import json
 import logging
 import multiprocessing
 import os
-import sys
 import time
 from multiprocessing import shared_memory
 from typing import Any, Mapping, Sequence
@@ -56,6 +55,7 @@ from mambaeye_jax import glimpse
 from mambaeye_jax import loss
 from mambaeye_jax import model_dir
 from mambaeye_jax import plots as plots_lib
+from mambaeye_jax import progress as progress_lib
 from mambaeye_jax import work_dir
 from mambaeye_jax.data import eval_transforms
 from mambaeye_jax.data import geometry
@@ -585,56 +585,6 @@ class SettingResult:
     return float(self.top5_curve[glimpses - 1])
 
 
-class Progress:
-  """One status line with throughput and ETA, rewritten in place on a
-  terminal and printed every `interval` seconds otherwise."""
-
-  def __init__(self, total_images: int, stream=None, interval: float = 10.0):
-    self.total = total_images
-    self.stream = stream if stream is not None else sys.stderr
-    self.interval = interval
-    self.done = 0
-    self.start = time.perf_counter()
-    self._last = 0.0
-    self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-    self._window = collections.deque(maxlen=20)  # (time, done) for the rate.
-
-  def update(self, count: int, label: str, setting_done: int,
-             setting_total: int, force: bool = False):
-    now = time.perf_counter()
-    self.done += count
-    self._window.append((now, self.done))
-    if not force and now - self._last < (0.5 if self._tty else self.interval):
-      return
-    self._last = now
-    (t0, d0), (t1, d1) = self._window[0], self._window[-1]
-    rate = (d1 - d0) / (t1 - t0) if t1 > t0 and d1 > d0 else 0.0
-    eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-    speed = f"{rate:.1f} img/s" if rate > 0 else "warming up (compiling)"
-    line = (f"[{label}] {setting_done}/{setting_total} images, "
-            f"{self.done}/{self.total} total, {speed}, ETA {format_seconds(eta)}")
-    if self._tty:
-      self.stream.write("\r" + line.ljust(100))
-    else:
-      self.stream.write(line + "\n")
-    self.stream.flush()
-
-  def finish(self):
-    if self._tty:
-      self.stream.write("\n")
-    self.stream.flush()
-
-
-def format_seconds(seconds: float) -> str:
-  """"1:02:03" / "2:03"; "?" when unknown."""
-  if not np.isfinite(seconds):
-    return "?"
-  seconds = int(round(seconds))
-  hours, rest = divmod(seconds, 3600)
-  minutes, secs = divmod(rest, 60)
-  return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
 def _check_labels(source, num_classes: int):
   known = getattr(source, "num_classes", None)
   if known is not None and known > num_classes:
@@ -684,7 +634,7 @@ def _gather_processes(counts: _Counts) -> _Counts:
 
 def evaluate_setting(runner: DeviceRunner, pool: WorkerPool, source,
                      setting: Setting, config: EvalConfig,
-                     progress: Progress | None = None, *,
+                     progress: progress_lib.Progress | None = None, *,
                      shard: tuple[int, int] | None = None) -> SettingResult:
   """Evaluates one setting over the whole source.
 
@@ -875,7 +825,7 @@ def evaluate(model: nnx.Module, source, config: EvalConfig,
   progress = None
   if progress_stream is not False:
     # Each process (multi-host) evaluates about 1/P of the images.
-    progress = Progress(-(-num // jax.process_count()) * len(settings),
+    progress = progress_lib.Progress(-(-num // jax.process_count()) * len(settings),
                         progress_stream)
   results = []
   with WorkerPool(source, config.num_workers) as pool:

@@ -65,6 +65,7 @@ from mambaeye_jax import config_fields as config_fields_lib
 from mambaeye_jax import mambaout
 from mambaeye_jax import metrics as metrics_lib
 from mambaeye_jax import optim
+from mambaeye_jax import progress as progress_lib
 from mambaeye_jax import sharding as sharding_lib
 from mambaeye_jax.data import augment
 from mambaeye_jax.data import eval_transforms
@@ -477,17 +478,6 @@ def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   return sharding_lib.make_mesh(None if config.num_devices < 0 else config.num_devices)
 
 
-def progress_line(step: int, total: int, scalars: Mapping[str, float], eta: bool) -> str:
-  """"step 200/5859 | loss 1.2345 | acc 55.1% | 9000 img/s | 28.4 ms/step | data wait 3% | ETA"."""
-  seconds = scalars["perf/step_time_ms"] / 1000.0
-  remaining = (total - step) * seconds if eta else float("nan")
-  return (f"step {step}/{total} | loss {scalars['train/loss']:.4f} | "
-          f"acc {100.0 * scalars['train/accuracy']:.1f}% | "
-          f"{scalars['perf/images_per_sec']:.0f} img/s | {1000.0 * seconds:.1f} ms/step | "
-          f"data wait {100.0 * scalars['perf/data_wait_fraction']:.0f}% | "
-          f"ETA {metrics_lib.format_duration(remaining)}")
-
-
 def train(config: ml_collections.ConfigDict, workdir: str, *, train_source=None,
           mesh: jax.sharding.Mesh | None = None) -> tuple[Any, dict[str, float]]:
   """Trains; returns (params replicated on the mesh, summary of the run).
@@ -555,7 +545,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, train_source=None,
                      "perf/images_per_sec": n * batch_size / elapsed,
                      "perf/data_wait_fraction": data_wait / elapsed}
           writer.write(step, scalars)
-          print(progress_line(step, total, scalars, eta=step > 1), flush=True)
+          print(progress_lib.progress_line(step, total, scalars,
+                                           scalars["perf/step_time_ms"] / 1000.0,
+                                           eta=step > 1), flush=True)
           summary = {"step": step, **scalars}
           window, data_wait = [], 0.0
           window_start = time.perf_counter()

@@ -60,6 +60,7 @@ from mambaeye_jax import metrics as metrics_lib
 from mambaeye_jax import model as model_lib
 from mambaeye_jax import model_dir
 from mambaeye_jax import optim
+from mambaeye_jax import progress as progress_lib
 from mambaeye_jax import sharding as sharding_lib
 from mambaeye_jax import work_dir
 from mambaeye_jax.data import augment
@@ -1024,7 +1025,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             scalars["perf/first_step_sec"] = elapsed  # compilation included.
           writer.write(step, scalars)
           if is_chief:
-            print(metrics_lib.progress_line(step, total_steps, scalars, elapsed / n,
+            print(progress_lib.progress_line(step, total_steps, scalars, elapsed / n,
                                             eta=not first_window), flush=True)
           first_window = False
           last_logged = {"step": step, **scalars}

@@ -32,6 +32,8 @@ PACKAGES = ("mambaeye_jax", "kernels", "configs")
 # import modules of its own layer or of lower ones. A module belongs to the
 # layer of the longest prefix that names it.
 LAYERS = (
+    # Plain Python used by every layer above (no project imports).
+    ("base", ("mambaeye_jax.progress",)),
     ("ops", ("kernels",)),
     ("data", ("mambaeye_jax.data",)),
     ("model", ("mambaeye_jax.glimpse", "mambaeye_jax.layers",

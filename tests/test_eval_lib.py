@@ -15,6 +15,7 @@ from PIL import Image
 
 from mambaeye_jax import eval_lib
 from mambaeye_jax import model as model_lib
+from mambaeye_jax import progress as progress_lib
 from mambaeye_jax.data import geometry
 
 K = 10
@@ -227,14 +228,14 @@ def test_reports_and_plots(tmp_path):
 
 def test_progress_line():
   stream = io.StringIO()
-  progress = eval_lib.Progress(100, stream, interval=0.0)
+  progress = progress_lib.Progress(100, stream, interval=0.0)
   progress.update(10, "random/fit/512", 10, 50)
   progress.update(10, "random/fit/512", 20, 50, force=True)
   line = stream.getvalue().strip().splitlines()[-1]
   assert "[random/fit/512] 20/50 images, 20/100 total" in line
   assert "img/s" in line and "ETA" in line
-  assert eval_lib.format_seconds(3725) == "1:02:05"
-  assert eval_lib.format_seconds(float("nan")) == "?"
+  assert progress_lib.format_duration(3725) == "1h02m"
+  assert progress_lib.format_duration(float("nan")) == "?"
 
 
 def test_device_gather_matches_a_per_image_host_reference():

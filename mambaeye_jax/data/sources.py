@@ -196,6 +196,29 @@ def file_record(path: str, label: int) -> dict[str, Any]:
   return {"image": data, "label": label, "key": path}
 
 
+def class_folders(root: str | os.PathLike) -> list[str]:
+  """The sub-directory names of `root`, sorted (the official class order)."""
+  root = os.fspath(root)
+  return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+
+
+def list_images(folder: str | os.PathLike,
+                extensions: Sequence[str] = IMAGE_EXTENSIONS) -> tuple[list[str], int]:
+  """The image files directly in `folder`: (sorted names, count of others).
+
+  An image is a file whose lower-cased name ends with one of `extensions`
+  (the official rule); the second value counts the entries that are not.
+  The one listing of image files: every source and the evaluation specs
+  use it.
+  """
+  folder = os.fspath(folder)
+  extensions = tuple(e.lower() for e in extensions)
+  names = sorted(os.listdir(folder))
+  images = [f for f in names if f.lower().endswith(extensions)
+            and os.path.isfile(os.path.join(folder, f))]
+  return images, len(names) - len(images)
+
+
 class ImageFolderSource:
   """Images in the official layout `root/<class>/<image>`.
 
@@ -221,9 +244,7 @@ class ImageFolderSource:
     if not os.path.isdir(self.root):
       raise FileNotFoundError(f"image folder {self.root!r} does not exist or "
                               "is not a directory")
-    self.class_names = sorted(
-        d for d in os.listdir(self.root)
-        if os.path.isdir(os.path.join(self.root, d)))
+    self.class_names = class_folders(self.root)
     if not self.class_names:
       raise ValueError(f"image folder {self.root!r} has no class "
                        "sub-directories (expected root/<class>/<image>)")
@@ -232,10 +253,7 @@ class ImageFolderSource:
     self.stats = {"empty_classes": 0, "ignored_files": 0}
     for label, name in enumerate(self.class_names):
       folder = os.path.join(self.root, name)
-      files = sorted(os.listdir(folder))
-      images = [f for f in files if f.lower().endswith(extensions)
-                and os.path.isfile(os.path.join(folder, f))]
-      ignored = len(files) - len(images)
+      images, ignored = list_images(folder, extensions)
       if ignored:
         self.stats["ignored_files"] += ignored
         logging.warning("%s: ignored %d non-image entries (extensions %s)",

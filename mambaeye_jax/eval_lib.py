@@ -48,7 +48,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
-from PIL import Image
 
 from mambaeye_jax import checkpoint
 from mambaeye_jax import glimpse
@@ -235,27 +234,11 @@ class EvalConfig:
 # ------------------------------------------------------------------ host side
 
 
-def to_pil(record: Mapping[str, Any]) -> Image.Image:
-  """A record's image as an RGB PIL image (encoded bytes or a uint8 array).
-
-  Raises:
-    sources.BadImageError: corrupt or unreadable data, naming the record.
-  """
-  image = record["image"]
-  key = record.get("key", "<image>")
-  if isinstance(image, (bytes, bytearray, memoryview)):
-    return sources.decode_image(bytes(image), key)
-  try:
-    return eval_transforms.to_rgb(np.asarray(image))
-  except (TypeError, ValueError) as e:
-    raise sources.BadImageError(key, str(e)) from e
-
-
 def prepare_example(record: Mapping[str, Any], setting: Setting, seed: int,
                     index: int) -> tuple[np.ndarray, np.ndarray, geometry.ImageBox]:
   """One record -> (canvas (S, S, 3) uint8, positions (T, 2) int32, box)."""
   canvas, box, positions = glimpses.eval_canvas_and_positions(
-      to_pil(record), canvas_size=setting.canvas_size, resize=setting.resize,
+      eval_transforms.record_image(record), canvas_size=setting.canvas_size, resize=setting.resize,
       scan=setting.scan, num_glimpses=setting.num_glimpses, seed=seed, index=index)
   return canvas, positions, box
 

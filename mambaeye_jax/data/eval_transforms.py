@@ -27,11 +27,14 @@ the dataset path stretches from the shrunk copy).
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import numpy as np
 from PIL import Image
 
 from mambaeye_jax.data import augment
 from mambaeye_jax.data import geometry
+from mambaeye_jax.data import sources
 
 RESIZE_MODES = ("none", "fit", "full")
 
@@ -64,6 +67,34 @@ def to_rgb(image: Image.Image | np.ndarray) -> Image.Image:
     raise ValueError(f"image array of shape {array.shape} is not (h, w), "
                      "(h, w, 1), (h, w, 3) or (h, w, 4)")
   return Image.fromarray(array).convert("RGB")
+
+
+def record_image(record: Mapping[str, Any], key: str | None = None, *,
+                 max_pixels: int = sources.DEFAULT_MAX_IMAGE_PIXELS,
+                 draft_size=None) -> Image.Image:
+  """A record's image as an RGB PIL image: the one decoding of a record, for
+  training and evaluation alike.
+
+  Args:
+    record: a source's record; "image" is encoded bytes, a PIL image or a
+      uint8 array (`to_rgb`'s shapes).
+    key: the name in error messages (default: the record's "key").
+    max_pixels, draft_size: as `sources.decode_image`.
+
+  Raises:
+    sources.BadImageError: corrupt or unreadable data, naming the record.
+  """
+  image = record["image"]
+  key = key if key is not None else record.get("key", "<image>")
+  if isinstance(image, (bytes, bytearray, memoryview)):
+    return sources.decode_image(bytes(image), key, max_pixels=max_pixels,
+                                draft_size=draft_size)
+  if isinstance(image, Image.Image):
+    return image.convert("RGB")
+  try:
+    return to_rgb(np.asarray(image))
+  except (TypeError, ValueError) as e:
+    raise sources.BadImageError(key, str(e)) from e
 
 
 def _resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:

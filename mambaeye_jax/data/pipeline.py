@@ -46,7 +46,6 @@ from typing import Any, Mapping
 import grain
 import numpy as np
 from absl import flags
-from PIL import Image
 
 try:  # Grain's private pool of shared-memory unlinks (release_shared_memory).
   from grain._src.python.ipc import shared_memory_array
@@ -239,19 +238,6 @@ def make_source(cfg: DataConfig):
   return source
 
 
-def _to_pil(record: Mapping[str, Any], key: str, cfg: DataConfig,
-            draft=None) -> Image.Image:
-  """Decoded RGB image of a record (encoded bytes or a uint8 array)."""
-  image = record["image"]
-  if isinstance(image, (bytes, bytearray, memoryview)):
-    return sources.decode_image(bytes(image), key,
-                                max_pixels=cfg.max_image_pixels,
-                                draft_size=draft)
-  if isinstance(image, Image.Image):
-    return image.convert("RGB")
-  return eval_transforms.to_rgb(np.asarray(image))
-
-
 class _Skipper:
   """Turns BadImageError into a logged skip marker (or re-raises)."""
 
@@ -311,7 +297,8 @@ class TrainTransform(grain.transforms.RandomMap):
 
     self._seen += 1
     try:
-      image = _to_pil(record, key, self._cfg, draft)
+      image = eval_transforms.record_image(record, key, max_pixels=self._cfg.max_image_pixels,
+                                           draft_size=draft)
     except sources.BadImageError as e:
       if self._cfg.on_error == "skip":
         self._too_many_bad(e)
@@ -350,7 +337,7 @@ class EvalTransform(grain.transforms.Map):
           geometry.ImageBox(0, 0, 1, 1), np.zeros((0, 2), np.int32), 0)
     key = record.get("key", "<record>")
     try:
-      image = _to_pil(record, key, self._cfg)
+      image = eval_transforms.record_image(record, key, max_pixels=self._cfg.max_image_pixels)
     except sources.BadImageError as e:
       return self._skip(e)
     rng = np.random.default_rng([self._cfg.seed, record["index"]])

@@ -30,7 +30,9 @@ import jax
 import numpy as np
 from flax import nnx
 
+from mambaeye_jax import eval_data
 from mambaeye_jax import eval_lib
+from mambaeye_jax import eval_workers
 from mambaeye_jax import model as model_lib
 from mambaeye_jax import progress as progress_lib
 
@@ -53,7 +55,7 @@ def _model(args, ssd_impl: str | None, chunk: int | None):
 
 def _host_stage(pool, source, setting, config, num_images) -> float:
   """Images/s of the worker pool filling batch slots, nothing else."""
-  batches = eval_lib._HostBatches.create(  # pylint: disable=protected-access
+  batches = eval_workers.HostBatches.create(
       config.slots, config.batch_size, setting, shared=pool.num_workers > 0)
   try:
     b = config.batch_size
@@ -84,7 +86,7 @@ def _time(fn, repeats: int) -> float:
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--images", required=True, help="dataset spec for eval_lib.open_source")
+  p.add_argument("--images", required=True, help="dataset spec for eval_data.open_source")
   p.add_argument("--checkpoint", default=None, help="real weights (default: random)")
   p.add_argument("--size", default="tiny", choices=sorted(model_lib.VARIANTS))
   p.add_argument("--canvas", type=int, default=512)
@@ -101,8 +103,8 @@ def main(argv=None) -> int:
   p.add_argument("--device-repeats", type=int, default=10)
   args = p.parse_args(argv)
 
-  source = eval_lib.open_source(args.images, unknown_synsets="sorted")
-  source = eval_lib.RepeatSource(source, args.repeat)
+  source = eval_data.open_source(args.images, unknown_synsets="sorted")
+  source = eval_data.RepeatSource(source, args.repeat)
   num = len(source)
   config = eval_lib.EvalConfig(
       canvas_sizes=(args.canvas,), resize_modes=(args.resize,),
@@ -119,7 +121,7 @@ def main(argv=None) -> int:
   rows = []
 
   start = time.perf_counter()
-  with eval_lib.WorkerPool(source, args.workers) as pool:
+  with eval_workers.WorkerPool(source, args.workers) as pool:
     # Warm the pool (process start, imports) on a few images, untimed.
     _host_stage(pool, source, setting, config, min(num, 2 * args.batch_size))
     pool_start = time.perf_counter() - start

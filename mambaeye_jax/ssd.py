@@ -10,3 +10,5 @@ from kernels.dispatch import resolve_impl  # pylint: disable=unused-import
 from kernels.ssd import get_ssd_fn  # pylint: disable=unused-import
 from kernels.ssd import shard_over_batch  # pylint: disable=unused-import
 from kernels.ssd import ssd  # pylint: disable=unused-import
+
+__all__ = ["SSDImpl", "get_ssd_fn", "resolve_impl", "shard_over_batch", "ssd"]

@@ -11,7 +11,7 @@ from PIL import Image
 
 import mambaeye_jax
 from mambaeye_jax import checkpoint
-from mambaeye_jax import eval_lib
+from mambaeye_jax import eval_workers
 from mambaeye_jax import model as model_lib
 from mambaeye_jax import model_dir
 from mambaeye_jax.data import geometry
@@ -52,8 +52,8 @@ def test_glimpses_from_image_matches_eval_pipeline(tmp_path):
   assert g.canvas.shape == (48, 48, 3)
   np.testing.assert_array_equal(g.patches, geometry.extract_patches(g.canvas, g.positions))
   # The same canvas and corners as eval.py's dataset mode for example 5.
-  setting = eval_lib.Setting(48, "fit", "random", 20)
-  canvas, positions, box = eval_lib.prepare_example(
+  setting = eval_workers.Setting(48, "fit", "random", 20)
+  canvas, positions, box = eval_workers.prepare_example(
       {"image": pixels, "label": 0}, setting, seed=3, index=5)
   np.testing.assert_array_equal(g.canvas, canvas)
   np.testing.assert_array_equal(g.positions, positions)

@@ -44,7 +44,9 @@ LAYERS = (
     ("train", ("mambaeye_jax.train_lib", "mambaeye_jax.optim", "mambaeye_jax.metrics",
                "mambaeye_jax.sharding", "mambaeye_jax.config_fields",
                "mambaeye_jax.mambaout_train")),
-    ("eval", ("mambaeye_jax.eval_data", "mambaeye_jax.eval_lib", "mambaeye_jax.plots")),
+    ("eval", ("mambaeye_jax.eval_data", "mambaeye_jax.eval_workers", "mambaeye_jax.plots",
+              "mambaeye_jax.eval_reports", "mambaeye_jax.eval_lib",
+              "mambaeye_jax.eval_image")),
     # Command lines and benchmark entry points: import anything below.
     ("entry", ("mambaeye_jax", "mambaeye_jax.convert", "mambaeye_jax.bench_eval",
                "mambaeye_jax.data.bench")),

@@ -10,7 +10,6 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from mambaeye_jax import checkpoint
 from mambaeye_jax import model as model_lib
 from mambaeye_jax import model_dir as model_dir_lib
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from mambaeye_jax import eval_data
-from mambaeye_jax import eval_lib
+from mambaeye_jax import eval_workers
 
 CANVAS = 32
 T = 12
@@ -114,8 +114,8 @@ def test_tfds_spec(monkeypatch):
   assert len(source) == 3 and source.class_map.name(0) == "cat face"
   eval_data.open_source("tfds:pets:test[:10]")
   assert opened["split"] == "test[:10]"
-  canvas, positions, box = eval_lib.prepare_example(
-      source[0], eval_lib.Setting(CANVAS, "fit", "random", T), 0, 0)
+  canvas, positions, box = eval_workers.prepare_example(
+      source[0], eval_workers.Setting(CANVAS, "fit", "random", T), 0, 0)
   assert canvas.shape == (CANVAS, CANVAS, 3) and positions.shape == (T, 2)
   assert max(box.height, box.width) == CANVAS
 
@@ -127,7 +127,6 @@ def test_imagenet_sample_mapping(tmp_path):
                          "..", "shared", "data", "imagenet_sample_100.tar.gz")
   if not os.path.isfile(archive):
     pytest.skip(f"{archive} is not there")
-  classes = eval_data.builtin_imagenet_classes()
   source = eval_data.open_source(archive, extract_dir=str(tmp_path))
   assert len(source) == 100
   labels = []

@@ -81,17 +81,18 @@ def make_train_call(variant: str, dtype: str, impl: str, *, remat: bool, padded:
   """
   import jax  # pylint: disable=g-import-not-at-top
   from mambaeye_jax import model as model_lib  # pylint: disable=g-import-not-at-top
-  from mambaeye_jax import optim, sharding, train_lib  # pylint: disable=g-import-not-at-top
+  from mambaeye_jax import optim, sharding  # pylint: disable=g-import-not-at-top
+  from mambaeye_jax import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
   config = model_lib.get_config(variant, dtype=dtype, ssd_impl=impl, remat=remat,
                                 scan_layers=scan_layers)
   ocfg = optim.OptimConfig(total_steps=10_000, warmup_steps=100)
   tx = optim.make_optimizer(ocfg)
   mesh = sharding.make_mesh(num_devices)
-  state, shardings, _ = train_lib.create_train_state(config, tx, 0, mesh)
-  train_step = train_lib.make_train_step(
-      train_lib.model_graphdef(config), tx, optim.learning_rate_schedule(ocfg), (16, 64, 256),
+  state, shardings, _ = train_step_lib.create_train_state(config, tx, 0, mesh)
+  train_step = train_step_lib.make_train_step(
+      train_step_lib.model_graphdef(config), tx, optim.learning_rate_schedule(ocfg), (16, 64, 256),
       packed=not padded)
-  step = train_lib.compile_train_step(train_step, shardings, mesh)
+  step = train_step_lib.compile_train_step(train_step, shardings, mesh)
   global_batch = sharding.global_batch(
       _random_batch(batch * num_devices, length, config.num_classes), mesh)
   holder = {"state": state}

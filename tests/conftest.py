@@ -114,7 +114,7 @@ def random_params(config, seed: int = 0, scale: float = 0.2):
 
 def fake_train_config(steps: int):
   """configs/smoke.py on in-process fake batches, logging every step: the
-  cheapest whole training run (`train_lib.FakeBatches`)."""
+  cheapest whole training run (`train_data.FakeBatches`)."""
   import sys  # pylint: disable=g-import-not-at-top
   if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)

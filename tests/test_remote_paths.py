@@ -19,6 +19,7 @@ from etils.epath import testing as epath_testing
 
 from mambaeye_jax import metrics as metrics_lib
 from mambaeye_jax import model_dir
+from mambaeye_jax import train_checkpoint
 from mambaeye_jax import train_lib
 from mambaeye_jax import work_dir
 from mambaeye_jax.data import arrayrecord
@@ -87,7 +88,7 @@ def test_url_paths_are_never_made_absolute(tmp_path, monkeypatch):
 def test_checkpoint_manager_gets_the_url(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   got = []
-  monkeypatch.setattr(train_lib.ocp, "CheckpointManager",
+  monkeypatch.setattr(work_dir.ocp, "CheckpointManager",
                       lambda directory, options: got.append(directory))
   work_dir.checkpoint_manager("gs://b/run")
   work_dir.checkpoint_manager("gs://b/run", read_only=True)
@@ -105,19 +106,19 @@ def test_train_config_round_trip_and_resume_check(bucket):
   with pytest.raises(FileNotFoundError, match="gs://b/other is not a training workdir"):
     work_dir.read_train_config("gs://b/other")
   # No checkpoints yet: resumable whatever the model; with one, checked.
-  train_lib.check_resumable("gs://b/run", config)
+  train_checkpoint.check_resumable("gs://b/run", config)
   (root / "b" / "run" / "checkpoints" / "7").mkdir(parents=True)
   assert work_dir.checkpoint_steps("gs://b/run") == [7]  # pylint: disable=protected-access
   other = config.copy_and_resolve_references()
   other.model.depth += 1
   with pytest.raises(ValueError, match=r"gs://b/run holds checkpoints of another model"):
-    train_lib.check_resumable("gs://b/run", other)
+    train_checkpoint.check_resumable("gs://b/run", other)
   assert all(p.startswith("gs://b/") for p in seen)
 
 
 def test_checkpoint_dir_check_on_a_bucket(bucket):
   root, _ = bucket
-  train_lib.check_checkpoint_dir("gs://b/run")
+  train_checkpoint.check_checkpoint_dir("gs://b/run")
   directory = root / "b" / "run" / "checkpoints"
   assert directory.is_dir() and os.listdir(directory) == []  # The probe is gone.
 

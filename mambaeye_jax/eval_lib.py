@@ -32,7 +32,6 @@ The host side (settings, worker processes, shared-memory batches) is
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import dataclasses
 import functools
@@ -443,60 +442,27 @@ def evaluate_setting(runner: DeviceRunner, pool: eval_workers.WorkerPool, source
       len(source), config.max_examples)
   b = config.batch_size
   my_batches = list(range(shard_index, -(-num // b), num_shards))
-  counts = _Counts.zeros(num, setting.num_glimpses)
-  images_done = 0
-  first_done = None
-  batches = eval_workers.HostBatches.create(config.slots, b, setting,
-                                shared=pool.num_workers > 0)
-  pending: collections.deque = collections.deque()
+  tally = _Tally(_Counts.zeros(num, setting.num_glimpses), b, progress, setting.label(),
+                 total=min(num, len(my_batches) * b),
+                 last_batch=my_batches[-1] if my_batches else -1)
+  ring = eval_workers.BatchRing(pool, setting, config.seed, config.slots, b,
+                                config.skip_bad_images)
+  ahead = iter(my_batches)
 
-  def submit(position):
-    batch_index = my_batches[position]
-    lo = batch_index * b
-    indices = range(lo, min(lo + b, num))
-    slot = position % config.slots
-    pending.append((batch_index, slot, len(indices),
-                    pool.submit(batches, setting, config.seed, slot, indices,
-                                config.skip_bad_images)))
-
-  def collect(item):
-    nonlocal images_done, first_done
-    batch_index, count, valid_host, labels_host, out = item
-    out = jax.device_get(out)
-    counts.top1 += out["top1"]
-    counts.top5 += out["top5"]
-    lo = batch_index * b
-    pred = np.where(valid_host[:count], out["last_pred"][:count], -1)
-    counts.predictions[lo:lo + count] = pred
-    counts.labels[lo:lo + count] = labels_host[:count]
-    counts.counted += int(valid_host[:count].sum())
-    images_done += count
-    if first_done is None:
-      first_done = (time.perf_counter(), images_done)
-    if progress is not None:
-      mine = min(num, len(my_batches) * b)
-      progress.update(count, setting.label(), images_done, mine,
-                      force=batch_index == my_batches[-1])
+  def submit_next():
+    batch_index = next(ahead, None)
+    if batch_index is not None:
+      lo = batch_index * b
+      ring.submit(batch_index, range(lo, min(lo + b, num)))
 
   try:
-    next_position = 0
-    while next_position < min(config.slots - 1, len(my_batches)):
-      submit(next_position)
-      next_position += 1
+    for _ in range(min(config.slots - 1, len(my_batches))):
+      submit_next()
     in_flight = None
-    while pending:
-      batch_index, slot, count, futures = pending.popleft()
-      try:
-        counts.skipped += sum(f.result() for f in futures)
-      except (sources.BadImageError, eval_workers.WorkerError) as e:
-        if isinstance(e, eval_workers.WorkerError) and not e.bad_image:
-          raise DataError(f"a data worker failed: {e}") from e
-        raise DataError(f"unreadable image {e} (pass --skip-bad-images to "
-                        "leave such images out)") from e
-      except concurrent.futures.process.BrokenProcessPool as e:
-        raise EvalError("a data worker process died without an error "
-                        "message (killed, e.g. out of memory: try fewer "
-                        "--workers or a smaller --batch-size)") from e
+    while ring:
+      batch_index, slot, count, skipped = _next_ready(ring)
+      tally.counts.skipped += skipped
+      batches = ring.batches
       valid = batches.ok[slot].astype(bool)
       valid[count:] = False  # Padding rows keep stale data; mask them.
       labels_host = batches.labels[slot].copy()
@@ -506,32 +472,77 @@ def evaluate_setting(runner: DeviceRunner, pool: eval_workers.WorkerPool, source
                         f"for a model of {runner.num_classes} classes")
       arrays = runner.put(batches.canvases[slot], batches.positions[slot],
                           labels_host, valid)
-      # The slot is free again once its data is on the device.
-      if next_position < len(my_batches):
-        submit(next_position)
-        next_position += 1
+      submit_next()  # The slot is free again once its data is on the device.
       out = runner.run(arrays)
       if in_flight is not None:
-        collect(in_flight)
+        tally.add(*in_flight)
       in_flight = (batch_index, count, valid, labels_host, out)
     if in_flight is not None:
-      collect(in_flight)
+      tally.add(*in_flight)
   finally:
-    for *_, futures in pending:
-      for f in futures:
-        f.cancel()
-    for *_, futures in pending:
-      concurrent.futures.wait(futures)
-    batches.close()
+    ring.close()
   end = time.perf_counter()
-  rate = 0.0
-  if first_done is not None and images_done > first_done[1] and end > first_done[0]:
-    rate = (images_done - first_done[1]) / (end - first_done[0])
+  counts, rate = tally.counts, tally.images_per_second(end)
   if gather and num_shards > 1:
     counts = _gather_processes(counts)
     rate *= num_shards  # Every process runs at about the same pace.
   return result_from_counts(setting, counts, seconds=end - start,
                             images_per_second=rate)
+
+
+def _next_ready(ring: eval_workers.BatchRing) -> tuple[int, int, int, int]:
+  """`ring.next_ready()`, with the workers' failures as one-line errors."""
+  try:
+    return ring.next_ready()
+  except (sources.BadImageError, eval_workers.WorkerError) as e:
+    if isinstance(e, eval_workers.WorkerError) and not e.bad_image:
+      raise DataError(f"a data worker failed: {e}") from e
+    raise DataError(f"unreadable image {e} (pass --skip-bad-images to "
+                    "leave such images out)") from e
+  except concurrent.futures.process.BrokenProcessPool as e:
+    raise EvalError("a data worker process died without an error "
+                    "message (killed, e.g. out of memory: try fewer "
+                    "--workers or a smaller --batch-size)") from e
+
+
+class _Tally:
+  """Adds each batch's device outputs into the setting's counts, moves the
+  progress line and measures the rate after the first batch (which
+  includes compilation)."""
+
+  def __init__(self, counts: _Counts, batch_size: int, progress, label: str, total: int,
+               last_batch: int):
+    self.counts = counts
+    self._b = batch_size
+    self._progress = progress
+    self._label = label
+    self._total = total
+    self._last_batch = last_batch
+    self._done = 0
+    self._first = None  # (time, images) when the first batch was counted.
+
+  def add(self, batch_index: int, count: int, valid_host: np.ndarray,
+          labels_host: np.ndarray, out) -> None:
+    out = jax.device_get(out)
+    counts = self.counts
+    counts.top1 += out["top1"]
+    counts.top5 += out["top5"]
+    lo = batch_index * self._b
+    pred = np.where(valid_host[:count], out["last_pred"][:count], -1)
+    counts.predictions[lo:lo + count] = pred
+    counts.labels[lo:lo + count] = labels_host[:count]
+    counts.counted += int(valid_host[:count].sum())
+    self._done += count
+    if self._first is None:
+      self._first = (time.perf_counter(), self._done)
+    if self._progress is not None:
+      self._progress.update(count, self._label, self._done, self._total,
+                            force=batch_index == self._last_batch)
+
+  def images_per_second(self, end: float) -> float:
+    if self._first is None or self._done <= self._first[1] or end <= self._first[0]:
+      return 0.0
+    return (self._done - self._first[1]) / (end - self._first[0])
 
 
 def result_from_counts(setting: eval_workers.Setting, counts: _Counts, seconds: float = 0.0,

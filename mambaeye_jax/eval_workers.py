@@ -12,6 +12,7 @@ the workers never import JAX.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import logging
@@ -233,3 +234,51 @@ class WorkerPool:
 
   def __exit__(self, *exc):
     self.close()
+
+
+class BatchRing:
+  """`slots` host batch buffers, filled ahead by a `WorkerPool`, handed out
+  in the order they were started.
+
+  `submit` starts filling the next slot (slot = submissions so far modulo
+  `slots`); `next_ready` waits for the oldest and returns (batch index,
+  slot, rows, unreadable rows skipped), re-raising a worker's error. The
+  caller reads the slot's arrays from `batches` and must be done with them
+  before `slots` more submissions reuse it.
+  """
+
+  def __init__(self, pool: WorkerPool, setting: Setting, seed: int, slots: int,
+               batch_size: int, skip_bad: bool):
+    self.batches = HostBatches.create(slots, batch_size, setting,
+                                      shared=pool.num_workers > 0)
+    self._pool = pool
+    self._setting = setting
+    self._seed = seed
+    self._slots = slots
+    self._skip_bad = skip_bad
+    self._submitted = 0
+    self._pending: collections.deque = collections.deque()
+
+  def submit(self, batch_index: int, indices: Sequence[int]) -> None:
+    slot = self._submitted % self._slots
+    self._submitted += 1
+    self._pending.append((batch_index, slot, len(indices),
+                          self._pool.submit(self.batches, self._setting, self._seed, slot,
+                                            indices, self._skip_bad)))
+
+  def __bool__(self) -> bool:
+    return bool(self._pending)
+
+  def next_ready(self) -> tuple[int, int, int, int]:
+    batch_index, slot, count, futures = self._pending.popleft()
+    return batch_index, slot, count, sum(f.result() for f in futures)
+
+  def close(self) -> None:
+    """Cancels what has not started, waits for the rest, frees the buffers."""
+    for *_, futures in self._pending:
+      for f in futures:
+        f.cancel()
+    for *_, futures in self._pending:
+      concurrent.futures.wait(futures)
+    self._pending.clear()
+    self.batches.close()

@@ -72,7 +72,8 @@ def _check_remote_checkpoint_dir(directory: str) -> None:
                                f"{type(e).__name__}: {e}") from e
 
 
-def _save(manager: ocp.CheckpointManager, step: int, state: train_step.TrainState, iterator) -> None:
+def save(manager: ocp.CheckpointManager, step: int, state: train_step.TrainState,
+          iterator) -> None:
   """Starts an asynchronous save; raises CheckpointWriteError when it cannot."""
   train = {k: state[k] for k in ("opt_state", "step", "rng")}
   try:
@@ -85,7 +86,7 @@ def _save(manager: ocp.CheckpointManager, step: int, state: train_step.TrainStat
                                f"{e}") from e
 
 
-def _wait_for_saves(manager: ocp.CheckpointManager) -> None:
+def wait_for_saves(manager: ocp.CheckpointManager) -> None:
   """Waits for the asynchronous saves; their errors become CheckpointWriteError."""
   try:
     manager.wait_until_finished()
@@ -180,8 +181,9 @@ def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
         "the workdir was left unchanged")
 
 
-def _restore_or_explain(manager: ocp.CheckpointManager, step: int, abstract: train_step.TrainState,
-                        iterator, workdir: str) -> train_step.TrainState:
+def restore_or_explain(manager: ocp.CheckpointManager, step: int,
+                        abstract: train_step.TrainState, iterator,
+                        workdir: str) -> train_step.TrainState:
   """_restore, with a failure that says which checkpoint and what to do."""
   try:
     return _restore(manager, step, abstract, iterator)

@@ -153,7 +153,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, local_batch_size: int
   return pipeline.make_train_iterator(data_config, data_source=source)
 
 
-def _pipeline_stats(iterator) -> dict[str, float]:
+def pipeline_stats(iterator) -> dict[str, float]:
   """Skip counters of the pipeline, cumulative, summed over processes.
 
   Collective when there are several processes: all call it at the same step.

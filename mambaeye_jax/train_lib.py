@@ -189,13 +189,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   iterator = train_data.make_train_iterator(config, local_bs, model_config, source=source)
   manager = None
   try:
-    state, state_shardings, abstract = train_step.create_train_state(model_config, tx, config.seed, mesh)
+    state, state_shardings, abstract = train_step.create_train_state(
+        model_config, tx, config.seed, mesh)
     manager = work_dir.checkpoint_manager(workdir, config)
     start = manager.latest_step()
     if start is not None:
       logging.info("resuming from checkpoint step %d", start)
       del state  # Free it before the restored copy arrives.
-      state = train_checkpoint._restore_or_explain(manager, start, abstract, iterator, workdir)
+      state = train_checkpoint.restore_or_explain(manager, start, abstract, iterator, workdir)
     # Written once the run is known to start or resume: a failed resume
     # leaves the workdir's record of its model as it was.
     work_dir.write_train_config(workdir, config)
@@ -210,10 +211,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   export_dir = os.path.join(workdir, work_dir.MODEL_DIR)
   already_done = step >= total_steps
   graphdef = train_step.model_graphdef(model_config)
-  p_step = train_step.compile_train_step(train_step.make_train_step(graphdef, tx, schedule, accuracy_at,
-                                              packed=bool(config.data.packing),
-                                              loss=config.loss),
-                              state_shardings, mesh)
+  p_step = train_step.compile_train_step(
+      train_step.make_train_step(graphdef, tx, schedule, accuracy_at,
+                                 packed=bool(config.data.packing), loss=config.loss),
+      state_shardings, mesh)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_chief)
   last_logged: dict[str, float] = {"step": step}
   window: list = []  # device metrics of the steps since the last log.
@@ -246,7 +247,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                           step)
           check_pending()
           if last_checkpoint != step:
-            train_checkpoint._save(manager, step, state, batches)
+            train_checkpoint.save(manager, step, state, batches)
             last_checkpoint = step
           break
         data_wait += time.perf_counter() - t0
@@ -283,7 +284,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
               "perf/data_wait_ms": 1000.0 * data_wait / n,
               "perf/data_wait_fraction": data_wait / elapsed,
           })
-          scalars.update(train_data._pipeline_stats(batches))
+          scalars.update(train_data.pipeline_stats(batches))
           if first_window:
             scalars["perf/first_step_sec"] = elapsed  # compilation included.
           writer.write(step, scalars)
@@ -297,13 +298,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
         if step % config.checkpoint_every_steps == 0 or done or stopping:
           check_pending()  # Never checkpoint a non-finite state.
-          train_checkpoint._save(manager, step, state, batches)
+          train_checkpoint.save(manager, step, state, batches)
           last_checkpoint = step
         if stopping:
           logging.warning("stopped at step %d; checkpoint saved", step)
           break
       check_pending()
-    train_checkpoint._wait_for_saves(manager)
+    train_checkpoint.wait_for_saves(manager)
     finished = step >= total_steps
     # A finished run re-run exports again only if its model is missing.
     if (finished and config.export_model
@@ -314,7 +315,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   finally:
     local = batch = pending = window = None  # The last batches' shared memory.
     try:
-      train_checkpoint._wait_for_saves(manager)
+      train_checkpoint.wait_for_saves(manager)
     finally:
       manager.close()
       batches.close()

@@ -242,7 +242,7 @@ def test_checkpoint_failure_during_the_run_raises_instead_of_hanging(tmp_path):
     (tmp_path / "checkpoints").write_text("in the way")
     with no_hang(), pytest.raises(train_checkpoint.CheckpointWriteError,
                                   match="cannot write checkpoint 2 in .*Not a directory"):
-      train_checkpoint._save(manager, 2, state, train_data.FakeBatches(1, 2, 3))
+      train_checkpoint.save(manager, 2, state, train_data.FakeBatches(1, 2, 3))
   finally:
     with no_hang():
       manager.close()

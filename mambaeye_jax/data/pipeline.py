@@ -297,8 +297,8 @@ class TrainTransform(grain.transforms.RandomMap):
 
     self._seen += 1
     try:
-      image = eval_transforms.record_image(record, key, max_pixels=self._cfg.max_image_pixels,
-                                           draft_size=draft)
+      image = eval_transforms.record_image(
+          record, key, max_pixels=self._cfg.max_image_pixels, draft_size=draft)
     except sources.BadImageError as e:
       if self._cfg.on_error == "skip":
         self._too_many_bad(e)
@@ -337,10 +337,11 @@ class EvalTransform(grain.transforms.Map):
           geometry.ImageBox(0, 0, 1, 1), np.zeros((0, 2), np.int32), 0)
     key = record.get("key", "<record>")
     try:
-      image = eval_transforms.record_image(record, key, max_pixels=self._cfg.max_image_pixels)
+      image = eval_transforms.record_image(record, key,
+                                           max_pixels=self._cfg.max_image_pixels)
     except sources.BadImageError as e:
       return self._skip(e)
-    rng = np.random.default_rng([self._cfg.seed, record["index"]])
+    rng = glimpses.example_rng(self._cfg.seed, record["index"])  # As eval.py's.
     canvas, box = eval_transforms.eval_canvas(
         image, self._cfg.resize_mode, self._cfg.eval_canvas or None)
     side = canvas.shape[0]

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from kernels import pallas_gpu
-from kernels import ssd_reference
+from kernels import segments
 
 _F32 = jnp.float32
 
@@ -219,7 +219,7 @@ def forward(x, kernel, bias, segment_ids, out_dtype, *, cfg=ConvGpuConfig(),
   """silu(conv(x)): x (b, t, c), kernel (K, c), bias (c,), segment_ids (b, t) or None.
 
   segment_ids must be run ids (nondecreasing per row; see
-  `kernels.ssd_reference.renumber_segments`). Returns (b, t, c) out_dtype.
+  `kernels.segments.renumber_segments`). Returns (b, t, c) out_dtype.
   """
   b, t, c, (tt, cc) = _check(x, kernel, cfg.block_t, cfg.block_c)
   s = _specs(t, kernel.shape[0], tt, cc)
@@ -307,5 +307,5 @@ def causal_conv_silu(x, kernel, bias, segment_ids=None, out_dtype=None, *,
     (b, t, c) in out_dtype.
   """
   if segment_ids is not None:
-    segment_ids = ssd_reference.renumber_segments(segment_ids)
+    segment_ids = segments.renumber_segments(segment_ids)
   return _conv_silu(x, kernel, bias, segment_ids, out_dtype or x.dtype, cfg, interpret)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels import pallas_gpu
-from kernels import ssd_reference
+from kernels import segments
 
 
 def causal_depthwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array,
@@ -46,7 +46,7 @@ def causal_depthwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array,
     history = jnp.zeros((b, taps - 1, d), jnp.float32)
   padded = jnp.concatenate([history.astype(jnp.float32), x32], axis=1)
   if segment_ids is not None:
-    segment_ids = ssd_reference.renumber_segments(segment_ids)
+    segment_ids = segments.renumber_segments(segment_ids)
     seg_pad = jnp.concatenate(
         [jnp.broadcast_to(segment_ids[:, :1], (b, taps - 1)), segment_ids], axis=1)
   out = jnp.broadcast_to(bias.astype(jnp.float32), (b, t, d))
@@ -129,7 +129,7 @@ def _conv_pre_activation(windows, kernel, bias):
 
 def _causal_conv_silu_fwd(x, kernel, bias, segment_ids, out_dtype):
   if segment_ids is not None:
-    segment_ids = ssd_reference.renumber_segments(segment_ids)
+    segment_ids = segments.renumber_segments(segment_ids)
   pre = _conv_pre_activation(_conv_taps(x, segment_ids, kernel.shape[0]), kernel, bias)
   return pallas_gpu.silu_and_grad(pre)[0].astype(out_dtype), (x, kernel, bias, segment_ids)
 

@@ -1,6 +1,6 @@
 """PNG plots of an evaluation report (matplotlib Agg, no pyplot state).
 
-Both functions take the report dict of `eval_lib.results_to_json`:
+Both functions take the report dict of `eval_reports.results_to_json`:
 {"results": [{"canvas_size", "resize", "scan", "num_glimpses", "top1":
 {glimpses: accuracy}, "top1_curve": [T accuracies], ...}]}. matplotlib is
 imported inside them, so importing this module costs nothing, and it is

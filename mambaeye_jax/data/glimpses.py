@@ -88,7 +88,7 @@ def eval_canvas_and_positions(image, *, canvas_size: int | None, resize: str,
   """A decoded image -> its evaluation canvas and glimpse corners.
 
   The one implementation behind `glimpses_from_image`, eval.py's dataset
-  mode (`eval_lib.prepare_example`) and its single-image mode; the patches
+  mode (`eval_workers.prepare_example`) and its single-image mode; the patches
   are left to the caller (the evaluator gathers them on the device).
 
   Args:

@@ -15,7 +15,7 @@ official validation does; "random_official" (and every "<pattern>_official")
 keeps the official eval.py bounds, which never look at the last 15 pixels of
 a canvas edge the image touches (docs/evaluation.md). On a CPU the batch
 defaults to 16 (64 on GPU/TPU) to bound memory, and a hint says how long the
-default T = 4096 will take. The library is `mambaeye_jax.eval_lib`; docs in
+default T = 4096 will take. The library is `mambaeye_jax.eval_lib` (and eval_*); docs in
 docs/evaluation.md.
 
 Errors (a missing path, a bad --scan name, an unreadable image, ...) are
@@ -171,7 +171,9 @@ def _describe(e: BaseException) -> tuple[str, bool]:
 def _main(args) -> int:
   # Imported after parsing so that --help and usage errors are instant.
   import jax  # pylint: disable=g-import-not-at-top
+  from mambaeye_jax import eval_data  # pylint: disable=g-import-not-at-top
   from mambaeye_jax import eval_lib  # pylint: disable=g-import-not-at-top
+  from mambaeye_jax import eval_reports  # pylint: disable=g-import-not-at-top
   output = args.output or (os.path.join(args.workdir, "eval") if args.workdir
                            else os.path.join("out", "eval"))
   if os.path.exists(output) and not os.path.isdir(output):
@@ -189,8 +191,8 @@ def _main(args) -> int:
         batch_size=batch_size, num_workers=args.workers, seed=args.seed,
         max_examples=args.max_examples, skip_bad_images=args.skip_bad_images)
     # The data first: a bad dataset should fail before the model loads.
-    source = eval_lib.open_source(args.data, class_map=args.class_map,
-                                  tfds_data_dir=args.tfds_data_dir)
+    source = eval_data.open_source(args.data, class_map=args.class_map,
+                                   tfds_data_dir=args.tfds_data_dir)
     source = eval_lib.select_examples(source, config)
   else:
     if len(args.scan) != 1 or len(args.resize) != 1:
@@ -201,7 +203,7 @@ def _main(args) -> int:
       checkpoint_path=args.checkpoint, workdir=args.workdir, dtype=args.dtype,
       ssd_impl=args.ssd_impl, chunk_size=args.chunk_size)
   if args.image is not None:
-    return _single_image(args, model, output, eval_lib, max(glimpses))
+    return _single_image(args, model, output, max(glimpses))
   if on_cpu and default_glimpses:
     print(_cpu_hint(len(source), len(config.settings()), config.num_glimpses,
                     model.config.depth, model.config.dim), file=sys.stderr)
@@ -217,8 +219,8 @@ def _main(args) -> int:
           "wall_seconds_incl_compile": round(time.time() - start, 1)}
   if jax.process_index() != 0:
     return 0  # Multi-host: every process has the results; one writes them.
-  paths = eval_lib.write_reports(results, config, meta, output,
-                                 plots=not args.no_plots)
+  paths = eval_reports.write_reports(results, config, meta, output,
+                                     plots=not args.no_plots)
   with open(paths["markdown"]) as f:
     print(f.read())
   for kind, path in paths.items():
@@ -226,14 +228,17 @@ def _main(args) -> int:
   return 0
 
 
-def _single_image(args, model, output, eval_lib, num_glimpses: int) -> int:
+def _single_image(args, model, output, num_glimpses: int) -> int:
   """Prints the top-5 classes and saves the glimpse-path picture."""
+  from mambaeye_jax import eval_data  # pylint: disable=g-import-not-at-top
+  from mambaeye_jax import eval_image  # pylint: disable=g-import-not-at-top
+  from mambaeye_jax.data import scan_patterns  # pylint: disable=g-import-not-at-top
   class_map = None
   if args.class_map:
-    class_map = eval_lib.read_class_map(args.class_map)
+    class_map = eval_data.read_class_map(args.class_map)
   elif model.config.num_classes == 1000:
-    class_map = eval_lib.builtin_imagenet_classes()
-  result = eval_lib.classify_image(
+    class_map = eval_data.builtin_imagenet_classes()
+  result = eval_image.classify_image(
       model, args.image, canvas_size=args.canvas_sizes[0], resize=args.resize[0],
       scan=args.scan[0], num_glimpses=num_glimpses, seed=args.seed,
       class_map=class_map)
@@ -245,7 +250,6 @@ def _single_image(args, model, output, eval_lib, num_glimpses: int) -> int:
   if result.label is not None and result.label not in [t[0] for t in result.top]:
     name = class_map.name(result.label)
     print(f"  label {result.label:4d} {name:30s} {100 * result.label_probability:6.2f}%")
-  from mambaeye_jax.data import scan_patterns  # pylint: disable=g-import-not-at-top
   os.makedirs(output, exist_ok=True)
   stem = os.path.splitext(os.path.basename(args.image))[0]
   path = scan_patterns.plot_glimpse_path(

@@ -28,9 +28,6 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-# The repository root, so config files can import `configs.*` helpers.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file (configs/<name>.py[:arg]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the final model.")

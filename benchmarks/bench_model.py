@@ -36,9 +36,8 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import timing  # benchmarks/timing.py: benchmarks/ is sys.path[0].
 
 
 def _random_batch(batch: int, length: int, num_classes: int, seed: int = 0):
@@ -58,14 +57,7 @@ def _random_batch(batch: int, length: int, num_classes: int, seed: int = 0):
 
 def _time_calls(fn, iters: int) -> list[float]:
   import jax  # pylint: disable=g-import-not-at-top
-  for _ in range(3):
-    jax.block_until_ready(fn())
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return times
+  return timing.call_times(fn, repeats=iters, warmup=3, sync=jax.block_until_ready)
 
 
 def where() -> str:
@@ -89,17 +81,18 @@ def make_train_call(variant: str, dtype: str, impl: str, *, remat: bool, padded:
   """
   import jax  # pylint: disable=g-import-not-at-top
   from mambaeye_jax import model as model_lib  # pylint: disable=g-import-not-at-top
-  from mambaeye_jax import optim, sharding, train_lib  # pylint: disable=g-import-not-at-top
+  from mambaeye_jax import optim, sharding  # pylint: disable=g-import-not-at-top
+  from mambaeye_jax import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
   config = model_lib.get_config(variant, dtype=dtype, ssd_impl=impl, remat=remat,
                                 scan_layers=scan_layers)
   ocfg = optim.OptimConfig(total_steps=10_000, warmup_steps=100)
   tx = optim.make_optimizer(ocfg)
   mesh = sharding.make_mesh(num_devices)
-  state, shardings, _ = train_lib.create_train_state(config, tx, 0, mesh)
-  train_step = train_lib.make_train_step(
-      train_lib.model_graphdef(config), tx, optim.learning_rate_schedule(ocfg), (16, 64, 256),
+  state, shardings, _ = train_step_lib.create_train_state(config, tx, 0, mesh)
+  train_step = train_step_lib.make_train_step(
+      train_step_lib.model_graphdef(config), tx, optim.learning_rate_schedule(ocfg), (16, 64, 256),
       packed=not padded)
-  step = train_lib.compile_train_step(train_step, shardings, mesh)
+  step = train_step_lib.compile_train_step(train_step, shardings, mesh)
   global_batch = sharding.global_batch(
       _random_batch(batch * num_devices, length, config.num_classes), mesh)
   holder = {"state": state}

@@ -25,13 +25,9 @@ import gzip
 import json
 import os
 import re
-import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import bench_model  # pylint: disable=g-import-not-at-top,wrong-import-position
+import bench_model  # benchmarks/ is sys.path[0] when this script runs.
 
 # Kernel name -> category, first match wins.
 _CATEGORIES = (

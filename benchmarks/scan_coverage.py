@@ -19,17 +19,17 @@ import argparse
 
 import numpy as np
 
-from mambaeye_jax import glimpse
+from mambaeye_jax.data import geometry
 from mambaeye_jax.data import scan_patterns
 
-P = glimpse.PATCH_SIZE
+P = geometry.PATCH_SIZE
 EVAL_PATTERNS = ("random", "random_fixed_grid", "column_major",
                  "horizontal_raster", "horizontal_zigzag", "column_snake",
                  "hilbert", "spiral", "diagonal", "golden")
 
 
 def reachable_corners(name: str, side: int,
-                      box: glimpse.ImageBox) -> np.ndarray:
+                      box: geometry.ImageBox) -> np.ndarray:
   """Every corner the pattern can place: (n, 2) int."""
   if name in ("random", "random_official"):
     # The patterns draw rows and columns independently; ask for enough
@@ -46,7 +46,7 @@ def reachable_corners(name: str, side: int,
                                 box, len(rows) * len(cols))
 
 
-def coverage(positions: np.ndarray, box: glimpse.ImageBox) -> float:
+def coverage(positions: np.ndarray, box: geometry.ImageBox) -> float:
   """Fraction of the box's pixels under at least one patch."""
   seen = np.zeros((box.top + box.height + P, box.left + box.width + P), bool)
   for row, col in np.unique(positions, axis=0):
@@ -55,11 +55,11 @@ def coverage(positions: np.ndarray, box: glimpse.ImageBox) -> float:
                     box.left:box.left + box.width].mean())
 
 
-def boxes(side: int) -> dict[str, glimpse.ImageBox]:
+def boxes(side: int) -> dict[str, geometry.ImageBox]:
   """The fitted image boxes on a side x side canvas."""
   short = int(side * 3 / 4)
-  return {"square": glimpse.ImageBox(0, 0, side, side),
-          "4:3": glimpse.ImageBox((side - short) // 2, 0, short, side)}
+  return {"square": geometry.ImageBox(0, 0, side, side),
+          "4:3": geometry.ImageBox((side - short) // 2, 0, short, side)}
 
 
 def main() -> None:

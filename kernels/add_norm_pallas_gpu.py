@@ -12,7 +12,7 @@ shares). d_normed may come in parts, one per consumer of normed, added here
 in float32 so that no pass before this one has to add them. Each direction reads its inputs once; XLA's fusions of the same math
 read the residual stream two or three times per direction (measured on an
 H100: ~3 ms of a 31 ms Tiny training step). The reference is
-`mambaeye_jax.layers.add_rms_norm` (XLA, with its own custom VJP); both
+`kernels.norms.add_rms_norm` (XLA, with its own custom VJP); both
 kernels are tested against it in interpret mode on the CPU
 (tests/test_add_norm_pallas.py). A power-of-two d: other widths use XLA.
 """
@@ -46,7 +46,7 @@ def supported(rows: int, features: int, cfg: AddNormGpuConfig = AddNormGpuConfig
 def _check(rows, features, cfg):
   if not supported(rows, features, cfg):
     raise ValueError(f"add+norm kernel needs rows % {cfg.block_rows} == 0 and a power-of-two "
-                     f"width, got ({rows}, {features}); use mambaeye_jax.layers.add_rms_norm")
+                     f"width, got ({rows}, {features}); use kernels.norms.add_rms_norm")
 
 
 def _fwd_kernel(h_ref, r_ref, w_ref, s_ref, out_ref, rstd_ref, *, eps):

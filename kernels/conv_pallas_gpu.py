@@ -6,7 +6,7 @@ tt tokens per program (`block_t`), cc channels per program (`block_c`).
     out_t = silu(bias + sum_k kernel[k] * x_{t - (K-1-k)})
 
 with x before the row's start, or before the token's segment start, taken as
-zero. The reference is `mambaeye_jax.layers.causal_conv_silu` (XLA, with its
+zero. The reference is `kernels.conv_reference.causal_conv_silu_reference` (XLA, with its
 own custom VJP); tests/test_conv_pallas.py checks this module against it and
 against autodiff of the plain definition, in interpret mode on the CPU.
 
@@ -24,7 +24,7 @@ kernel and bias gradients, which XLA adds up (small: (b, t / tt, K + 1, c)
 float32). The second reads d(pre-activation) at the K shifted rows for dx
 alone. A one-pass variant (`bwd_two_pass=False`) recomputes the
 pre-activation at the K - 1 tokens after its tile instead (K sigmoids a
-token). Times of both and of XLA: `python -m kernels.bench_conv`.
+token). Times of both and of XLA: `python benchmarks/bench_conv.py`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from kernels import pallas_gpu
-from kernels import ssd_reference
+from kernels import segments
 
 _F32 = jnp.float32
 
@@ -45,7 +45,7 @@ _F32 = jnp.float32
 @dataclasses.dataclass(frozen=True)
 class ConvGpuConfig:
   """Tiles and launch parameters of both kernels (picked on an H100 with
-  `python -m kernels.bench_conv`). The backward keeps more (tt, cc) float32
+  `python benchmarks/bench_conv.py`). The backward keeps more (tt, cc) float32
   tiles alive, so it takes smaller ones."""
   block_t: int = 64
   block_c: int = 64
@@ -210,7 +210,7 @@ def _check(x, kernel, block_t, block_c):
   fit = tiles(t, c, block_t, block_c)
   if fit is None:
     raise ValueError(f"conv kernel needs length % 16 == 0 and channels % 32 == 0, got "
-                     f"x {x.shape}; use mambaeye_jax.layers.causal_conv_silu")
+                     f"x {x.shape}; use kernels.conv_reference.causal_conv_silu_reference")
   return b, t, c, fit
 
 
@@ -219,7 +219,7 @@ def forward(x, kernel, bias, segment_ids, out_dtype, *, cfg=ConvGpuConfig(),
   """silu(conv(x)): x (b, t, c), kernel (K, c), bias (c,), segment_ids (b, t) or None.
 
   segment_ids must be run ids (nondecreasing per row; see
-  `kernels.ssd_reference.renumber_segments`). Returns (b, t, c) out_dtype.
+  `kernels.segments.renumber_segments`). Returns (b, t, c) out_dtype.
   """
   b, t, c, (tt, cc) = _check(x, kernel, cfg.block_t, cfg.block_c)
   s = _specs(t, kernel.shape[0], tt, cc)
@@ -307,5 +307,5 @@ def causal_conv_silu(x, kernel, bias, segment_ids=None, out_dtype=None, *,
     (b, t, c) in out_dtype.
   """
   if segment_ids is not None:
-    segment_ids = ssd_reference.renumber_segments(segment_ids)
+    segment_ids = segments.renumber_segments(segment_ids)
   return _conv_silu(x, kernel, bias, segment_ids, out_dtype or x.dtype, cfg, interpret)

@@ -10,7 +10,7 @@ output gradient and 1/rms once and writes dy, dz and its rows' share of the
 weight gradient (XLA adds the (r / rr, d) shares). XLA splits each direction
 into a row reduction and a second elementwise pass over the same inputs
 (measured on an H100, forward at 262k tokens x 512: 0.46 ms against 0.29 for
-the kernel). The reference is `mambaeye_jax.layers.gated_rms_norm` (XLA, with
+the kernel). The reference is `kernels.norms.gated_rms_norm` (XLA, with
 its own custom VJP); tests/test_gated_norm_pallas.py checks both kernels
 against it in interpret mode on the CPU. One group (ngroups = 1) and a
 power-of-two d: other shapes use XLA.
@@ -33,7 +33,7 @@ _F32 = jnp.float32
 @dataclasses.dataclass(frozen=True)
 class GatedNormGpuConfig:
   """Rows per program and warps of each kernel (picked on an H100 with
-  `python -m kernels.bench_conv --sweep`)."""
+  `python benchmarks/bench_conv.py --sweep`)."""
   block_rows: int = 8
   num_warps: int = 8
   bwd_block_rows: int = 8
@@ -52,7 +52,7 @@ def _check(rows, features, cfg):
   if not supported(rows, features, features, cfg):
     raise ValueError(
         f"gated norm kernel needs rows % {max(cfg.block_rows, cfg.bwd_block_rows)} == 0 and a "
-        f"power-of-two width, got ({rows}, {features}); use mambaeye_jax.layers.gated_rms_norm")
+        f"power-of-two width, got ({rows}, {features}); use kernels.norms.gated_rms_norm")
 
 
 def _kernel(y_ref, z_ref, w_ref, out_ref, rstd_ref, *, eps):

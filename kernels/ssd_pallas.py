@@ -6,7 +6,7 @@
 
 * GPU: the Triton-lowered Pallas kernels of `kernels.ssd_pallas_gpu`, with a
   `jax.custom_vjp` whose backward runs the backward kernels.
-* TPU: `kernels.ssd_pallas_tpu.ssd_pallas_tpu` (imported lazily).
+* TPU: `kernels.ssd_pallas_tpu.ssd_pallas_tpu`.
 * `interpret=True` (any backend, typically CPU): the GPU kernels' own logic
   through the Pallas interpreter, so CI tests the kernels without a GPU.
 """
@@ -19,6 +19,7 @@ from typing import Optional
 import jax
 
 from kernels import ssd_pallas_gpu
+from kernels import ssd_pallas_tpu
 from kernels import ssd_reference
 
 Array = jax.Array
@@ -89,19 +90,12 @@ def ssd_pallas(x, dt, A, B, C, D=None, *, dt_bias=None, dt_softplus=False,
     y: (b, l, h, p) in x's dtype, and the float32 final state if asked for.
 
   Raises:
-    NotImplementedError: on TPU while `kernels.ssd_pallas_tpu` is missing.
     ValueError: on a backend with no Pallas kernel (use interpret=True).
   """
   backend = "interpret" if interpret else jax.default_backend()
   if backend == "tpu":
     if C is None:
       B, C = ssd_reference.split_packed_bc(B)
-    try:
-      from kernels import ssd_pallas_tpu  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise NotImplementedError(
-          "ssd_pallas on TPU needs kernels/ssd_pallas_tpu.py "
-          "(ssd_pallas_tpu), which is not available yet") from e
     return ssd_pallas_tpu.ssd_pallas_tpu(
         x, dt, A, B, C, D, dt_bias=dt_bias, dt_softplus=dt_softplus,
         initial_state=initial_state, segment_ids=segment_ids,

@@ -59,7 +59,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels import ssd_reference
+from kernels import segments
 
 try:  # The Triton compiler parameters; absent from some CPU-only installs.
   from jax.experimental.pallas import triton as pltriton
@@ -489,7 +489,7 @@ def prepare(x, dt, A, B, C, segment_ids, cfg: SSDGpuConfig) -> _Prepared:
     seg = _pad_len(segment_ids, extra, mode="edge")
     # Run ids count segment starts: nondecreasing, so a chunk's last run id is
     # its max and the previous token's is the min of runp.
-    run = ssd_reference.renumber_segments(seg)
+    run = segments.renumber_segments(seg)
     runp = jnp.concatenate([run[:, :1], run[:, :-1]], axis=1)
   return _Prepared(x, dt, la, B, C, c_group, run, runp, splits, split_len, l)
 

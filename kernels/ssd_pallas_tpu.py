@@ -64,8 +64,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels.segments import segment_starts
 from kernels.ssd_reference import effective_dt
-from kernels.ssd_reference import segment_starts
 from kernels.ssd_reference import validate_ssd_inputs
 
 Array = jax.Array

@@ -8,7 +8,7 @@ The public entry points, importable from here:
     model = mambaeye_jax.load_model("mambaeye_tiny.pt")
     logits = model(g.patches[None], g.positions[None])   # (1, T, K)
 
-* `glimpses_from_image` (`glimpse.py`): image -> patches (T, 768) uint8 and
+* `glimpses_from_image` (`data/glimpses.py`): image -> patches (T, 768) uint8 and
   positions (T, 2) int32, as eval.py prepares them.
 * `load_model` (`checkpoint.py`): an official .pt / .safetensors, a
   converted model directory or a training work directory.
@@ -24,8 +24,8 @@ import importlib
 
 # Public name -> the module that defines it.
 _EXPORTS = {
-    "Glimpses": "mambaeye_jax.glimpse",
-    "glimpses_from_image": "mambaeye_jax.glimpse",
+    "Glimpses": "mambaeye_jax.data.glimpses",
+    "glimpses_from_image": "mambaeye_jax.data.glimpses",
     "MambaEye": "mambaeye_jax.model",
     "ModelConfig": "mambaeye_jax.model",
     "get_config": "mambaeye_jax.model",

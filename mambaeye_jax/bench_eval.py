@@ -1,188 +1,29 @@
-"""End-to-end throughput of the evaluator, with a stage breakdown.
+"""`python -m mambaeye_jax.bench_eval ARGS` runs `benchmarks/bench_eval.py ARGS`.
 
-    python -m mambaeye_jax.bench_eval --images ../shared/data/imagenet_sample_100.tar.gz
-
-Measures, for one setting (default: canvas 512, resize fit, random scan,
-T = 4096, as the official evaluation):
-
-  host     decode + resize + scan order in the worker pool alone;
-  copy     host -> device transfer of one batch of uint8 canvases + corners;
-  device   patch gather + forward + scoring on a batch already on the device
-           (one line per --variants entry: SSD implementation and chunk);
-  e2e      `eval_lib.evaluate_setting` over the whole (repeated) image list,
-           everything overlapped, compilation excluded (done before).
-
-Without --checkpoint the model is a randomly initialised MambaEye of the
-named size: the throughput does not depend on the weights, the accuracy is
-meaningless and is not printed. The image list is the given photographs
-repeated `--repeat` times, so JPEG decoding is real but the files are in
-the page cache.
+The evaluator's benchmark lives with the other benchmarks in `benchmarks/`
+(which is not installed: the command needs a source checkout); this entry
+keeps the documented command.
 """
 
-from __future__ import annotations
-
-import argparse
 import os
 import sys
-import time
 
-import jax
-import numpy as np
-from flax import nnx
-
-from mambaeye_jax import eval_lib
-from mambaeye_jax import model as model_lib
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO_ROOT, "benchmarks", "bench_eval.py")
 
 
-def _model(args, ssd_impl: str | None, chunk: int | None):
-  """The model to time: a checkpoint, or random weights of `args.size`."""
-  if args.checkpoint:
-    return eval_lib.load_eval_model(checkpoint_path=args.checkpoint, dtype=args.dtype,
-                                    ssd_impl=ssd_impl, chunk_size=chunk)
-  overrides = {"dtype": eval_lib.resolve_dtype(args.dtype)}
-  if ssd_impl:
-    overrides["ssd_impl"] = ssd_impl
-  if chunk:
-    overrides["chunk_size"] = chunk
-  return model_lib.MambaEye(model_lib.get_config(args.size, **overrides),
-                            rngs=nnx.Rngs(0))
-
-
-def _host_stage(pool, source, setting, config, num_images) -> float:
-  """Images/s of the worker pool filling batch slots, nothing else."""
-  batches = eval_lib._HostBatches.create(  # pylint: disable=protected-access
-      config.slots, config.batch_size, setting, shared=pool.num_workers > 0)
-  try:
-    b = config.batch_size
-    starts = list(range(0, num_images, b))
-    start = time.perf_counter()
-    in_flight = []
-    for i, lo in enumerate(starts):
-      if len(in_flight) == config.slots:
-        for f in in_flight.pop(0):
-          f.result()
-      in_flight.append(pool.submit(batches, setting, config.seed, i % config.slots,
-                                   range(lo, min(lo + b, num_images)), False))
-    for futures in in_flight:
-      for f in futures:
-        f.result()
-    seconds = time.perf_counter() - start
-    sample = (batches.canvases[0].copy(), batches.positions[0].copy(),
-              batches.labels[0].copy())
-  finally:
-    batches.close()
-  return num_images / seconds, sample
-
-
-def _time(fn, repeats: int) -> float:
-  """Median seconds of fn() (which must block)."""
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
-
-
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--images", required=True, help="dataset spec for eval_lib.open_source")
-  p.add_argument("--checkpoint", default=None, help="real weights (default: random)")
-  p.add_argument("--size", default="tiny", choices=sorted(model_lib.VARIANTS))
-  p.add_argument("--canvas", type=int, default=512)
-  p.add_argument("--resize", default="fit")
-  p.add_argument("--scan", default="random")
-  p.add_argument("--glimpses", type=int, default=4096)
-  p.add_argument("--batch-size", type=int, default=64)
-  p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-  p.add_argument("--repeat", type=int, default=30, help="passes over the images")
-  p.add_argument("--dtype", default="auto")
-  p.add_argument("--variants", default="auto",
-                 help="comma list of SSD_IMPL[:CHUNK] for the device stage; the "
-                 "first is used end to end")
-  p.add_argument("--device-repeats", type=int, default=10)
-  args = p.parse_args(argv)
-
-  source = eval_lib.open_source(args.images, unknown_synsets="sorted")
-  source = eval_lib.RepeatSource(source, args.repeat)
-  num = len(source)
-  config = eval_lib.EvalConfig(
-      canvas_sizes=(args.canvas,), resize_modes=(args.resize,),
-      scan_patterns=(args.scan,), glimpse_counts=(args.glimpses,),
-      batch_size=args.batch_size, num_workers=args.workers)
-  setting = config.settings()[0]
-  device = jax.devices()[0]
-  weights = args.checkpoint or f"random {args.size} weights (throughput only)"
-  print(f"device: {device.device_kind} x{jax.local_device_count()}, "
-        f"{os.cpu_count()} CPUs, jax {jax.__version__}")
-  print(f"setting: canvas {args.canvas}, resize {args.resize}, scan {args.scan}, "
-        f"T={args.glimpses}, batch {args.batch_size}, {args.workers} workers, "
-        f"{weights}, images: {source.description} = {num}")
-  rows = []
-
-  start = time.perf_counter()
-  with eval_lib.WorkerPool(source, args.workers) as pool:
-    # Warm the pool (process start, imports) on a few images, untimed.
-    _host_stage(pool, source, setting, config, min(num, 2 * args.batch_size))
-    pool_start = time.perf_counter() - start
-    host_rate, sample = _host_stage(pool, source, setting, config,
-                                    min(num, 20 * args.batch_size))
-    rows.append((f"host: decode+resize+scan ({args.workers} workers)", host_rate, ""))
-
-    variants = [v.split(":") for v in args.variants.split(",") if v]
-    best = None  # (img/s, runner): the fastest variant runs end to end.
-    for variant in variants:
-      impl = variant[0]
-      chunk = int(variant[1]) if len(variant) > 1 and variant[1] else None
-      try:
-        model = _model(args, impl, chunk)
-        runner = eval_lib.DeviceRunner(model, args.batch_size, model.config.num_classes)
-        compile_s = runner.warm_up(setting)
-        canvases, positions, labels = sample
-        labels = labels % model.config.num_classes
-        valid = np.ones(args.batch_size, bool)
-        arrays = runner.put(canvases, positions, labels, valid)
-        if best is None:
-          copy_s = _time(lambda: runner.put(canvases, positions, labels, valid), 5)
-          rows.append(("host->device copy (uint8 canvases + corners)",
-                       args.batch_size / copy_s,
-                       f"{canvases.nbytes / copy_s / 1e9:.1f} GB/s"))
-        step_s = _time(lambda: jax.block_until_ready(runner.run(arrays)),
-                       args.device_repeats)
-      except Exception as e:  # A variant that fails must not stop the others.
-        print(f"  variant {':'.join(variant)} failed: {type(e).__name__}: "
-              f"{str(e)[:300]}", flush=True)
-        continue
-      from mambaeye_jax import ssd  # pylint: disable=g-import-not-at-top
-      resolved = ssd.resolve_impl(model.config.ssd_impl).value
-      tokens = args.batch_size * args.glimpses / step_s
-      rate = args.batch_size / step_s
-      rows.append((f"device: gather+forward+score ({resolved}, chunk "
-                   f"{model.config.chunk_size}, {model.config.dtype})", rate,
-                   f"{tokens / 1e6:.2f} M tokens/s, compile {compile_s:.0f} s"))
-      print(f"  {rows[-1][0]}: {rate:.1f} img/s", flush=True)
-      if best is None or rate > best[0]:
-        best = (rate, runner, rows[-1][0])
-    if best is None:
-      print("no device variant ran")
-      return 1
-    e2e_runner = best[1]
-    print(f"end to end with the fastest: {best[2]}", flush=True)
-
-    e2e = eval_lib.evaluate_setting(e2e_runner, pool, source, setting, config,
-                                    eval_lib.Progress(num, interval=5.0))
-    e2e_rate = e2e.num_examples / e2e.seconds
-    rows.append(("end to end (decode ... device, overlapped)", e2e_rate,
-                 f"{e2e.num_examples} images in {e2e.seconds:.1f} s"))
-
-  print()
-  print(f"{'stage':62s} {'images/s':>10s}  notes")
-  for name, rate, note in rows:
-    print(f"{name:62s} {rate:10.1f}  {note}")
-  print(f"worker pool start: {pool_start:.1f} s (not counted)")
-  print(f"END-TO-END: {e2e_rate:.1f} images/s")
-  return 0
+def run_script(script: str, repo_root: str, argv: list[str]) -> int:
+  """Replaces this process by `python script argv...`, with the checkout
+  importable (as `python -m` from the checkout had it)."""
+  if not os.path.isfile(script):
+    print(f"error: {script} not found; the benchmarks need a source checkout",
+          file=sys.stderr)
+    return 2
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH")) if p)
+  os.execve(sys.executable, [sys.executable, script, *argv], env)
+  return 0  # Not reached.
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(run_script(SCRIPT, REPO_ROOT, sys.argv[1:]))

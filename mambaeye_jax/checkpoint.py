@@ -1,145 +1,36 @@
-"""Saving and loading MambaEye weights in this project's format.
+"""`load_model`: a MambaEye from any of the three places weights live.
 
-A model directory holds:
-
-    config.json   the ModelConfig fields (plus a format version)
-    params/       an orbax checkpoint of the parameter tree
-                  (the structure of `nnx.state(MambaEye(config), nnx.Param)`)
-
-`load_model` also reads official PyTorch checkpoints (.pt / .safetensors)
-directly, converting them on the fly, and training work directories (the
-latest checkpoint's parameters; see `mambaeye_jax.train_lib`).
+* a model directory (`model_dir`: config.json + params/), as written by
+  `python -m mambaeye_jax.convert` and by training's export;
+* a training work directory (`work_dir`: its latest checkpoint);
+* an official PyTorch checkpoint file (`.pt` / `.pth` / `.safetensors`,
+  read by `torch_io` without torch and mapped by `official`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 
-import jax
-import numpy as np
-import orbax.checkpoint as ocp
 from etils import epath
-from flax import nnx
 
 from mambaeye_jax import model as model_lib
+from mambaeye_jax import model_dir
+from mambaeye_jax import official
+from mambaeye_jax import torch_io
+from mambaeye_jax import work_dir
 
-FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-PARAMS_DIR = "params"
-
-
-def is_url(path: str | os.PathLike) -> bool:
-  """True for "gs://bucket/dir"-style paths, which must not go through os.path.
-
-  os.path.abspath("gs://b/run") is "$PWD/gs:/b/run", a local directory.
-  """
-  return "://" in os.fspath(path)
-
-
-def absolute(path: str | os.PathLike) -> str:
-  """os.path.abspath of a local path; a URL (gs://...) unchanged."""
-  path = os.fspath(path)
-  return path if is_url(path) else os.path.abspath(path)
-
-
-def config_to_dict(config: model_lib.ModelConfig) -> dict:
-  return dataclasses.asdict(config)
-
-
-def config_from_dict(fields: dict, source: str = "config") -> model_lib.ModelConfig:
-  """ModelConfig from a dict, naming any unknown field."""
-  known = {f.name for f in dataclasses.fields(model_lib.ModelConfig)}
-  unknown = sorted(set(fields) - known)
-  if unknown:
-    raise ValueError(f"{source}: unknown ModelConfig fields {unknown}; known: {sorted(known)}")
-  return model_lib.ModelConfig(**fields)
-
-
-def save_params(directory: str, config: model_lib.ModelConfig, params) -> None:
-  """Writes config.json and params/ into a new directory.
-
-  Args:
-    directory: must not exist yet (nothing is ever overwritten).
-    config: the model's config.
-    params: nested dict (or nnx.State) of arrays.
-  """
-  directory = absolute(directory)
-  # epath: the same os calls for local paths, and gs:// (with gcsfs) too.
-  if epath.Path(directory).exists():
-    raise FileExistsError(f"{directory} already exists; choose a new directory")
-  epath.Path(directory).mkdir(parents=True)
-  if isinstance(params, nnx.State):
-    params = nnx.to_pure_dict(params)
-  params = jax.tree.map(np.asarray, params)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(directory, PARAMS_DIR), params)
-  with epath.Path(directory, CONFIG_FILE).open("w") as f:
-    json.dump({"format_version": FORMAT_VERSION, "model": config_to_dict(config)}, f, indent=2)
-
-
-def read_config(directory: str) -> model_lib.ModelConfig:
-  path = os.path.join(directory, CONFIG_FILE)
-  if not epath.Path(path).exists():
-    raise FileNotFoundError(f"{directory} is not a mambaeye-jax model directory "
-                            f"(no {CONFIG_FILE})")
-  with epath.Path(path).open() as f:
-    meta = json.load(f)
-  if meta.get("format_version") != FORMAT_VERSION:
-    raise ValueError(f"{path}: format_version {meta.get('format_version')} is not "
-                     f"{FORMAT_VERSION}")
-  return config_from_dict(meta["model"], path)
-
-
-def abstract_model(config: model_lib.ModelConfig) -> model_lib.MambaEye:
-  """A model whose arrays are shapes only (nothing allocated)."""
-  return nnx.eval_shape(lambda: model_lib.MambaEye(config, rngs=nnx.Rngs(0)))
-
-
-def model_from_params(config: model_lib.ModelConfig, params, source: str = "params"):
-  """Builds a MambaEye holding `params` (nested dict), checking every shape.
-
-  Raises:
-    ValueError: naming the parameter whose structure or shape differs.
-  """
-  model = abstract_model(config)
-  expected = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  flat_expected = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
-  flat_given = dict(jax.tree_util.tree_flatten_with_path(params)[0])
-  name = jax.tree_util.keystr
-  missing = sorted(name(k) for k in set(flat_expected) - set(flat_given))
-  extra = sorted(name(k) for k in set(flat_given) - set(flat_expected))
-  if missing or extra:
-    raise ValueError(f"{source}: parameters do not fit {config}: missing {missing}, "
-                     f"unexpected {extra}")
-  for key, want in flat_expected.items():
-    got = np.shape(flat_given[key])
-    if tuple(got) != tuple(want.shape):
-      raise ValueError(f"{source}: parameter {name(key)} has shape {tuple(got)}, "
-                       f"expected {tuple(want.shape)}")
-  params = jax.tree.map(lambda a, w: jax.numpy.asarray(a, w.dtype), params, expected)
-  graphdef, state = nnx.split(model)
-  nnx.replace_by_pure_dict(state, params)
-  return nnx.merge(graphdef, state)
-
-
-def load_params(directory: str):
-  """(config, params) from a model directory written by `save_params`."""
-  config = read_config(directory)
-  path = os.path.join(absolute(directory), PARAMS_DIR)
-  with ocp.StandardCheckpointer() as ckptr:
-    params = ckptr.restore(path)
-  return config, params
+# ModelConfig fields that fix the parameters' shapes: a loader cannot change them.
+SHAPE_FIELDS = ("depth", "dim", "num_classes", "d_state", "d_conv", "expand",
+                "headdim", "ngroups")
 
 
 def load_model(path: str, **overrides) -> model_lib.MambaEye:
   """Loads a MambaEye from a model directory or an official checkpoint file.
 
   Args:
-    path: a directory from `save_params` / `python -m mambaeye_jax.convert`,
-      a training work directory (its latest checkpoint), or an official
-      `.pt` / `.pth` / `.safetensors` file.
+    path: a directory from `model_dir.save_params` /
+      `python -m mambaeye_jax.convert`, a training work directory (its latest
+      checkpoint), or an official `.pt` / `.pth` / `.safetensors` file.
     **overrides: ModelConfig fields that do not change the parameters'
       shapes (dtype, ssd_impl, remat, chunk_size).
 
@@ -147,20 +38,16 @@ def load_model(path: str, **overrides) -> model_lib.MambaEye:
     The model, parameters on the default device.
   """
   is_dir = epath.Path(path).is_dir()
-  if is_dir and not epath.Path(path, CONFIG_FILE).exists():
-    from mambaeye_jax import train_lib  # pylint: disable=g-import-not-at-top
-    if epath.Path(path, train_lib.TRAIN_CONFIG_FILE).exists():
-      return train_lib.restore_model(path, **overrides)
+  if is_dir and not epath.Path(path, model_dir.CONFIG_FILE).exists():
+    if epath.Path(path, work_dir.TRAIN_CONFIG_FILE).exists():
+      return work_dir.restore_model(path, **overrides)
   if is_dir:
-    config, params = load_params(path)
+    config, params = model_dir.load_params(path)
   else:
-    from mambaeye_jax import convert  # pylint: disable=g-import-not-at-top
-    from mambaeye_jax import torch_io  # pylint: disable=g-import-not-at-top
-    config, params = convert.state_dict_to_params(torch_io.load_state_dict(path), source=path)
-  shape_fields = {"depth", "dim", "num_classes", "d_state", "d_conv", "expand",
-                  "headdim", "ngroups"}
-  bad = sorted(set(overrides) & shape_fields)
+    config, params = official.state_dict_to_params(torch_io.load_state_dict(path),
+                                                   source=path)
+  bad = sorted(set(overrides) & set(SHAPE_FIELDS))
   if bad:
     raise ValueError(f"cannot override {bad} when loading {path}: they fix parameter shapes")
   config = dataclasses.replace(config, **overrides)
-  return model_from_params(config, params, source=path)
+  return model_dir.model_from_params(config, params, source=path)

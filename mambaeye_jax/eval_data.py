@@ -18,11 +18,10 @@ synsets, read from the copy tensorflow-datasets ships
 
 from __future__ import annotations
 
-import ast
 import atexit
 import collections
 import dataclasses
-import importlib.util
+import importlib.resources
 import json
 import logging
 import os
@@ -51,9 +50,11 @@ class DataError(EvalError):
 
 
 # Loose photos and folder names carrying an ImageNet synset id.
+# Package data beside the data modules: the ImageNet-1K class list.
+IMAGENET_CLASSES_FILE = "imagenet_classes.txt"
+
 SYNSET_PATTERN = re.compile(r"^(n\d{8})(?:[_\-. ](.*))?$")
 # The official rule for what is an image (as `data.sources.ImageFolderSource`).
-_IMAGE_SUFFIXES = tuple(e.lower() for e in sources.IMAGE_EXTENSIONS)
 
 
 # ------------------------------------------------------------------ classes
@@ -87,6 +88,20 @@ class ClassMap:
     return str(index)
 
 
+def _parse_class_text(text: str) -> ClassMap:
+  """`KEY [readable name]` lines in index order (blank lines and `#` comments
+  skipped) -> ClassMap."""
+  keys, names = [], []
+  for line in text.splitlines():
+    line = line.strip()
+    if not line or line.startswith("#"):
+      continue
+    key, _, name = line.partition(" ")
+    keys.append(key.strip())
+    names.append(name.strip())
+  return ClassMap(tuple(keys), tuple(names))
+
+
 def read_class_map(path: str) -> ClassMap:
   """Reads a class-map file.
 
@@ -114,65 +129,23 @@ def read_class_map(path: str) -> ClassMap:
       if [e[0] for e in entries] != list(range(len(entries))):
         raise ValueError("indices must be 0..K-1, each once")
       return ClassMap(tuple(e[1] for e in entries), tuple(e[2] for e in entries))
-    keys, names = [], []
-    for line in text.splitlines():
-      line = line.strip()
-      if not line or line.startswith("#"):
-        continue
-      key, _, name = line.partition(" ")
-      keys.append(key.strip())
-      names.append(name.strip())
-    return ClassMap(tuple(keys), tuple(names))
+    return _parse_class_text(text)
   except (ValueError, TypeError, KeyError) as e:
     raise DataError(f"class map {path} is malformed: {e}") from e
 
 
-def _imagenet_names(tfds_root: str) -> tuple[str, ...] | None:
-  """The 1000 readable ImageNet names in class order, from a constant list
-  inside tensorflow-datasets (SI-Score's labels); parsed, never imported or
-  executed. None where that file or list is missing or malformed."""
-  path = os.path.join(tfds_root, "datasets", "siscore", "labels.py")
-  try:
-    with open(path) as f:
-      tree = ast.parse(f.read())
-    for node in tree.body:
-      if isinstance(node, ast.Assign) and any(
-          getattr(t, "id", None) == "IMAGENET_LABELS_LIST" for t in node.targets):
-        names = ast.literal_eval(node.value)
-        if len(names) == 1000 and all(isinstance(n, str) for n in names):
-          # "tench, Tinca tinca" -> "tench": the first synonym is enough.
-          return tuple(n.split(",")[0].strip() for n in names)
-  except (OSError, SyntaxError, ValueError):
-    pass
-  return None
-
-
-def builtin_imagenet_classes() -> ClassMap | None:
-  """The 1000 ImageNet-1K synsets in class-index order, if available offline.
+def builtin_imagenet_classes() -> ClassMap:
+  """The 1000 ImageNet-1K synsets in class-index order, with readable names.
 
   The standard class index of ImageNet-1K (torchvision's ImageFolder over
   the train folders, the official code's labels) is the position of the
-  synset in the sorted list of the 1000 synsets. That list ships with
-  tensorflow-datasets (`datasets/imagenet2012/labels.txt`, a dependency of
-  this package); it is read as a file, without importing TFDS. Readable
-  names come from the same package where it has them (else left empty,
-  for the dataset to supply).
-
-  Returns:
-    The map, or None when tensorflow-datasets is not installed.
+  synset in the sorted list of the 1000 synsets. The list ships with this
+  package (`data/imagenet_classes.txt`, written once by
+  tools/make_imagenet_classes.py from tensorflow-datasets' files).
   """
-  spec = importlib.util.find_spec("tensorflow_datasets")
-  if spec is None or not spec.submodule_search_locations:
-    return None
-  for root in spec.submodule_search_locations:
-    path = os.path.join(root, "datasets", "imagenet2012", "labels.txt")
-    if os.path.isfile(path):
-      with open(path) as f:
-        keys = tuple(line.strip() for line in f if line.strip())
-      if len(keys) == 1000 and list(keys) == sorted(keys):
-        names = _imagenet_names(root) or ("",) * len(keys)
-        return ClassMap(keys, names)
-  return None
+  text = importlib.resources.files("mambaeye_jax.data").joinpath(
+      IMAGENET_CLASSES_FILE).read_text(encoding="utf-8")
+  return _parse_class_text(text)
 
 
 def _readable(name: str) -> str:
@@ -286,7 +259,7 @@ def stratified_subset(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
   n = len(labels)
   if count >= n:
     return np.arange(n, dtype=np.int64)
-  # A stream apart from the scan orders' (glimpse.example_rng: [seed, i]).
+  # A stream apart from the scan orders' (glimpses.example_rng: [seed, i]).
   rng = np.random.default_rng([seed, 0, 1])
   shuffled = rng.permutation(n)
   # Grouped by class, shuffled within: the rank of each example in its class.
@@ -316,12 +289,6 @@ class _Described:
 
   def labels(self) -> np.ndarray:
     return record_labels(self._source)
-
-
-def _list_images(folder: str) -> list[str]:
-  return sorted(f for f in os.listdir(folder)
-                if f.lower().endswith(_IMAGE_SUFFIXES)
-                and os.path.isfile(os.path.join(folder, f)))
 
 
 def _extract_archive(path: str, extract_dir: str | None) -> str:
@@ -395,8 +362,7 @@ def _class_folders(root: str, class_map: ClassMap | None):
   ImageNet list (right for any subset of the 1000 classes); other folders
   by their sorted names, as the official code (torchvision ImageFolder).
   """
-  folders = sorted(d for d in os.listdir(root)
-                   if os.path.isdir(os.path.join(root, d)))
+  folders = sources.class_folders(root)
   if class_map is None and folders and all(SYNSET_PATTERN.match(d) for d in folders):
     class_map = builtin_imagenet_classes()
   if class_map is None:
@@ -413,7 +379,7 @@ def _class_folders(root: str, class_map: ClassMap | None):
   items = []
   for d in folders:
     items += [(os.path.join(root, d, f), index[d])
-              for f in _list_images(os.path.join(root, d))]
+              for f in sources.list_images(os.path.join(root, d))[0]]
   if not items:
     raise DataError(f"{root} holds no images")
   return FileListSource(items, class_map, f"{root} ({len(items)} images)")
@@ -479,8 +445,8 @@ def open_source(spec: str, *, class_map: str | ClassMap | None = None,
     if not tarfile.is_tarfile(spec):
       raise DataError(f"{spec} is neither a folder nor a tar archive")
     root = _extract_archive(spec, extract_dir)
-  files = _list_images(root)
-  folders = [d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))]
+  files = sources.list_images(root)[0]
+  folders = sources.class_folders(root)
   try:
     if files and not folders:
       return _loose_photos(root, files, class_map, unknown_synsets)

@@ -25,48 +25,51 @@ g-glimpse sequence with the same first g corners. Grid patterns (and
 a shorter run would be other independent uniform draws, the same
 distribution.
 
-Datasets come from `eval_data.open_source` (re-exported here with the
-error types and class maps, so `eval_lib` is the one import callers need).
+The host side (settings, worker processes, shared-memory batches) is
+`eval_workers`; reports are `eval_reports`; the single-image mode is
+`eval_image`; datasets come from `eval_data.open_source`.
 """
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import dataclasses
 import functools
-import json
 import logging
-import multiprocessing
 import os
-import sys
 import time
-from multiprocessing import shared_memory
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from PIL import Image
+from jax.experimental import multihost_utils
 
+from mambaeye_jax import checkpoint
+from mambaeye_jax import eval_data
+from mambaeye_jax import eval_reports
+from mambaeye_jax import eval_workers
 from mambaeye_jax import glimpse
 from mambaeye_jax import loss
+from mambaeye_jax import model_dir
+from mambaeye_jax import progress as progress_lib
+from mambaeye_jax import work_dir
 from mambaeye_jax.data import eval_transforms
+from mambaeye_jax.data import geometry
 from mambaeye_jax.data import scan_patterns
 from mambaeye_jax.data import sources
 from mambaeye_jax.eval_data import CheckpointError
-from mambaeye_jax.eval_data import ClassMap
 from mambaeye_jax.eval_data import DataError
 from mambaeye_jax.eval_data import EvalError
-from mambaeye_jax.eval_data import RepeatSource  # pylint: disable=unused-import (re-export)
-from mambaeye_jax.eval_data import SYNSET_PATTERN
 from mambaeye_jax.eval_data import SubsetSource
 from mambaeye_jax.eval_data import record_labels
 from mambaeye_jax.eval_data import stratified_subset
-from mambaeye_jax.eval_data import builtin_imagenet_classes  # pylint: disable=unused-import (re-export)
-from mambaeye_jax.eval_data import open_source  # pylint: disable=unused-import (re-export)
-from mambaeye_jax.eval_data import read_class_map  # pylint: disable=unused-import (re-export)
+
+# The library API of docs/evaluation.md in one import: load_eval_model,
+# open_source, EvalConfig, evaluate, write_reports.
+open_source = eval_data.open_source
+write_reports = eval_reports.write_reports
 
 # The official evaluation's defaults (its eval.py): T = 4096 glimpses,
 # resize "fit"; 512 is the canvas of the headline numbers. The scan is
@@ -89,28 +92,14 @@ def resolve_dtype(dtype: str) -> str:
 
 
 def _restore_from_workdir(workdir: str, **overrides):
-  """The latest model of a training work directory (`train_lib`); a work
-  directory holding only a model directory `model/` (the layout before
-  train_lib existed), or read where train_lib's dependencies are missing,
-  loads that."""
-  # Imported here, as in load_eval_model: orbax is slow to import and the
-  # worker processes, which import this module, never need it.
-  from mambaeye_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  model_dir = os.path.join(workdir, "model")
-  has_model_dir = os.path.isfile(os.path.join(model_dir, checkpoint.CONFIG_FILE))
+  """The latest model of a training work directory; one holding only an
+  exported model directory `model/` (no checkpoint) loads that."""
+  export_dir = os.path.join(workdir, work_dir.MODEL_DIR)
   try:
-    from mambaeye_jax import train_lib  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    if has_model_dir:
-      return checkpoint.load_model(model_dir, **overrides)
-    raise CheckpointError(f"reading the training work directory {workdir} "
-                          f"needs mambaeye_jax.train_lib, which does not "
-                          f"import here: {e}") from e
-  try:
-    return train_lib.restore_model(workdir, **overrides)
+    return work_dir.restore_model(workdir, **overrides)
   except FileNotFoundError:
-    if has_model_dir:
-      return checkpoint.load_model(model_dir, **overrides)
+    if os.path.isfile(os.path.join(export_dir, model_dir.CONFIG_FILE)):
+      return checkpoint.load_model(export_dir, **overrides)
     raise
 
 
@@ -134,7 +123,6 @@ def load_eval_model(*, checkpoint_path: str | None = None,
     CheckpointError: missing path, or a file or directory that is not a
       MambaEye checkpoint; the message names the path.
   """
-  from mambaeye_jax import checkpoint  # pylint: disable=g-import-not-at-top
   if (checkpoint_path is None) == (workdir is None):
     raise CheckpointError("give exactly one of a checkpoint or a work directory")
   path = checkpoint_path or workdir
@@ -158,18 +146,6 @@ def load_eval_model(*, checkpoint_path: str | None = None,
 
 
 # ------------------------------------------------------------------ settings
-
-
-@dataclasses.dataclass(frozen=True)
-class Setting:
-  """One evaluation setting; every example of it has the same shapes."""
-  canvas_size: int
-  resize: str
-  scan: str
-  num_glimpses: int
-
-  def label(self) -> str:
-    return f"{self.scan}/{self.resize}/{self.canvas_size}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,9 +186,9 @@ class EvalConfig:
       if not getattr(self, name):
         raise ValueError(f"EvalConfig.{name} is empty")
     for s in self.canvas_sizes:
-      if s < glimpse.PATCH_SIZE:
+      if s < geometry.PATCH_SIZE:
         raise ValueError(f"canvas size {s} is smaller than one "
-                         f"{glimpse.PATCH_SIZE}x{glimpse.PATCH_SIZE} patch")
+                         f"{geometry.PATCH_SIZE}x{geometry.PATCH_SIZE} patch")
     for mode in self.resize_modes:
       if mode not in eval_transforms.RESIZE_MODES:
         raise ValueError(f"unknown resize mode {mode!r}; known modes: "
@@ -234,224 +210,10 @@ class EvalConfig:
   def num_glimpses(self) -> int:
     return max(self.glimpse_counts)
 
-  def settings(self) -> list[Setting]:
+  def settings(self) -> list[eval_workers.Setting]:
     """Every (canvas, resize, scan) combination, canvas sizes outermost."""
-    return [Setting(s, r, p, self.num_glimpses) for s in self.canvas_sizes
+    return [eval_workers.Setting(s, r, p, self.num_glimpses) for s in self.canvas_sizes
             for r in self.resize_modes for p in self.scan_patterns]
-
-
-# ------------------------------------------------------------------ host side
-
-
-def to_pil(record: Mapping[str, Any]) -> Image.Image:
-  """A record's image as an RGB PIL image (encoded bytes or a uint8 array).
-
-  Raises:
-    sources.BadImageError: corrupt or unreadable data, naming the record.
-  """
-  image = record["image"]
-  key = record.get("key", "<image>")
-  if isinstance(image, (bytes, bytearray, memoryview)):
-    return sources.decode_image(bytes(image), key)
-  try:
-    return eval_transforms.to_rgb(np.asarray(image))
-  except (TypeError, ValueError) as e:
-    raise sources.BadImageError(key, str(e)) from e
-
-
-def prepare_example(record: Mapping[str, Any], setting: Setting, seed: int,
-                    index: int) -> tuple[np.ndarray, np.ndarray, glimpse.ImageBox]:
-  """One record -> (canvas (S, S, 3) uint8, positions (T, 2) int32, box)."""
-  canvas, box, positions = glimpse.eval_canvas_and_positions(
-      to_pil(record), canvas_size=setting.canvas_size, resize=setting.resize,
-      scan=setting.scan, num_glimpses=setting.num_glimpses, seed=seed, index=index)
-  return canvas, positions, box
-
-
-@dataclasses.dataclass
-class _HostBatches:
-  """`slots` batch buffers: canvases (n, b, S, S, 3) u8, positions
-  (n, b, T, 2) i32, labels (n, b) i32, ok (n, b) u8. In shared memory when
-  workers fill them, plain arrays otherwise."""
-  canvases: np.ndarray
-  positions: np.ndarray
-  labels: np.ndarray
-  ok: np.ndarray
-  shms: list
-
-  @classmethod
-  def create(cls, slots: int, batch: int, setting: Setting, shared: bool):
-    shapes = [((slots, batch, setting.canvas_size, setting.canvas_size, 3), np.uint8),
-              ((slots, batch, setting.num_glimpses, 2), np.int32),
-              ((slots, batch), np.int32), ((slots, batch), np.uint8)]
-    arrays, shms = [], []
-    for shape, dtype in shapes:
-      if shared:
-        nbytes = max(int(np.prod(shape)) * np.dtype(dtype).itemsize, 1)
-        shm = shared_memory.SharedMemory(create=True, size=nbytes)
-        shms.append(shm)
-        arrays.append(np.ndarray(shape, dtype, buffer=shm.buf))
-      else:
-        arrays.append(np.zeros(shape, dtype))
-    return cls(*arrays, shms=shms)
-
-  def spec(self) -> tuple:
-    """What a worker needs to attach: ((name, shape, dtype str), ...)."""
-    arrays = (self.canvases, self.positions, self.labels, self.ok)
-    return tuple((shm.name, a.shape, a.dtype.str) for shm, a in zip(self.shms, arrays))
-
-  def close(self):
-    arrays = ("canvases", "positions", "labels", "ok")
-    for name in arrays:
-      setattr(self, name, None)  # Views must go before the buffers close.
-    for shm in self.shms:
-      _close_quietly(shm)
-      shm.unlink()
-    self.shms = []
-
-
-def _close_quietly(shm: shared_memory.SharedMemory):
-  """Closes a mapping; a view still held elsewhere (e.g. by a transfer that
-  keeps its source alive) only delays the unmapping to its collection."""
-  try:
-    shm.close()
-  except BufferError:
-    pass
-
-
-def _fill(source, arrays, setting: Setting, seed: int, slot: int,
-          offset: int, indices: Sequence[int], skip_bad: bool) -> int:
-  """Prepares examples `indices` into rows offset.. of batch slot `slot`.
-
-  Returns:
-    How many were unreadable and skipped (their `ok` is 0).
-
-  Raises:
-    sources.BadImageError: an unreadable image when not `skip_bad`.
-  """
-  canvases, positions, labels, ok = arrays
-  bad = 0
-  for row, index in enumerate(indices, start=offset):
-    record = source[index]
-    try:
-      canvas, pos, _ = prepare_example(record, setting, seed, index)
-    except sources.BadImageError:
-      if not skip_bad:
-        raise
-      logging.warning("skipping unreadable image %s", record.get("key"))
-      canvases[slot, row] = 0
-      positions[slot, row] = 0
-      labels[slot, row] = 0
-      ok[slot, row] = 0
-      bad += 1
-      continue
-    canvases[slot, row] = canvas
-    positions[slot, row] = pos
-    labels[slot, row] = int(record["label"])
-    ok[slot, row] = 1
-  return bad
-
-
-_WORKER: dict[str, Any] = {}
-
-
-def _worker_init(source):
-  # Workers only prepare numpy data: keep JAX (imported by the glimpse
-  # module) off the accelerator should anything initialise a backend.
-  os.environ["JAX_PLATFORMS"] = "cpu"
-  _WORKER["source"] = source
-  _WORKER["spec"] = None
-
-
-class WorkerError(Exception):
-  """A data worker's exception, as a message that survives pickling.
-
-  Exceptions travel from worker processes to the parent pickled; one whose
-  class cannot be rebuilt there (a required constructor argument, an
-  unpicklable attribute) turns into a "process pool is broken" error and
-  its message is lost. This carries the message (and whether it was an
-  unreadable image) instead; the worker's traceback stays attached as the
-  cause by concurrent.futures.
-  """
-
-  def __init__(self, message: str, bad_image: bool = False):
-    super().__init__(message, bad_image)
-    self.message = message
-    self.bad_image = bad_image
-
-  def __str__(self) -> str:
-    return self.message
-
-
-def _worker_fill(spec, setting, seed, slot, offset, indices, skip_bad) -> int:
-  """Runs `_fill` in a worker on the shared-memory slots named by `spec`."""
-  try:
-    return _worker_fill_unsafe(spec, setting, seed, slot, offset, indices, skip_bad)
-  except sources.BadImageError as e:
-    raise WorkerError(str(e), bad_image=True) from e
-  except Exception as e:  # pylint: disable=broad-except
-    raise WorkerError(f"{type(e).__name__}: {e}") from e
-
-
-def _worker_fill_unsafe(spec, setting, seed, slot, offset, indices, skip_bad) -> int:
-  if _WORKER["spec"] != spec:
-    _WORKER["arrays"] = None  # The views go first, then their mappings.
-    for shm in _WORKER.get("shms", []):
-      _close_quietly(shm)
-    shms = [shared_memory.SharedMemory(name=name) for name, _, _ in spec]
-    _WORKER["arrays"] = [np.ndarray(shape, np.dtype(dt), buffer=shm.buf)
-                         for shm, (_, shape, dt) in zip(shms, spec)]
-    _WORKER["shms"] = shms
-    _WORKER["spec"] = spec
-  return _fill(_WORKER["source"], _WORKER["arrays"], setting, seed, slot,
-               offset, indices, skip_bad)
-
-
-class WorkerPool:
-  """Worker processes that decode and resize into shared memory.
-
-  Started with "spawn": the parent has already started JAX's threads, which
-  a fork would copy in an undefined state.
-  """
-
-  def __init__(self, source, num_workers: int):
-    self.num_workers = num_workers
-    self._pool = None
-    if num_workers > 0:
-      self._pool = concurrent.futures.ProcessPoolExecutor(
-          max_workers=num_workers, mp_context=multiprocessing.get_context("spawn"),
-          initializer=_worker_init, initargs=(source,))
-    self._source = source
-
-  def submit(self, batches: _HostBatches, setting: Setting, seed: int,
-             slot: int, indices: Sequence[int], skip_bad: bool) -> list:
-    """Starts filling batch slot `slot` with `indices`; returns futures."""
-    if self._pool is None:
-      arrays = (batches.canvases, batches.positions, batches.labels, batches.ok)
-      done = concurrent.futures.Future()
-      try:
-        done.set_result(_fill(self._source, arrays, setting, seed, slot, 0,
-                              indices, skip_bad))
-      except Exception as e:  # Re-raised by .result(), as from a worker.
-        done.set_exception(e)
-      return [done]
-    # Chunks small enough that every worker takes part in each batch.
-    chunk = max(1, min(16, -(-len(indices) // (2 * self.num_workers))))
-    spec = batches.spec()
-    return [self._pool.submit(_worker_fill, spec, setting, seed, slot, start,
-                              list(indices[start:start + chunk]), skip_bad)
-            for start in range(0, len(indices), chunk)]
-
-  def close(self):
-    if self._pool is not None:
-      self._pool.shutdown(wait=True, cancel_futures=True)
-      self._pool = None
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()
 
 
 # ------------------------------------------------------------------ device side
@@ -545,7 +307,7 @@ class DeviceRunner:
     with jax.set_mesh(self.mesh):
       return self._step(self.state, *arrays)
 
-  def warm_up(self, setting: Setting) -> float:
+  def warm_up(self, setting: eval_workers.Setting) -> float:
     """Compiles the step for a setting's shapes; returns seconds taken."""
     start = time.perf_counter()
     b, s, t = self.batch_size, setting.canvas_size, setting.num_glimpses
@@ -575,7 +337,7 @@ class SettingResult:
     images_per_second: after the first batch (compilation excluded).
     counts: the raw counts behind the accuracies.
   """
-  setting: Setting
+  setting: eval_workers.Setting
   num_examples: int
   num_skipped: int
   top1_curve: np.ndarray
@@ -591,56 +353,6 @@ class SettingResult:
 
   def top5_at(self, glimpses: int) -> float:
     return float(self.top5_curve[glimpses - 1])
-
-
-class Progress:
-  """One status line with throughput and ETA, rewritten in place on a
-  terminal and printed every `interval` seconds otherwise."""
-
-  def __init__(self, total_images: int, stream=None, interval: float = 10.0):
-    self.total = total_images
-    self.stream = stream if stream is not None else sys.stderr
-    self.interval = interval
-    self.done = 0
-    self.start = time.perf_counter()
-    self._last = 0.0
-    self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-    self._window = collections.deque(maxlen=20)  # (time, done) for the rate.
-
-  def update(self, count: int, label: str, setting_done: int,
-             setting_total: int, force: bool = False):
-    now = time.perf_counter()
-    self.done += count
-    self._window.append((now, self.done))
-    if not force and now - self._last < (0.5 if self._tty else self.interval):
-      return
-    self._last = now
-    (t0, d0), (t1, d1) = self._window[0], self._window[-1]
-    rate = (d1 - d0) / (t1 - t0) if t1 > t0 and d1 > d0 else 0.0
-    eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-    speed = f"{rate:.1f} img/s" if rate > 0 else "warming up (compiling)"
-    line = (f"[{label}] {setting_done}/{setting_total} images, "
-            f"{self.done}/{self.total} total, {speed}, ETA {format_seconds(eta)}")
-    if self._tty:
-      self.stream.write("\r" + line.ljust(100))
-    else:
-      self.stream.write(line + "\n")
-    self.stream.flush()
-
-  def finish(self):
-    if self._tty:
-      self.stream.write("\n")
-    self.stream.flush()
-
-
-def format_seconds(seconds: float) -> str:
-  """"1:02:03" / "2:03"; "?" when unknown."""
-  if not np.isfinite(seconds):
-    return "?"
-  seconds = int(round(seconds))
-  hours, rest = divmod(seconds, 3600)
-  minutes, secs = divmod(rest, 60)
-  return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def _check_labels(source, num_classes: int):
@@ -681,7 +393,6 @@ def combine_counts(parts: Sequence[_Counts]) -> _Counts:
 
 def _gather_processes(counts: _Counts) -> _Counts:
   """Every process's counts, combined (a collective: all processes call it)."""
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   arrays = multihost_utils.process_allgather(
       (counts.top1, counts.top5, counts.predictions, counts.labels,
        np.array([counts.counted, counts.skipped], np.int64)), tiled=False)
@@ -691,9 +402,9 @@ def _gather_processes(counts: _Counts) -> _Counts:
   return combine_counts(parts)
 
 
-def evaluate_setting(runner: DeviceRunner, pool: WorkerPool, source,
-                     setting: Setting, config: EvalConfig,
-                     progress: Progress | None = None, *,
+def evaluate_setting(runner: DeviceRunner, pool: eval_workers.WorkerPool, source,
+                     setting: eval_workers.Setting, config: EvalConfig,
+                     progress: progress_lib.Progress | None = None, *,
                      shard: tuple[int, int] | None = None) -> SettingResult:
   """Evaluates one setting over the whole source.
 
@@ -731,60 +442,27 @@ def evaluate_setting(runner: DeviceRunner, pool: WorkerPool, source,
       len(source), config.max_examples)
   b = config.batch_size
   my_batches = list(range(shard_index, -(-num // b), num_shards))
-  counts = _Counts.zeros(num, setting.num_glimpses)
-  images_done = 0
-  first_done = None
-  batches = _HostBatches.create(config.slots, b, setting,
-                                shared=pool.num_workers > 0)
-  pending: collections.deque = collections.deque()
+  tally = _Tally(_Counts.zeros(num, setting.num_glimpses), b, progress, setting.label(),
+                 total=min(num, len(my_batches) * b),
+                 last_batch=my_batches[-1] if my_batches else -1)
+  ring = eval_workers.BatchRing(pool, setting, config.seed, config.slots, b,
+                                config.skip_bad_images)
+  ahead = iter(my_batches)
 
-  def submit(position):
-    batch_index = my_batches[position]
-    lo = batch_index * b
-    indices = range(lo, min(lo + b, num))
-    slot = position % config.slots
-    pending.append((batch_index, slot, len(indices),
-                    pool.submit(batches, setting, config.seed, slot, indices,
-                                config.skip_bad_images)))
-
-  def collect(item):
-    nonlocal images_done, first_done
-    batch_index, count, valid_host, labels_host, out = item
-    out = jax.device_get(out)
-    counts.top1 += out["top1"]
-    counts.top5 += out["top5"]
-    lo = batch_index * b
-    pred = np.where(valid_host[:count], out["last_pred"][:count], -1)
-    counts.predictions[lo:lo + count] = pred
-    counts.labels[lo:lo + count] = labels_host[:count]
-    counts.counted += int(valid_host[:count].sum())
-    images_done += count
-    if first_done is None:
-      first_done = (time.perf_counter(), images_done)
-    if progress is not None:
-      mine = min(num, len(my_batches) * b)
-      progress.update(count, setting.label(), images_done, mine,
-                      force=batch_index == my_batches[-1])
+  def submit_next():
+    batch_index = next(ahead, None)
+    if batch_index is not None:
+      lo = batch_index * b
+      ring.submit(batch_index, range(lo, min(lo + b, num)))
 
   try:
-    next_position = 0
-    while next_position < min(config.slots - 1, len(my_batches)):
-      submit(next_position)
-      next_position += 1
+    for _ in range(min(config.slots - 1, len(my_batches))):
+      submit_next()
     in_flight = None
-    while pending:
-      batch_index, slot, count, futures = pending.popleft()
-      try:
-        counts.skipped += sum(f.result() for f in futures)
-      except (sources.BadImageError, WorkerError) as e:
-        if isinstance(e, WorkerError) and not e.bad_image:
-          raise DataError(f"a data worker failed: {e}") from e
-        raise DataError(f"unreadable image {e} (pass --skip-bad-images to "
-                        "leave such images out)") from e
-      except concurrent.futures.process.BrokenProcessPool as e:
-        raise EvalError("a data worker process died without an error "
-                        "message (killed, e.g. out of memory: try fewer "
-                        "--workers or a smaller --batch-size)") from e
+    while ring:
+      batch_index, slot, count, skipped = _next_ready(ring)
+      tally.counts.skipped += skipped
+      batches = ring.batches
       valid = batches.ok[slot].astype(bool)
       valid[count:] = False  # Padding rows keep stale data; mask them.
       labels_host = batches.labels[slot].copy()
@@ -794,27 +472,17 @@ def evaluate_setting(runner: DeviceRunner, pool: WorkerPool, source,
                         f"for a model of {runner.num_classes} classes")
       arrays = runner.put(batches.canvases[slot], batches.positions[slot],
                           labels_host, valid)
-      # The slot is free again once its data is on the device.
-      if next_position < len(my_batches):
-        submit(next_position)
-        next_position += 1
+      submit_next()  # The slot is free again once its data is on the device.
       out = runner.run(arrays)
       if in_flight is not None:
-        collect(in_flight)
+        tally.add(*in_flight)
       in_flight = (batch_index, count, valid, labels_host, out)
     if in_flight is not None:
-      collect(in_flight)
+      tally.add(*in_flight)
   finally:
-    for *_, futures in pending:
-      for f in futures:
-        f.cancel()
-    for *_, futures in pending:
-      concurrent.futures.wait(futures)
-    batches.close()
+    ring.close()
   end = time.perf_counter()
-  rate = 0.0
-  if first_done is not None and images_done > first_done[1] and end > first_done[0]:
-    rate = (images_done - first_done[1]) / (end - first_done[0])
+  counts, rate = tally.counts, tally.images_per_second(end)
   if gather and num_shards > 1:
     counts = _gather_processes(counts)
     rate *= num_shards  # Every process runs at about the same pace.
@@ -822,7 +490,62 @@ def evaluate_setting(runner: DeviceRunner, pool: WorkerPool, source,
                             images_per_second=rate)
 
 
-def result_from_counts(setting: Setting, counts: _Counts, seconds: float = 0.0,
+def _next_ready(ring: eval_workers.BatchRing) -> tuple[int, int, int, int]:
+  """`ring.next_ready()`, with the workers' failures as one-line errors."""
+  try:
+    return ring.next_ready()
+  except (sources.BadImageError, eval_workers.WorkerError) as e:
+    if isinstance(e, eval_workers.WorkerError) and not e.bad_image:
+      raise DataError(f"a data worker failed: {e}") from e
+    raise DataError(f"unreadable image {e} (pass --skip-bad-images to "
+                    "leave such images out)") from e
+  except concurrent.futures.process.BrokenProcessPool as e:
+    raise EvalError("a data worker process died without an error "
+                    "message (killed, e.g. out of memory: try fewer "
+                    "--workers or a smaller --batch-size)") from e
+
+
+class _Tally:
+  """Adds each batch's device outputs into the setting's counts, moves the
+  progress line and measures the rate after the first batch (which
+  includes compilation)."""
+
+  def __init__(self, counts: _Counts, batch_size: int, progress, label: str, total: int,
+               last_batch: int):
+    self.counts = counts
+    self._b = batch_size
+    self._progress = progress
+    self._label = label
+    self._total = total
+    self._last_batch = last_batch
+    self._done = 0
+    self._first = None  # (time, images) when the first batch was counted.
+
+  def add(self, batch_index: int, count: int, valid_host: np.ndarray,
+          labels_host: np.ndarray, out) -> None:
+    out = jax.device_get(out)
+    counts = self.counts
+    counts.top1 += out["top1"]
+    counts.top5 += out["top5"]
+    lo = batch_index * self._b
+    pred = np.where(valid_host[:count], out["last_pred"][:count], -1)
+    counts.predictions[lo:lo + count] = pred
+    counts.labels[lo:lo + count] = labels_host[:count]
+    counts.counted += int(valid_host[:count].sum())
+    self._done += count
+    if self._first is None:
+      self._first = (time.perf_counter(), self._done)
+    if self._progress is not None:
+      self._progress.update(count, self._label, self._done, self._total,
+                            force=batch_index == self._last_batch)
+
+  def images_per_second(self, end: float) -> float:
+    if self._first is None or self._done <= self._first[1] or end <= self._first[0]:
+      return 0.0
+    return (self._done - self._first[1]) / (end - self._first[0])
+
+
+def result_from_counts(setting: eval_workers.Setting, counts: _Counts, seconds: float = 0.0,
                        images_per_second: float = 0.0) -> SettingResult:
   """A `SettingResult` (accuracies over the counted images) from counts."""
   denom = max(counts.counted, 1)
@@ -884,10 +607,10 @@ def evaluate(model: nnx.Module, source, config: EvalConfig,
   progress = None
   if progress_stream is not False:
     # Each process (multi-host) evaluates about 1/P of the images.
-    progress = Progress(-(-num // jax.process_count()) * len(settings),
+    progress = progress_lib.Progress(-(-num // jax.process_count()) * len(settings),
                         progress_stream)
   results = []
-  with WorkerPool(source, config.num_workers) as pool:
+  with eval_workers.WorkerPool(source, config.num_workers) as pool:
     for setting in settings:
       results.append(evaluate_setting(runner, pool, source, setting, config,
                                       progress))
@@ -896,164 +619,3 @@ def evaluate(model: nnx.Module, source, config: EvalConfig,
   return results
 
 
-# ------------------------------------------------------------------ reports
-
-
-def results_to_json(results: Sequence[SettingResult], config: EvalConfig,
-                    meta: Mapping[str, Any]) -> dict[str, Any]:
-  """A JSON-ready report.
-
-  Layout: {"meta": {...}, "config": {...}, "results": [{"canvas_size",
-  "resize", "scan", "num_glimpses", "num_examples", "num_skipped",
-  "top1": {g: acc}, "top5": {g: acc}, "top1_curve": [T floats],
-  "top5_curve": [...], "seconds", "images_per_second"}]}; accuracies are
-  fractions in [0, 1], keys of "top1"/"top5" the glimpse counts as strings.
-  """
-  counts = sorted(set(config.glimpse_counts))
-  out = []
-  for r in results:
-    out.append({
-        **dataclasses.asdict(r.setting),
-        "num_examples": r.num_examples,
-        "num_skipped": r.num_skipped,
-        "top1": {str(g): round(r.top1_at(g), 6) for g in counts},
-        "top5": {str(g): round(r.top5_at(g), 6) for g in counts},
-        "top1_curve": [round(float(x), 6) for x in r.top1_curve],
-        "top5_curve": [round(float(x), 6) for x in r.top5_curve],
-        "seconds": round(r.seconds, 3),
-        "images_per_second": round(r.images_per_second, 2),
-    })
-  cfg = dataclasses.asdict(config)
-  return {"meta": dict(meta), "config": cfg, "results": out}
-
-
-def markdown_report(report: Mapping[str, Any]) -> str:
-  """Markdown tables from `results_to_json`'s report: top-1 / top-5 (%) per
-  (scan, resize, glimpses) row and canvas-size column, as the paper's."""
-  meta, results = report["meta"], report["results"]
-  sizes = sorted({r["canvas_size"] for r in results})
-  lines = ["# MambaEye evaluation", ""]
-  for key, value in meta.items():
-    lines.append(f"- {key}: {value}")
-  lines.append("")
-  for metric in ("top1", "top5"):
-    lines += [f"## {'Top-1' if metric == 'top1' else 'Top-5'} accuracy (%)", "",
-              "| scan | resize | glimpses | " + " | ".join(map(str, sizes)) + " |",
-              "|---|---|---|" + "---|" * len(sizes)]
-    rows = {}
-    for r in results:
-      for g, acc in r[metric].items():
-        rows.setdefault((r["scan"], r["resize"], int(g)), {})[r["canvas_size"]] = acc
-    for (scan, resize, g), by_size in rows.items():
-      cells = [f"{100 * by_size[s]:.2f}" if s in by_size else "" for s in sizes]
-      lines.append(f"| {scan} | {resize} | {g} | " + " | ".join(cells) + " |")
-    lines.append("")
-  # "wall s" is the whole setting, its compilation and first batch
-  # included; "images/s" is measured after the first batch, so excludes it.
-  lines += ["## Runs", "", "| scan | resize | canvas | images | skipped | "
-            "wall s (incl. compile) | images/s (excl. compile) |",
-            "|---|---|---|---|---|---|---|"]
-  for r in results:
-    lines.append(f"| {r['scan']} | {r['resize']} | {r['canvas_size']} | "
-                 f"{r['num_examples']} | {r['num_skipped']} | {r['seconds']:.1f} | "
-                 f"{r['images_per_second']:.1f} |")
-  return "\n".join(lines) + "\n"
-
-
-def write_reports(results: Sequence[SettingResult], config: EvalConfig,
-                  meta: Mapping[str, Any], output_dir: str,
-                  plots: bool = True) -> dict[str, str]:
-  """Writes results.json, results.md and the PNG plots into output_dir.
-
-  Returns:
-    {"json": path, "markdown": path, "resolution_plot": path,
-    "glimpses_plot": path} (plots left out when `plots` is False).
-  """
-  os.makedirs(output_dir, exist_ok=True)
-  report = results_to_json(results, config, meta)
-  paths = {"json": os.path.join(output_dir, "results.json"),
-           "markdown": os.path.join(output_dir, "results.md")}
-  with open(paths["json"], "w") as f:
-    json.dump(report, f, indent=1)
-  with open(paths["markdown"], "w") as f:
-    f.write(markdown_report(report))
-  if plots:
-    from mambaeye_jax import plots as plots_lib  # pylint: disable=g-import-not-at-top
-    paths["resolution_plot"] = plots_lib.accuracy_vs_resolution(
-        report, os.path.join(output_dir, "accuracy_vs_resolution.png"))
-    paths["glimpses_plot"] = plots_lib.accuracy_vs_glimpses(
-        report, os.path.join(output_dir, "accuracy_vs_glimpses.png"))
-  return paths
-
-
-# ------------------------------------------------------------------ one image
-
-
-@dataclasses.dataclass
-class ImagePrediction:
-  """Single-image result.
-
-  Attributes:
-    top: [(class index, name, probability)] after the last glimpse, best
-      first.
-    confidence: (T,) probability of the final top-1 class at every step.
-    canvas: (S, S, 3) uint8.
-    positions: (T, 2) int32.
-    label: the true class when the file name says it (synset), else None.
-    label_probability: its probability after the last glimpse, or None.
-  """
-  top: list[tuple[int, str, float]]
-  confidence: np.ndarray
-  canvas: np.ndarray
-  positions: np.ndarray
-  label: int | None
-  label_probability: float | None = None
-
-
-@functools.partial(jax.jit, static_argnums=(0,))
-def _image_logits(graphdef, state, canvas, positions):
-  """canvas (1, S, S, 3) u8, positions (1, T, 2) -> probs (1, T, K) f32."""
-  model = nnx.merge(graphdef, state)
-  logits = model(glimpse.extract_patches_jax(canvas, positions), positions)
-  return jax.nn.softmax(logits, axis=-1)
-
-
-def classify_image(model: nnx.Module, path: str, *, canvas_size: int | None = 512,
-                   resize: str = "fit", scan: str = "random",
-                   num_glimpses: int = 4096, seed: int = 0,
-                   class_map: ClassMap | None = None,
-                   top_k: int = 5) -> ImagePrediction:
-  """Classifies one image file as the official single-image mode does.
-
-  With resize "none" the canvas is the image's longer side (canvas_size is
-  ignored); "fit" / "full" resize the original straight to the canvas.
-
-  Raises:
-    DataError: missing or unreadable image.
-    ValueError: unknown scan pattern or resize mode.
-  """
-  scan_patterns.get(scan)
-  if not os.path.isfile(path):
-    raise DataError(f"image {path} does not exist")
-  with open(path, "rb") as f:
-    data = f.read()
-  try:
-    pil = sources.decode_image(data, path)
-  except sources.BadImageError as e:
-    raise DataError(f"unreadable image {e}") from e
-  canvas, _, positions = glimpse.eval_canvas_and_positions(
-      pil, canvas_size=None if resize == "none" else canvas_size, resize=resize,
-      scan=scan, num_glimpses=num_glimpses, seed=seed, index=0, shrink_first=False)
-  graphdef, state = nnx.split(model)
-  probs = np.asarray(_image_logits(graphdef, state, canvas[None], positions[None]))[0]
-  final = probs[-1]
-  order = np.argsort(-final, kind="stable")[:top_k]
-  names = class_map.name if class_map is not None else str
-  top = [(int(k), names(int(k)), float(final[k])) for k in order]
-  label = None
-  match = SYNSET_PATTERN.match(os.path.splitext(os.path.basename(path))[0])
-  if match and class_map is not None:
-    label = class_map.index().get(match.group(1))
-  return ImagePrediction(
-      top=top, confidence=probs[:, order[0]], canvas=canvas, positions=positions,
-      label=label, label_probability=None if label is None else float(final[label]))

@@ -6,7 +6,7 @@ Dimension letters: b batch, t glimpses, K classes.
     L   = mean over real (b, t) of CE(p_t, logits_t)
 
 r_t, the information ratio, is the fraction of the image covered by the
-glimpses up to step t (see `glimpse.information_ratio`): early steps are
+glimpses up to step t (see `geometry.information_ratio`): early steps are
 pulled toward the uniform prior, later ones toward the label.
 """
 

@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mambaeye_jax import conv as conv_lib
+from kernels import conv as conv_lib
+from kernels import conv_reference
+from kernels import ssd as ssd_lib
 from mambaeye_jax import layers
-from mambaeye_jax import ssd as ssd_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +89,7 @@ class Mamba2(nnx.Module):
       depth: number of layers in the stack (out_proj is scaled by 1/sqrt(depth)).
       rngs: random streams.
       dtype: compute dtype of matmuls and SSD operands (params stay float32).
-      ssd_impl: an `ssd.SSDImpl` name.
+      ssd_impl: a `kernels.dispatch.SSDImpl` name.
     """
     c = config
     self.config = config
@@ -120,7 +121,7 @@ class Mamba2(nnx.Module):
     Args:
       u: (..., d) input, or `NUM_PROJECTIONS` arrays holding the same values,
         one per product (z, x, BC, dt), whose input gradients then stay apart
-        (`layers.add_rms_norm(copies=...)` adds them in its backward pass).
+        (`kernels.norms.add_rms_norm(copies=...)` adds them in its backward pass).
 
     Returns:
       z (..., e), x (..., e), BC (..., 2 g n), dt (..., h), in the compute
@@ -194,7 +195,7 @@ class Mamba2(nnx.Module):
         chunk_size=c.chunk_size, impl=self.ssd_impl)
     y = y.reshape(*y.shape[:-2], c.d_inner)
     normed = self.norm(y, z, out_dtype=self.dtype,
-                       kernel=ssd_lib.gpu_kernel_mode(self.ssd_impl))
+                       impl=self.ssd_impl)
     return layers.dense(normed, self.out_proj.kernel[...], None, self.dtype)
 
   def init_cache(self, batch: int) -> MixerCache:
@@ -217,7 +218,7 @@ class Mamba2(nnx.Module):
     c = self.config
     z, x, bc, dt = self._project(u)
     xbc = jnp.concatenate([x, bc], axis=-1)
-    conv_out = layers.causal_depthwise_conv(
+    conv_out = conv_reference.causal_depthwise_conv(
         xbc[:, None], self.conv_kernel[...], self.conv_bias[...], history=cache.conv)[:, 0]
     new_conv = jnp.concatenate([cache.conv[:, 1:], xbc[:, None].astype(jnp.float32)], axis=1)
     x, bc = self._heads(*jnp.split(jax.nn.silu(conv_out).astype(self.dtype),

@@ -54,14 +54,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import app
+from absl import flags
 from flax import nnx
 from flax import serialization
+from ml_collections import config_flags
 from PIL import Image
 
 from mambaeye_jax import config_fields as config_fields_lib
 from mambaeye_jax import mambaout
 from mambaeye_jax import metrics as metrics_lib
 from mambaeye_jax import optim
+from mambaeye_jax import progress as progress_lib
 from mambaeye_jax import sharding as sharding_lib
 from mambaeye_jax.data import augment
 from mambaeye_jax.data import eval_transforms
@@ -290,14 +294,6 @@ def open_folder(path: str, cache_decoded: bool):
   return (sources.DecodedImageCache(folder) if cache_decoded else folder), folder
 
 
-def _mark_absl_flags_parsed() -> None:
-  # Grain's worker processes read absl flags; a program not run under
-  # absl.app (pytest, a notebook) never parsed them (as data/pipeline.py).
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-
-
 def make_train_dataset(source, data: ml_collections.ConfigDict, batch_size: int,
                        num_steps: int, seed: int) -> grain.IterDataset:
   """Shuffled (per epoch), augmented batches; exactly `num_steps` of them.
@@ -316,7 +312,7 @@ def make_train_dataset(source, data: ml_collections.ConfigDict, batch_size: int,
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads,
                                             prefetch_buffer_size=2 * data.read_threads))
   if data.worker_count > 0:
-    _mark_absl_flags_parsed()
+    pipeline.mark_absl_flags_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=data.worker_count, per_worker_buffer_size=data.worker_buffer_size))
   return ds
@@ -482,17 +478,6 @@ def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   return sharding_lib.make_mesh(None if config.num_devices < 0 else config.num_devices)
 
 
-def progress_line(step: int, total: int, scalars: Mapping[str, float], eta: bool) -> str:
-  """"step 200/5859 | loss 1.2345 | acc 55.1% | 9000 img/s | 28.4 ms/step | data wait 3% | ETA"."""
-  seconds = scalars["perf/step_time_ms"] / 1000.0
-  remaining = (total - step) * seconds if eta else float("nan")
-  return (f"step {step}/{total} | loss {scalars['train/loss']:.4f} | "
-          f"acc {100.0 * scalars['train/accuracy']:.1f}% | "
-          f"{scalars['perf/images_per_sec']:.0f} img/s | {1000.0 * seconds:.1f} ms/step | "
-          f"data wait {100.0 * scalars['perf/data_wait_fraction']:.0f}% | "
-          f"ETA {metrics_lib.format_duration(remaining)}")
-
-
 def train(config: ml_collections.ConfigDict, workdir: str, *, train_source=None,
           mesh: jax.sharding.Mesh | None = None) -> tuple[Any, dict[str, float]]:
   """Trains; returns (params replicated on the mesh, summary of the run).
@@ -560,7 +545,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, train_source=None,
                      "perf/images_per_sec": n * batch_size / elapsed,
                      "perf/data_wait_fraction": data_wait / elapsed}
           writer.write(step, scalars)
-          print(progress_line(step, total, scalars, eta=step > 1), flush=True)
+          print(progress_lib.progress_line(step, total, scalars,
+                                           scalars["perf/step_time_ms"] / 1000.0,
+                                           eta=step > 1), flush=True)
           summary = {"step": step, **scalars}
           window, data_wait = [], 0.0
           window_start = time.perf_counter()
@@ -717,10 +704,6 @@ def _check_overrides(argv: Sequence[str]) -> None:
 
 def run(argv: Sequence[str]) -> int:
   """The command line; errors are one "error: ..." line and exit status 1."""
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-
   config_flag = config_flags.DEFINE_config_file(
       "config", None, "Config file (configs/<name>.py[:DATA_ROOT]).", lock_config=True)
   workdir = flags.DEFINE_string("workdir", None, "Output directory (params, results).")

@@ -1,4 +1,4 @@
-"""Training metrics: JSON lines, TensorBoard events and a console progress line.
+"""Training metrics: JSON lines and TensorBoard events.
 
 `MetricWriter` appends one JSON object per logged step to
 `WORKDIR/metrics.jsonl` (`{"step": s, "time": unix, "train/loss": ...}`) and,
@@ -9,9 +9,7 @@ TensorBoard events only where tensorboardX can write there (a warning
 otherwise). Only process 0 writes; the others get a writer that does
 nothing, so callers never branch on the process index.
 
-`progress_line` formats what the console shows at each log step:
-
-    step 1200/93600 (1.3%) | loss 6.2101 | acc@last 3.1% | 2150 img/s | 29.8 ms/step | ETA 12h03m
+The console's line is `mambaeye_jax.progress.progress_line`.
 """
 
 from __future__ import annotations
@@ -186,38 +184,3 @@ def read_metrics(workdir: str) -> list[dict]:
   path = os.path.join(workdir, METRICS_FILE)
   with epath.Path(path).open(encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
-
-
-def format_duration(seconds: float) -> str:
-  """12h03m, 4m05s or 9s."""
-  if not math.isfinite(seconds) or seconds < 0:
-    return "?"
-  seconds = int(round(seconds))
-  hours, rest = divmod(seconds, 3600)
-  minutes, secs = divmod(rest, 60)
-  if hours:
-    return f"{hours}h{minutes:02d}m"
-  if minutes:
-    return f"{minutes}m{secs:02d}s"
-  return f"{secs}s"
-
-
-def progress_line(step: int, total_steps: int, scalars: Mapping[str, float],
-                  seconds_per_step: float, eta: bool = True) -> str:
-  """One console line: step, loss, last-glimpse accuracy, speed, ETA.
-
-  eta=False prints "ETA ?" (the first line, whose time includes compilation).
-  """
-  parts = [f"step {step}/{total_steps} ({100.0 * step / max(total_steps, 1):.1f}%)"]
-  if "train/loss" in scalars:
-    parts.append(f"loss {scalars['train/loss']:.4f}")
-  if "train/accuracy_last" in scalars:
-    parts.append(f"acc@last {100.0 * scalars['train/accuracy_last']:.1f}%")
-  if "perf/images_per_sec" in scalars:
-    parts.append(f"{scalars['perf/images_per_sec']:.0f} img/s")
-  parts.append(f"{1000.0 * seconds_per_step:.1f} ms/step")
-  if "perf/data_wait_fraction" in scalars:
-    parts.append(f"data wait {100.0 * scalars['perf/data_wait_fraction']:.0f}%")
-  remaining = (total_steps - step) * seconds_per_step if eta else float("nan")
-  parts.append(f"ETA {format_duration(remaining)}")
-  return " | ".join(parts)

@@ -24,10 +24,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kernels import norms
 from mambaeye_jax import glimpse
 from mambaeye_jax import layers
 from mambaeye_jax import mamba2
-from mambaeye_jax import ssd as ssd_lib
+from mambaeye_jax.data import geometry
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -43,7 +44,7 @@ class ModelConfig:
     d_state, d_conv, expand, headdim, ngroups, chunk_size: Mamba2 sizes.
     dtype: compute dtype, "float32" or "bfloat16" (params are always f32;
       the residual stream, norms and SSD state stay f32).
-    ssd_impl: an `ssd.SSDImpl` name ("auto" picks per backend).
+    ssd_impl: a `kernels.dispatch.SSDImpl` name ("auto" picks per backend).
     remat: recompute each block in the backward pass (less memory).
     scan_layers: apply the blocks with `lax.scan` (compile time independent
       of depth). The default, False, unrolls them in Python, which lets XLA
@@ -127,7 +128,7 @@ class MambaEye(nnx.Module):
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.config = config
     dtype = config.compute_dtype
-    input_dim = glimpse.PATCH_DIM + glimpse.MOVE_DIM
+    input_dim = geometry.PATCH_DIM + geometry.MOVE_DIM
     # PyTorch's default Linear init, weights and biases, for the two layers
     # outside the Mamba2 backbone (as the official model leaves them).
     self.init_fc = nnx.Linear(input_dim, config.dim,
@@ -160,8 +161,8 @@ class MambaEye(nnx.Module):
     Returns:
       (b, t, d) in the compute dtype.
     """
-    if patches.shape[-1] != glimpse.PATCH_DIM:
-      raise ValueError(f"patches must be (batch, glimpses, {glimpse.PATCH_DIM}), "
+    if patches.shape[-1] != geometry.PATCH_DIM:
+      raise ValueError(f"patches must be (batch, glimpses, {geometry.PATCH_DIM}), "
                        f"got {patches.shape}")
     if positions.shape != (*patches.shape[:-1], 2):
       raise ValueError(f"positions must be {(*patches.shape[:-1], 2)}, got {positions.shape}")
@@ -198,15 +199,15 @@ class MambaEye(nnx.Module):
     """
     hidden = self.embed(patches, positions, segment_ids)
     block_def, block_state = nnx.split(self.blocks)
-    kernel = ssd_lib.gpu_kernel_mode(self.config.ssd_impl)
+    impl = self.config.ssd_impl
 
     def body(carry, state):
       hidden, residual = carry
       block = nnx.merge(block_def, state)
       # One copy of the normed input per in_proj product: their gradients
       # are added inside the norm's backward pass.
-      residual, normed = layers.add_rms_norm(hidden, residual, block.norm.weight[...],
-                                             block.norm.eps, self.config.compute_dtype, kernel,
+      residual, normed = norms.add_rms_norm(hidden, residual, block.norm.weight[...],
+                                            block.norm.eps, self.config.compute_dtype, impl,
                                              copies=block.mixer.NUM_PROJECTIONS)
       hidden = block.mixer(normed, segment_ids)
       return (hidden, residual), None
@@ -222,8 +223,8 @@ class MambaEye(nnx.Module):
       for layer in range(self.config.depth):
         carry, _ = body(carry, jax.tree.map(lambda p, i=layer: p[i], block_state))
       hidden, residual = carry
-    _, out = layers.add_rms_norm(hidden, residual, self.norm_f.weight[...], self.norm_f.eps,
-                                 self.config.compute_dtype, kernel)
+    _, out = norms.add_rms_norm(hidden, residual, self.norm_f.weight[...], self.norm_f.eps,
+                                self.config.compute_dtype, impl)
     return self._logits(out)
 
   def init_cache(self, batch: int) -> Cache:
@@ -319,8 +320,8 @@ class MambaEye(nnx.Module):
       logits (b, t, num_classes) float32, and the cache after the last one.
     """
     patches, positions = jnp.asarray(patches), jnp.asarray(positions)
-    if patches.ndim != 3 or patches.shape[-1] != glimpse.PATCH_DIM:
-      raise ValueError(f"patches must be (batch, glimpses, {glimpse.PATCH_DIM}), "
+    if patches.ndim != 3 or patches.shape[-1] != geometry.PATCH_DIM:
+      raise ValueError(f"patches must be (batch, glimpses, {geometry.PATCH_DIM}), "
                        f"got {patches.shape}")
     if positions.shape != (*patches.shape[:-1], 2):
       raise ValueError(f"positions must be {(*patches.shape[:-1], 2)}, got {positions.shape}")

@@ -1,16 +1,25 @@
 """PNG plots of an evaluation report (matplotlib Agg, no pyplot state).
 
-Both functions take the report dict of `eval_lib.results_to_json`:
+Both functions take the report dict of `eval_reports.results_to_json`:
 {"results": [{"canvas_size", "resize", "scan", "num_glimpses", "top1":
 {glimpses: accuracy}, "top1_curve": [T accuracies], ...}]}. matplotlib is
-imported inside them, so importing this module costs nothing.
+imported inside them, so importing this module costs nothing, and it is
+optional (the "plots" extra): `available()` says whether it is installed.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from typing import Any, Mapping
 
 import numpy as np
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+  """Whether matplotlib is installed."""
+  return importlib.util.find_spec("matplotlib") is not None
 
 
 def _figure(width: float = 7.0, height: float = 4.5):

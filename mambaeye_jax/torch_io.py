@@ -17,6 +17,7 @@ import pickle
 import struct
 import zipfile
 
+import ml_dtypes
 import numpy as np
 
 _STORAGE_DTYPES = {
@@ -39,7 +40,6 @@ class CheckpointFormatError(ValueError):
 
 def _np_dtype(dtype):
   if dtype == "bfloat16":
-    import ml_dtypes  # pylint: disable=g-import-not-at-top  # ships with jax.
     return np.dtype(ml_dtypes.bfloat16)
   return np.dtype(dtype)
 

@@ -2,10 +2,12 @@
 cache of the training tests, the eval.py command line as a module."""
 
 import glob
+import importlib
 import importlib.util
 import os
 import socket
 import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -87,6 +89,15 @@ def load_eval_cli(module_name: str):
   return module
 
 
+def load_benchmark(name: str):
+  """benchmarks/<name>.py imported as a module (benchmarks/ is a folder of
+  scripts, not a package: its scripts import their siblings)."""
+  folder = os.path.join(REPO_ROOT, "benchmarks")
+  if folder not in sys.path:
+    sys.path.insert(0, folder)
+  return importlib.import_module(name)
+
+
 def random_params(config, seed: int = 0, scale: float = 0.2):
   """Random float32 parameters of a MambaEye config's shapes (a pure dict).
 
@@ -94,16 +105,16 @@ def random_params(config, seed: int = 0, scale: float = 0.2):
   seconds on a busy CPU, and tests of loading and evaluation only need some
   weights of the right shapes.
   """
-  from mambaeye_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from mambaeye_jax import model_dir  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
-  shapes = nnx.to_pure_dict(nnx.state(checkpoint.abstract_model(config), nnx.Param))
+  shapes = nnx.to_pure_dict(nnx.state(model_dir.abstract_model(config), nnx.Param))
   return jax.tree.map(
       lambda s: (scale * rng.standard_normal(s.shape)).astype(np.float32), shapes)
 
 
 def fake_train_config(steps: int):
   """configs/smoke.py on in-process fake batches, logging every step: the
-  cheapest whole training run (`train_lib.FakeBatches`)."""
+  cheapest whole training run (`train_data.FakeBatches`)."""
   import sys  # pylint: disable=g-import-not-at-top
   if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from kernels import add_norm_pallas_gpu
-from mambaeye_jax import layers
+from kernels import norms
 
 
 def _plain(hidden, residual, weight):
   s = hidden.astype(jnp.float32) + residual
-  return s, layers.rms_normalize(s, weight)
+  return s, norms.rms_normalize(s, weight)
 
 
 def _inputs(shape, hidden_dtype=jnp.float32):
@@ -21,10 +21,10 @@ def _inputs(shape, hidden_dtype=jnp.float32):
           (jax.random.normal(keys[3], shape), jax.random.normal(keys[4], shape)))
 
 
-@pytest.mark.parametrize("kernel", [None, "interpret"])
+@pytest.mark.parametrize("kernel", [None, "pallas_interpret"])
 def test_matches_autodiff_of_the_plain_form(kernel):
   hidden, residual, weight, cot = _inputs((2, 32, 64))
-  fused = lambda h, r, w: layers.add_rms_norm(h, r, w, 1e-5, jnp.float32, kernel)
+  fused = lambda h, r, w: norms.add_rms_norm(h, r, w, 1e-5, jnp.float32, kernel)
   (s, normed), vjp = jax.vjp(fused, hidden, residual, weight)
   (s0, normed0), vjp0 = jax.vjp(_plain, hidden, residual, weight)
   np.testing.assert_allclose(s, s0, rtol=1e-6, atol=1e-6)
@@ -33,13 +33,13 @@ def test_matches_autodiff_of_the_plain_form(kernel):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=name)
 
 
-@pytest.mark.parametrize("kernel", [None, "interpret"])
+@pytest.mark.parametrize("kernel", [None, "pallas_interpret"])
 def test_copies_take_their_gradients_apart(kernel):
   # Three consumers of normed: their gradients reach the backward separately
   # and must add up to autodiff's through one output.
   hidden, residual, weight, (ds, dn) = _inputs((2, 32, 64))
   parts = (dn, 0.5 * dn[::-1], jnp.cos(dn))
-  fused = lambda h, r, w: layers.add_rms_norm(h, r, w, 1e-5, jnp.float32, kernel, copies=3)
+  fused = lambda h, r, w: norms.add_rms_norm(h, r, w, 1e-5, jnp.float32, kernel, copies=3)
   (s, normed), vjp = jax.vjp(fused, hidden, residual, weight)
   assert isinstance(normed, tuple) and len(normed) == 3
   (s0, normed0), vjp0 = jax.vjp(_plain, hidden, residual, weight)
@@ -49,14 +49,14 @@ def test_copies_take_their_gradients_apart(kernel):
                              ("dhidden", "dresidual", "dweight")):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=name)
   with pytest.raises(ValueError, match="copies"):
-    layers.add_rms_norm(hidden, residual, weight, 1e-5, jnp.float32, kernel, copies=0)
+    norms.add_rms_norm(hidden, residual, weight, 1e-5, jnp.float32, kernel, copies=0)
 
 
 def test_kernel_keeps_dtypes_and_matches_xla_in_bf16():
   hidden, residual, weight, (ds, dn) = _inputs((2, 64, 128), jnp.bfloat16)
   dn = dn.astype(jnp.bfloat16)
-  for kernel in (None, "interpret"):
-    fn = lambda h, r, w, k=kernel: layers.add_rms_norm(h, r, w, 1e-5, jnp.bfloat16, k)
+  for kernel in (None, "pallas_interpret"):
+    fn = lambda h, r, w, k=kernel: norms.add_rms_norm(h, r, w, 1e-5, jnp.bfloat16, k)
     (s, normed), vjp = jax.vjp(fn, hidden, residual, weight)
     dh, dr, dw = vjp((ds, dn))
     assert (s.dtype, normed.dtype) == (jnp.float32, jnp.bfloat16)
@@ -73,7 +73,7 @@ def test_unsupported_shapes():
   assert not add_norm_pallas_gpu.supported(64, 96)
   assert not add_norm_pallas_gpu.supported(48, 256)
   hidden, residual, weight, _ = _inputs((2, 48, 96))
-  got = layers.add_rms_norm(hidden, residual, weight, 1e-5, jnp.float32, "interpret")  # XLA
+  got = norms.add_rms_norm(hidden, residual, weight, 1e-5, jnp.float32, "pallas_interpret")  # XLA
   np.testing.assert_allclose(got[1], _plain(hidden, residual, weight)[1], rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="power-of-two"):
     add_norm_pallas_gpu.forward(hidden.reshape(-1, 96), residual.reshape(-1, 96), weight, 1e-5,
@@ -96,8 +96,8 @@ def test_compiled_kernels_match_xla_on_gpu():
   if jax.default_backend() != "gpu":
     pytest.skip("needs a GPU")
   hidden, residual, weight, cot = _inputs((4, 1024, 256))
-  fn = lambda k: jax.jit(lambda h, r, w: layers.add_rms_norm(h, r, w, 1e-5, jnp.float32, k))
-  out, vjp = jax.vjp(fn("gpu"), hidden, residual, weight)
+  fn = lambda k: jax.jit(lambda h, r, w: norms.add_rms_norm(h, r, w, 1e-5, jnp.float32, k))
+  out, vjp = jax.vjp(fn("pallas"), hidden, residual, weight)
   want, vjp_want = jax.vjp(fn(None), hidden, residual, weight)
   for got, ref in zip(out, want):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)

@@ -11,9 +11,11 @@ from PIL import Image
 
 import mambaeye_jax
 from mambaeye_jax import checkpoint
-from mambaeye_jax import eval_lib
-from mambaeye_jax import glimpse
+from mambaeye_jax import eval_workers
 from mambaeye_jax import model as model_lib
+from mambaeye_jax import model_dir
+from mambaeye_jax.data import geometry
+from mambaeye_jax.data import glimpses
 
 
 def tiny_model(seed: int = 0) -> model_lib.MambaEye:
@@ -22,7 +24,7 @@ def tiny_model(seed: int = 0) -> model_lib.MambaEye:
   config = model_lib.ModelConfig(depth=2, dim=32, num_classes=10, d_state=16,
                                  headdim=16, chunk_size=8)
   params = conftest.random_params(config, seed)
-  return checkpoint.model_from_params(config, params)
+  return model_dir.model_from_params(config, params)
 
 
 def test_import_is_light_and_exports_resolve():
@@ -32,7 +34,7 @@ def test_import_is_light_and_exports_resolve():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True,
                        text=True, check=True).stdout.strip()
   assert out == "[]"
-  assert mambaeye_jax.glimpses_from_image is glimpse.glimpses_from_image
+  assert mambaeye_jax.glimpses_from_image is glimpses.glimpses_from_image
   assert mambaeye_jax.load_model is checkpoint.load_model
   assert mambaeye_jax.MambaEye is model_lib.MambaEye
   with pytest.raises(AttributeError, match="no attribute 'nope'"):
@@ -48,10 +50,10 @@ def test_glimpses_from_image_matches_eval_pipeline(tmp_path):
   assert g.patches.shape == (20, 768) and g.patches.dtype == np.uint8
   assert g.positions.shape == (20, 2) and g.positions.dtype == np.int32
   assert g.canvas.shape == (48, 48, 3)
-  np.testing.assert_array_equal(g.patches, glimpse.extract_patches(g.canvas, g.positions))
+  np.testing.assert_array_equal(g.patches, geometry.extract_patches(g.canvas, g.positions))
   # The same canvas and corners as eval.py's dataset mode for example 5.
-  setting = eval_lib.Setting(48, "fit", "random", 20)
-  canvas, positions, box = eval_lib.prepare_example(
+  setting = eval_workers.Setting(48, "fit", "random", 20)
+  canvas, positions, box = eval_workers.prepare_example(
       {"image": pixels, "label": 0}, setting, seed=3, index=5)
   np.testing.assert_array_equal(g.canvas, canvas)
   np.testing.assert_array_equal(g.positions, positions)

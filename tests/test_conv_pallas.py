@@ -5,14 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernels import conv as conv_lib
 from kernels import conv_pallas_gpu
-from mambaeye_jax import conv as conv_lib
-from mambaeye_jax import layers
+from kernels import conv_reference
 
 
 def _plain(x, kernel, bias, segment_ids):
   """Autodiff of the plain definition: the oracle for values and gradients."""
-  return jax.nn.silu(layers.causal_depthwise_conv(x, kernel, bias, segment_ids=segment_ids))
+  return jax.nn.silu(conv_reference.causal_depthwise_conv(x, kernel, bias, segment_ids=segment_ids))
 
 
 def _problem(b=2, t=48, c=64, taps=4, seed=0):
@@ -54,7 +54,7 @@ def test_kernel_bf16_close_to_xla_reference(dpre_f32):
   cfg = conv_pallas_gpu.ConvGpuConfig(bwd_dpre_f32=dpre_f32)
   fused = lambda x, k, b: conv_pallas_gpu.causal_conv_silu(x, k, b, None, jnp.bfloat16,
                                                            cfg=cfg, interpret=True)
-  xla = lambda x, k, b: layers.causal_conv_silu(x, k, b, None, jnp.bfloat16)
+  xla = lambda x, k, b: conv_reference.causal_conv_silu_reference(x, k, b, None, jnp.bfloat16)
   out, vjp = jax.vjp(fused, x16, kernel, bias)
   want, vjp_want = jax.vjp(xla, x16, kernel, bias)
   assert out.dtype == jnp.bfloat16

@@ -18,6 +18,8 @@ from flax import nnx
 from mambaeye_jax import checkpoint
 from mambaeye_jax import convert
 from mambaeye_jax import model as model_lib
+from mambaeye_jax import model_dir
+from mambaeye_jax import official
 from mambaeye_jax import torch_io
 
 SMALL = dict(depth=2, num_classes=7, d_state=16, headdim=32)
@@ -80,14 +82,14 @@ def _random_official_state(config, seed=0):
   model = nnx.eval_shape(lambda: model_lib.MambaEye(config, rngs=nnx.Rngs(0)))
   params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32),
                         nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-  return params, convert.params_to_state_dict(params, config)
+  return params, official.params_to_state_dict(params, config)
 
 
 def test_round_trip_through_official_layout():
   config = model_lib.ModelConfig(**SMALL)
   params, state = _random_official_state(config)
   assert state["mamba2_net.layers.1.mixer.conv1d.weight"].shape == (512 + 2 * 16, 1, 4)
-  inferred, back = convert.state_dict_to_params(state)
+  inferred, back = official.state_dict_to_params(state)
   assert inferred == config
   jax.tree.map(np.testing.assert_array_equal, back, params)
 
@@ -108,7 +110,7 @@ def test_torch_free_reader_and_cli(tmp_path, monkeypatch):
   assert model.config == config
   np.testing.assert_array_equal(np.asarray(model.head.kernel[...]), params["head"]["kernel"])
   with pytest.raises(FileExistsError, match="already exists"):
-    checkpoint.save_params(dst, config, params)
+    model_dir.save_params(dst, config, params)
 
 
 def test_reader_matches_torch_when_installed(golden):
@@ -146,18 +148,18 @@ def test_missing_key_and_wrong_shape_named():
   _, state = _random_official_state(config, seed=2)
   broken = dict(state)
   del broken["mamba2_net.layers.1.mixer.A_log"]
-  with pytest.raises(convert.ConversionError, match=r"missing keys \['mamba2_net.layers.1.mixer.A_log'\]"):
-    convert.state_dict_to_params(broken, config)
+  with pytest.raises(official.ConversionError, match=r"missing keys \['mamba2_net.layers.1.mixer.A_log'\]"):
+    official.state_dict_to_params(broken, config)
   broken = dict(state)
   broken["mamba2_net.layers.0.mixer.norm.weight"] = np.ones((100,), np.float32)
-  with pytest.raises(convert.ConversionError,
+  with pytest.raises(official.ConversionError,
                      match=r"layers.0.mixer.norm.weight has shape \(100,\), expected \(512,\)"):
-    convert.state_dict_to_params(broken, config)
+    official.state_dict_to_params(broken, config)
   broken = dict(state, **{"mamba2_net.layers.0.mixer.extra": np.ones(3)})
-  with pytest.raises(convert.ConversionError, match="unexpected keys"):
-    convert.state_dict_to_params(broken, config)
-  with pytest.raises(convert.ConversionError, match="missing key 'init_fc.0.weight'"):
-    convert.infer_config({"foo": np.ones(3)})
+  with pytest.raises(official.ConversionError, match="unexpected keys"):
+    official.state_dict_to_params(broken, config)
+  with pytest.raises(official.ConversionError, match="missing key 'init_fc.0.weight'"):
+    official.infer_config({"foo": np.ones(3)})
 
 
 def test_load_model_refuses_shape_overrides(golden):
@@ -171,7 +173,7 @@ def test_load_model_refuses_shape_overrides(golden):
 def test_model_dir_round_trip_preserves_outputs(tmp_path):
   config = model_lib.ModelConfig(**SMALL)
   model = model_lib.MambaEye(config, rngs=nnx.Rngs(3))
-  checkpoint.save_params(str(tmp_path / "m"), config, nnx.state(model, nnx.Param))
+  model_dir.save_params(str(tmp_path / "m"), config, nnx.state(model, nnx.Param))
   again = checkpoint.load_model(str(tmp_path / "m"))
   patches = jnp.ones((1, 5, 768), jnp.uint8)
   positions = jnp.arange(10, dtype=jnp.int32).reshape(1, 5, 2)

@@ -9,6 +9,7 @@ import pytest
 from mambaeye_jax import checkpoint
 from mambaeye_jax import convert
 from mambaeye_jax import model as model_lib
+from mambaeye_jax import official
 from mambaeye_jax import torch_io
 from test_convert import SMALL, _random_official_state, _write_torch_zip  # pylint: disable=g-bad-import-order
 
@@ -37,7 +38,7 @@ def test_nan_weights_in_a_pt_are_refused(tmp_path, monkeypatch, capsys):
   src = str(tmp_path / "nan.pt")
   _write_torch_zip(src, state, monkeypatch)
   monkeypatch.undo()
-  with pytest.raises(convert.ConversionError,
+  with pytest.raises(official.ConversionError,
                      match=r"non-finite values .* in 2 tensors: .*"
                      r"classification_head.0.bias \(1 of 7\).*"
                      r"mamba2_net.layers.1.mixer.in_proj.weight \(5 of "):
@@ -95,7 +96,7 @@ def test_safetensors_round_trip_still_converts(tmp_path):
   params, state = _random_official_state(config, seed=5)
   path = str(tmp_path / "ok.safetensors")
   write_safetensors(path, state)
-  inferred, back = convert.state_dict_to_params(torch_io.load_state_dict(path))
+  inferred, back = official.state_dict_to_params(torch_io.load_state_dict(path))
   assert inferred == config
   np.testing.assert_array_equal(back["head"]["kernel"], params["head"]["kernel"])
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
-from mambaeye_jax import glimpse
 from mambaeye_jax.data import augment
+from mambaeye_jax.data import geometry
 from mambaeye_jax.data import synthetic
 
 
@@ -49,8 +49,8 @@ def test_output_ranges_and_determinism():
     rh, rw = pixels.shape[:2]
     assert pixels.dtype == np.uint8 and pixels.shape[2] == 3
     assert (rw, rh) == params["out_size"]
-    assert glimpse.PATCH_SIZE <= rh <= canvas
-    assert glimpse.PATCH_SIZE <= rw <= canvas
+    assert geometry.PATCH_SIZE <= rh <= canvas
+    assert geometry.PATCH_SIZE <= rw <= canvas
     _, again = _run(image, seed)
     np.testing.assert_array_equal(pixels, again)
   # Different seeds give different outputs (the transform is random).
@@ -92,7 +92,7 @@ def test_tiny_and_needle_images_work(size):
   image = _photo(1, size[1], size[0])
   for seed in range(10):
     params, pixels = _run(image, seed)
-    assert min(pixels.shape[:2]) >= glimpse.PATCH_SIZE
+    assert min(pixels.shape[:2]) >= geometry.PATCH_SIZE
 
 
 def test_matches_step_by_step_reference():

@@ -3,17 +3,17 @@
 import numpy as np
 import pytest
 
-from mambaeye_jax import glimpse
+from mambaeye_jax.data import geometry
 from mambaeye_jax.data import glimpses
 
-P = glimpse.PATCH_SIZE
+P = geometry.PATCH_SIZE
 
 
 def _case(rng, canvas_hw, box_hw, num_glimpses, localized):
   """A random image on a zero canvas, centred, and random corners."""
   height, width = canvas_hw
   h, w = box_hw
-  box = glimpse.ImageBox((height - h) // 2, (width - w) // 2, h, w)
+  box = geometry.ImageBox((height - h) // 2, (width - w) // 2, h, w)
   pixels = rng.integers(1, 256, (h, w, 3), dtype=np.uint8)  # No zeros.
   canvas = np.zeros((height, width, 3), np.uint8)
   canvas[box.top:box.top + h, box.left:box.left + w] = pixels
@@ -43,9 +43,9 @@ def test_gather_equals_canvas_gather(canvas_hw, box_hw, localized):
   rng = np.random.default_rng(hash((canvas_hw, box_hw, localized)) % 2**32)
   pixels, canvas, box, positions = _case(rng, canvas_hw, box_hw, 300,
                                          localized)
-  got = glimpses.gather_patches(pixels, canvas_hw, box, positions)
-  want = glimpse.extract_patches(canvas, positions)
-  assert got.dtype == np.uint8 and got.shape == (300, glimpse.PATCH_DIM)
+  got = geometry.gather_patches(pixels, canvas_hw, box, positions)
+  want = geometry.extract_patches(canvas, positions)
+  assert got.dtype == np.uint8 and got.shape == (300, geometry.PATCH_DIM)
   np.testing.assert_array_equal(got, want)
 
 
@@ -54,18 +54,18 @@ def test_gather_equals_canvas_gather(canvas_hw, box_hw, localized):
 def test_ratio_equals_reference(canvas_hw, box_hw, localized):
   rng = np.random.default_rng(hash((box_hw, canvas_hw, localized)) % 2**32)
   _, _, box, positions = _case(rng, canvas_hw, box_hw, 1024, localized)
-  got = glimpse.information_ratio(positions, box, method="sliding_min")
-  want = glimpse.information_ratio(positions, box, method="paint")
+  got = geometry.information_ratio(positions, box, method="sliding_min")
+  want = geometry.information_ratio(positions, box, method="paint")
   assert got.dtype == np.float32
   np.testing.assert_array_equal(got, want)
   assert (np.diff(got) >= 0).all() and got[-1] <= 1.0
 
 
 def test_ratio_repeated_corners_count_once():
-  box = glimpse.ImageBox(0, 0, 32, 32)
+  box = geometry.ImageBox(0, 0, 32, 32)
   positions = np.array([[0, 0], [0, 0], [16, 16], [0, 0]])
   for method in ("sliding_min", "paint"):
-    np.testing.assert_array_equal(glimpse.information_ratio(positions, box, method),
+    np.testing.assert_array_equal(geometry.information_ratio(positions, box, method),
                                   np.float32([0.25, 0.25, 0.5, 0.5]))
 
 
@@ -73,19 +73,19 @@ def test_ratio_methods_agree_on_a_large_image():
   rng = np.random.default_rng(3)
   _, _, box, positions = _case(rng, (1024, 1024), (1000, 900), 512, True)
   np.testing.assert_array_equal(
-      glimpse.information_ratio(positions, box, method="sliding_min"),
-      glimpse.information_ratio(positions, box, method="paint"))
+      geometry.information_ratio(positions, box, method="sliding_min"),
+      geometry.information_ratio(positions, box, method="paint"))
   with pytest.raises(ValueError, match="method='fast'"):
-    glimpse.information_ratio(positions, box, method="fast")
+    geometry.information_ratio(positions, box, method="fast")
 
 
 def test_rejects_corners_off_canvas():
   pixels = np.ones((10, 10, 3), np.uint8)
-  box = glimpse.ImageBox(3, 3, 10, 10)
+  box = geometry.ImageBox(3, 3, 10, 10)
   with pytest.raises(ValueError, match="corners"):
-    glimpses.gather_patches(pixels, (20, 20), box, np.array([[5, 0]]))
+    geometry.gather_patches(pixels, (20, 20), box, np.array([[5, 0]]))
   with pytest.raises(ValueError, match="inside"):
-    glimpses.gather_patches(pixels, (12, 20), box, np.array([[0, 0]]))
+    geometry.gather_patches(pixels, (12, 20), box, np.array([[0, 0]]))
 
 
 def test_make_example_contract():

@@ -12,6 +12,7 @@ from PIL import Image
 from mambaeye_jax import glimpse
 from mambaeye_jax.data import batching
 from mambaeye_jax.data import eval_transforms
+from mambaeye_jax.data import geometry
 from mambaeye_jax.data import glimpses
 from mambaeye_jax.data import pipeline
 from mambaeye_jax.data import scan_patterns
@@ -20,7 +21,7 @@ from mambaeye_jax.data import synthetic
 
 import conftest
 
-P = glimpse.PATCH_SIZE
+P = geometry.PATCH_SIZE
 KEYS = ("patches", "positions", "ratio", "labels", "mask", "segment_ids")
 
 # Small and fast: CIFAR-like canvases, short sequences.
@@ -57,7 +58,7 @@ def test_golden_parity_through_the_pipeline_code(golden_io):
   # (dtype-generic) gather runs on it in float32: the same code that gathers
   # uint8 in the pipeline.
   canvas = g["canvas"].transpose(1, 2, 0)
-  box = glimpse.ImageBox(int(g["row_offset"]), int(g["col_offset"]),
+  box = geometry.ImageBox(int(g["row_offset"]), int(g["col_offset"]),
                          int(g["img_h"]), int(g["img_w"]))
   outside = canvas.copy()
   outside[box.top:box.top + box.height, box.left:box.left + box.width] = 0
@@ -388,7 +389,7 @@ def test_eval_shards_are_even_and_cover_everything_once():
       box, 16)  # Seeded by (seed, the record's global index), as documented.
   np.testing.assert_array_equal(native["positions"][0], want)
   np.testing.assert_array_equal(native["patches"][0],
-                                glimpse.extract_patches(canvas, want))
+                                geometry.extract_patches(canvas, want))
   # A deterministic scan pattern on the official evaluation canvas, e.g.
   # column_major, equals the pattern computed directly from the record.
   raster = next(iter(pipeline.make_eval_iterator(
@@ -398,14 +399,14 @@ def test_eval_shards_are_even_and_cover_everything_once():
   want = scan_patterns.generate("column_major", None, (48, 48), box, 16)
   np.testing.assert_array_equal(raster["positions"][0], want)
   np.testing.assert_array_equal(
-      raster["patches"][0], glimpse.extract_patches(canvas, want))
+      raster["patches"][0], geometry.extract_patches(canvas, want))
 
 
 # ---------------------------------------------------------------- bench
 
 
 def test_bench_cli_runs(messy_folder, capsys):
-  from mambaeye_jax.data import bench  # pylint: disable=g-import-not-at-top
+  bench = conftest.load_benchmark("bench_data")
   bench.main(["--images", messy_folder, "--samples", "9", "--batch_size",
               "2", "--pipeline_batches", "1", "--reference_samples", "2",
               "--num_glimpses", "16", "--canvas_min", "32", "--canvas_max",

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mambaeye_jax.data import arrayrecord
 from mambaeye_jax.data import convert_arrayrecord
 from mambaeye_jax.data import sources
 
@@ -163,8 +164,8 @@ def test_jpeg_draft_never_below_the_requested_size():
 
 
 def test_record_round_trip():
-  blob = sources.encode_record(b"\x00\xffjpeg", 7, "cls/a b.jpg")
-  assert sources.decode_record(blob) == {"image": b"\x00\xffjpeg", "label": 7,
+  blob = arrayrecord.encode_record(b"\x00\xffjpeg", 7, "cls/a b.jpg")
+  assert arrayrecord.decode_record(blob) == {"image": b"\x00\xffjpeg", "label": 7,
                                          "key": "cls/a b.jpg"}
 
 
@@ -178,7 +179,7 @@ def test_convert_and_read_arrayrecord(folder, tmp_path, capsys):
     meta = json.load(f)
   assert meta["num_records"] == 3 and meta["class_names"][2] == "c_empty"
   assert meta["skipped"][0][0] == "b_cls/2.jpg"
-  src = sources.ArrayRecordSource(prefix + "-*")
+  src = arrayrecord.ArrayRecordSource(prefix + "-*")
   assert len(src) == 3 and src.num_classes == 3
   folder_src = sources.ImageFolderSource(folder)
   got = sorted((r["key"], r["label"], r["image"])
@@ -190,7 +191,7 @@ def test_convert_and_read_arrayrecord(folder, tmp_path, capsys):
   with pytest.raises(sources.BadImageError, match="2.jpg"):
     convert_arrayrecord.main([folder, prefix + "_strict", "--strict"])
   with pytest.raises(FileNotFoundError):
-    sources.ArrayRecordSource(str(tmp_path / "none-*"))
+    arrayrecord.ArrayRecordSource(str(tmp_path / "none-*"))
 
 
 # ---------------------------------------------------------------- TFDS

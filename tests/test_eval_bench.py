@@ -1,9 +1,15 @@
-"""Smoke test of the evaluator benchmark's command line (tiny, CPU)."""
+"""Smoke test of benchmarks/bench_eval.py's command line (tiny, CPU)."""
 
+import subprocess
+import sys
+
+import conftest
+import pytest
 from flax import nnx
 
-from mambaeye_jax import bench_eval
 from mambaeye_jax import model as model_lib
+
+bench_eval = conftest.load_benchmark("bench_eval")
 
 
 def test_bench_prints_every_stage(monkeypatch, capsys):
@@ -27,3 +33,13 @@ def test_bench_prints_every_stage(monkeypatch, capsys):
   # "auto" resolves per backend (Pallas on GPU, chunked on CPU).
   table = [line for line in out.splitlines() if line.startswith("device: gather")]
   assert len(table) == 2, out
+
+
+@pytest.mark.parametrize("module", ["mambaeye_jax.bench_eval", "mambaeye_jax.data.bench"])
+def test_documented_module_commands_run_the_benchmarks(module):
+  # The benchmarks moved to benchmarks/; the documented `python -m` commands
+  # still run them.
+  result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True,
+                          text=True, check=False, timeout=300)
+  assert result.returncode == 0, result.stderr
+  assert "usage:" in result.stdout

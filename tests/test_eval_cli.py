@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from mambaeye_jax import checkpoint
 from mambaeye_jax import model as model_lib
+from mambaeye_jax import model_dir as model_dir_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +26,7 @@ def model_dir(tmp_path_factory):
                                  headdim=16, chunk_size=16)
   model = model_lib.MambaEye(config, rngs=nnx.Rngs(3))
   path = str(tmp_path_factory.mktemp("ckpt") / "model")
-  checkpoint.save_params(path, config, nnx.state(model, nnx.Param))
+  model_dir_lib.save_params(path, config, nnx.state(model, nnx.Param))
   return path
 
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from mambaeye_jax import eval_data
-from mambaeye_jax import eval_lib
+from mambaeye_jax import eval_workers
 
 CANVAS = 32
 T = 12
@@ -48,11 +48,10 @@ def test_tarball_of_loose_synset_photos(tmp_path):
                          class_map=eval_data.ClassMap(("n00000001",), ("",)))
 
 
-def test_builtin_imagenet_list_when_available(tmp_path):
-  classes = eval_data.builtin_imagenet_classes()
-  if classes is None:
-    pytest.skip("tensorflow-datasets is not installed")
-  assert len(classes.keys) == 1000
+def test_builtin_imagenet_list(tmp_path):
+  classes = eval_data.builtin_imagenet_classes()  # Package data: always there.
+  assert len(classes.keys) == 1000 and list(classes.keys) == sorted(classes.keys)
+  assert all(classes.names)
   assert classes.keys[0] == "n01440764"  # tench, class 0
   (tmp_path / "n01443537_goldfish.JPEG").write_bytes(_photo_bytes())
   source = eval_data.open_source(str(tmp_path))
@@ -115,8 +114,8 @@ def test_tfds_spec(monkeypatch):
   assert len(source) == 3 and source.class_map.name(0) == "cat face"
   eval_data.open_source("tfds:pets:test[:10]")
   assert opened["split"] == "test[:10]"
-  canvas, positions, box = eval_lib.prepare_example(
-      source[0], eval_lib.Setting(CANVAS, "fit", "random", T), 0, 0)
+  canvas, positions, box = eval_workers.prepare_example(
+      source[0], eval_workers.Setting(CANVAS, "fit", "random", T), 0, 0)
   assert canvas.shape == (CANVAS, CANVAS, 3) and positions.shape == (T, 2)
   assert max(box.height, box.width) == CANVAS
 
@@ -128,9 +127,6 @@ def test_imagenet_sample_mapping(tmp_path):
                          "..", "shared", "data", "imagenet_sample_100.tar.gz")
   if not os.path.isfile(archive):
     pytest.skip(f"{archive} is not there")
-  classes = eval_data.builtin_imagenet_classes()
-  if classes is None or not classes.names[0]:
-    pytest.skip("tensorflow-datasets (synsets and names) is not installed")
   source = eval_data.open_source(archive, extract_dir=str(tmp_path))
   assert len(source) == 100
   labels = []

@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mambaeye_jax import checkpoint
+from mambaeye_jax import eval_data
 from mambaeye_jax import eval_lib
+from mambaeye_jax import eval_reports
+from mambaeye_jax import eval_workers
 from mambaeye_jax import model as model_lib
+from mambaeye_jax import model_dir as model_dir_lib
 from mambaeye_jax import plots
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +33,7 @@ def model_dir(tmp_path_factory):
                                  headdim=16, chunk_size=16)
   params = conftest.random_params(config, 0)
   path = str(tmp_path_factory.mktemp("ckpt") / "model")
-  checkpoint.save_params(path, config, params)
+  model_dir_lib.save_params(path, config, params)
   return path
 
 
@@ -111,12 +114,12 @@ def test_unexpected_error_names_its_type_and_verbose_traceback(
 
 def test_stratified_max_examples(model_dir, tmp_path, capsys):
   labels = np.repeat(np.arange(4), [30, 30, 2, 30])
-  picked = eval_lib.stratified_subset(labels, 10, seed=0)
+  picked = eval_data.stratified_subset(labels, 10, seed=0)
   assert list(picked) == sorted(picked) and len(set(picked)) == 10
   assert sorted(np.bincount(labels[picked], minlength=4)) == [2, 2, 3, 3]
-  np.testing.assert_array_equal(picked, eval_lib.stratified_subset(labels, 10, seed=0))
-  assert not np.array_equal(picked, eval_lib.stratified_subset(labels, 10, seed=1))
-  np.testing.assert_array_equal(eval_lib.stratified_subset(labels, 500, 0),
+  np.testing.assert_array_equal(picked, eval_data.stratified_subset(labels, 10, seed=0))
+  assert not np.array_equal(picked, eval_data.stratified_subset(labels, 10, seed=1))
+  np.testing.assert_array_equal(eval_data.stratified_subset(labels, 500, 0),
                                 np.arange(92))
   # Class folders listed in class order: the first N files would all be
   # class "a"; the stratified draw takes 2 of each.
@@ -174,9 +177,9 @@ def test_worker_error_survives_pickling(monkeypatch):
     del args
     raise RuntimeError("disk on fire")
 
-  monkeypatch.setattr(eval_lib, "_worker_fill_unsafe", fail)
-  with pytest.raises(eval_lib.WorkerError) as info:
-    eval_lib._worker_fill(None, None, 0, 0, 0, [], False)  # pylint: disable=protected-access
+  monkeypatch.setattr(eval_workers, "_worker_fill_unsafe", fail)
+  with pytest.raises(eval_workers.WorkerError) as info:
+    eval_workers._worker_fill(None, None, 0, 0, 0, [], False)  # pylint: disable=protected-access
   again = pickle.loads(pickle.dumps(info.value))
   assert str(again) == "RuntimeError: disk on fire" and not again.bad_image
 
@@ -187,7 +190,7 @@ def test_report_columns_and_plot_legend(tmp_path, monkeypatch):
       "num_examples": 2, "num_skipped": 0, "top1": {"4": 0.5}, "top5": {"4": 1.0},
       "top1_curve": [0.0, 0.5, 0.5, 0.5], "seconds": 3.0,
       "images_per_second": 10.0}]}
-  md = eval_lib.markdown_report(report)
+  md = eval_reports.markdown_report(report)
   assert "| wall s (incl. compile) | images/s (excl. compile) |" in md
   figures = []
   make = plots._figure  # pylint: disable=protected-access

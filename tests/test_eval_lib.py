@@ -13,9 +13,13 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+from mambaeye_jax import eval_data
 from mambaeye_jax import eval_lib
-from mambaeye_jax import glimpse
+from mambaeye_jax import eval_reports
+from mambaeye_jax import eval_workers
 from mambaeye_jax import model as model_lib
+from mambaeye_jax import progress as progress_lib
+from mambaeye_jax.data import geometry
 
 K = 10
 T = 12
@@ -138,7 +142,7 @@ def test_accuracy_of_a_model_with_known_logits():
 
 def test_batch_size_padding_and_workers_agree():
   model = tiny_model()
-  source = eval_lib.open_source("synthetic:10")
+  source = eval_data.open_source("synthetic:10")
   runs = {}
   for name, kw in {"b4": dict(batch_size=4), "b10": dict(batch_size=10),
                    "b4_workers": dict(batch_size=4, num_workers=1)}.items():
@@ -177,7 +181,7 @@ def test_bad_config(kw, match):
 def test_labels_beyond_the_model_are_refused():
   source = GreySource(4)
   source.num_classes = 20
-  with pytest.raises(eval_lib.DataError, match="20 classes but the model only 10"):
+  with pytest.raises(eval_data.DataError, match="20 classes but the model only 10"):
     eval_lib.evaluate(GreyLevelModel(0), source, config(), progress_stream=False)
 
 
@@ -186,9 +190,9 @@ def test_corrupt_image_stops_or_is_skipped(tmp_path):
     os.makedirs(tmp_path / cls)
     Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / cls / "good.png")
   (tmp_path / "b" / "bad.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-  source = eval_lib.open_source(str(tmp_path))
+  source = eval_data.open_source(str(tmp_path))
   assert len(source) == 3
-  with pytest.raises(eval_lib.DataError, match="bad.jpg"):
+  with pytest.raises(eval_data.DataError, match="bad.jpg"):
     eval_lib.evaluate(GreyLevelModel(0), source, config(), progress_stream=False)
   (r,) = eval_lib.evaluate(GreyLevelModel(0), source,
                            config(skip_bad_images=True), progress_stream=False)
@@ -198,20 +202,20 @@ def test_corrupt_image_stops_or_is_skipped(tmp_path):
 
 def test_prepare_example_is_deterministic_per_index():
   source = GreySource(3)
-  setting = eval_lib.Setting(CANVAS, "fit", "random", T)
-  a = eval_lib.prepare_example(source[1], setting, 7, 1)
-  b = eval_lib.prepare_example(source[1], setting, 7, 1)
-  c = eval_lib.prepare_example(source[1], setting, 7, 2)
+  setting = eval_workers.Setting(CANVAS, "fit", "random", T)
+  a = eval_workers.prepare_example(source[1], setting, 7, 1)
+  b = eval_workers.prepare_example(source[1], setting, 7, 1)
+  c = eval_workers.prepare_example(source[1], setting, 7, 2)
   np.testing.assert_array_equal(a[1], b[1])
   assert not np.array_equal(a[1], c[1])
-  assert a[1].max() <= CANVAS - glimpse.PATCH_SIZE
+  assert a[1].max() <= CANVAS - geometry.PATCH_SIZE
 
 
 def test_reports_and_plots(tmp_path):
   cfg = config(canvas_sizes=(32, 48), scan_patterns=("random", "spiral"))
   results = eval_lib.evaluate(GreyLevelModel(3), GreySource(5), cfg,
                               progress_stream=False)
-  paths = eval_lib.write_reports(results, cfg, {"checkpoint": "fake"}, str(tmp_path))
+  paths = eval_reports.write_reports(results, cfg, {"checkpoint": "fake"}, str(tmp_path))
   report = json.loads(open(paths["json"]).read())
   assert len(report["results"]) == 4
   first = report["results"][0]
@@ -227,27 +231,27 @@ def test_reports_and_plots(tmp_path):
 
 def test_progress_line():
   stream = io.StringIO()
-  progress = eval_lib.Progress(100, stream, interval=0.0)
+  progress = progress_lib.Progress(100, stream, interval=0.0)
   progress.update(10, "random/fit/512", 10, 50)
   progress.update(10, "random/fit/512", 20, 50, force=True)
   line = stream.getvalue().strip().splitlines()[-1]
   assert "[random/fit/512] 20/50 images, 20/100 total" in line
   assert "img/s" in line and "ETA" in line
-  assert eval_lib.format_seconds(3725) == "1:02:05"
-  assert eval_lib.format_seconds(float("nan")) == "?"
+  assert progress_lib.format_duration(3725) == "1h02m"
+  assert progress_lib.format_duration(float("nan")) == "?"
 
 
 def test_device_gather_matches_a_per_image_host_reference():
   model = tiny_model()
-  source = eval_lib.open_source("synthetic:5")
+  source = eval_data.open_source("synthetic:5")
   cfg = config(scan_patterns=("hilbert",), batch_size=2)
   (r,) = eval_lib.evaluate(model, source, cfg, progress_stream=False)
   setting = cfg.settings()[0]
   patches, positions, labels = [], [], []
   for i in range(len(source)):
     record = source[i]
-    canvas, pos, _ = eval_lib.prepare_example(record, setting, cfg.seed, i)
-    patches.append(glimpse.extract_patches(canvas, pos))  # numpy gather
+    canvas, pos, _ = eval_workers.prepare_example(record, setting, cfg.seed, i)
+    patches.append(geometry.extract_patches(canvas, pos))  # numpy gather
     positions.append(pos)
     labels.append(record["label"])
   forward = nnx.jit(lambda m, p, q: m(p, q))
@@ -262,7 +266,7 @@ def test_official_checkpoint_evaluates(golden):
   _, pt_path, _ = golden
   model = eval_lib.load_eval_model(checkpoint_path=pt_path, dtype="float32")
   assert model.config.num_classes == 1000
-  (r,) = eval_lib.evaluate(model, eval_lib.open_source("synthetic:3"),
+  (r,) = eval_lib.evaluate(model, eval_data.open_source("synthetic:3"),
                            config(batch_size=2), progress_stream=False)
   assert r.num_examples == 3 and r.top1_curve.shape == (T,)
 
@@ -275,7 +279,7 @@ def test_shards_combine_to_the_whole():
   setting = cfg.settings()[0]
   runner = eval_lib.DeviceRunner(model, cfg.batch_size, K)
   parts = []
-  with eval_lib.WorkerPool(source, 0) as pool:
+  with eval_workers.WorkerPool(source, 0) as pool:
     for index in range(3):  # 6 batches over 3 "processes"
       part = eval_lib.evaluate_setting(runner, pool, source, setting, cfg,
                                        shard=(index, 3))

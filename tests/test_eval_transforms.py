@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from mambaeye_jax.data import eval_transforms as et
-from mambaeye_jax.glimpse import ImageBox
+from mambaeye_jax.data.geometry import ImageBox
 
 
 def _image(height, width, seed=0):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kernels import gated_norm_pallas_gpu
-from mambaeye_jax import layers
+from kernels import norms
 
 
 def _inputs(shape, dtype=jnp.float32):
@@ -19,7 +19,7 @@ def _inputs(shape, dtype=jnp.float32):
 def test_kernel_forward_matches_xla(dtype):
   y, z, weight, _ = _inputs((64, 128), dtype)
   out, rstd = gated_norm_pallas_gpu.forward(y, z, weight, 1e-5, dtype, interpret=True)
-  want = layers.gated_rms_norm(y, z, weight, 1e-5, 128, dtype)
+  want = norms.gated_rms_norm(y, z, weight, 1e-5, 128, dtype)
   tol = 1e-5 if dtype == jnp.float32 else 1e-2
   np.testing.assert_allclose(out.astype(jnp.float32), want.astype(jnp.float32),
                              rtol=tol, atol=tol)
@@ -35,7 +35,7 @@ def test_kernel_backward_matches_autodiff(dtype):
 
   def plain(y, z, w):
     gated = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
-    return layers.rms_normalize(gated, w).astype(dtype)
+    return norms.rms_normalize(gated, w).astype(dtype)
 
   want = jax.vjp(plain, y, z, weight)[1](cot)
   tol = 1e-4 if dtype == jnp.float32 else 3e-2
@@ -48,9 +48,9 @@ def test_kernel_backward_matches_autodiff(dtype):
 def test_layer_with_kernel_gives_same_values_and_gradients():
   """Both kernels inside the layer's custom VJP agree with the XLA path."""
   y, z, weight, cot = _inputs((2, 32, 64))
-  with_kernel = lambda y, z, w: layers.gated_rms_norm(y, z, w, 1e-5, 64, jnp.float32,
-                                                      "interpret")
-  xla = lambda y, z, w: layers.gated_rms_norm(y, z, w, 1e-5, 64, jnp.float32)
+  with_kernel = lambda y, z, w: norms.gated_rms_norm(y, z, w, 1e-5, 64, jnp.float32,
+                                                      "pallas_interpret")
+  xla = lambda y, z, w: norms.gated_rms_norm(y, z, w, 1e-5, 64, jnp.float32)
   out, vjp = jax.vjp(with_kernel, y, z, weight)
   want, vjp_want = jax.vjp(xla, y, z, weight)
   np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
@@ -63,8 +63,8 @@ def test_unsupported_shapes_use_xla_or_fail_clearly():
   assert not gated_norm_pallas_gpu.supported(64, 128, 64)  # several groups
   assert not gated_norm_pallas_gpu.supported(20, 128, 128)  # rows not a multiple of 16
   y, z, weight, _ = _inputs((2, 32, 96))
-  got = layers.gated_rms_norm(y, z, weight, 1e-5, 96, jnp.float32, "interpret")  # XLA
-  np.testing.assert_allclose(got, layers.gated_rms_norm(y, z, weight, 1e-5, 96, jnp.float32))
+  got = norms.gated_rms_norm(y, z, weight, 1e-5, 96, jnp.float32, "pallas_interpret")  # XLA
+  np.testing.assert_allclose(got, norms.gated_rms_norm(y, z, weight, 1e-5, 96, jnp.float32))
   with pytest.raises(ValueError, match="power-of-two"):
     gated_norm_pallas_gpu.forward(y.reshape(-1, 96), z.reshape(-1, 96), weight, 1e-5,
                                   jnp.float32, interpret=True)
@@ -86,9 +86,9 @@ def test_compiled_kernels_match_xla_on_gpu():
   if jax.default_backend() != "gpu":
     pytest.skip("needs a GPU")
   y, z, weight, cot = _inputs((4, 1024, 512))
-  with_kernel = jax.jit(lambda y, z, w: layers.gated_rms_norm(y, z, w, 1e-5, 512, jnp.float32,
-                                                              "gpu"))
-  xla = jax.jit(lambda y, z, w: layers.gated_rms_norm(y, z, w, 1e-5, 512, jnp.float32))
+  with_kernel = jax.jit(lambda y, z, w: norms.gated_rms_norm(y, z, w, 1e-5, 512, jnp.float32,
+                                                              "pallas"))
+  xla = jax.jit(lambda y, z, w: norms.gated_rms_norm(y, z, w, 1e-5, 512, jnp.float32))
   out, vjp = jax.vjp(with_kernel, y, z, weight)
   want, vjp_want = jax.vjp(xla, y, z, weight)
   np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)

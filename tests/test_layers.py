@@ -5,16 +5,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernels import conv_reference
+from kernels import norms
 from mambaeye_jax import layers
 
 
 def _plain_gated_norm(y, z, weight, eps, group_size):
   gated = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
-  return layers.rms_normalize(gated, weight, eps, group_size)
+  return norms.rms_normalize(gated, weight, eps, group_size)
 
 
 def _plain_conv_silu(x, kernel, bias, segment_ids):
-  return jax.nn.silu(layers.causal_depthwise_conv(x, kernel, bias, segment_ids=segment_ids))
+  return jax.nn.silu(conv_reference.causal_depthwise_conv(x, kernel, bias, segment_ids=segment_ids))
 
 
 def _inputs(shape, seed=0):
@@ -26,7 +28,7 @@ def _inputs(shape, seed=0):
 def test_gated_rms_norm_matches_autodiff(group_size):
   y, z, cot, _ = _inputs((2, 5, 64))
   weight = 1.0 + 0.1 * jax.random.normal(jax.random.key(7), (64,))
-  fused = lambda y, z, w: layers.gated_rms_norm(y, z, w, 1e-5, group_size, jnp.float32)
+  fused = lambda y, z, w: norms.gated_rms_norm(y, z, w, 1e-5, group_size, jnp.float32)
   plain = lambda y, z, w: _plain_gated_norm(y, z, w, 1e-5, group_size)
   np.testing.assert_allclose(fused(y, z, weight), plain(y, z, weight), rtol=1e-5, atol=1e-5)
   _, vjp_fused = jax.vjp(fused, y, z, weight)
@@ -38,7 +40,7 @@ def test_gated_rms_norm_matches_autodiff(group_size):
 def test_gated_rms_norm_keeps_input_dtypes():
   y, z, cot, _ = (v.astype(jnp.bfloat16) for v in _inputs((2, 3, 32)))
   weight = jnp.ones((32,))
-  fn = lambda y, z, w: layers.gated_rms_norm(y, z, w, 1e-5, 32, jnp.bfloat16)
+  fn = lambda y, z, w: norms.gated_rms_norm(y, z, w, 1e-5, 32, jnp.bfloat16)
   out, vjp = jax.vjp(fn, y, z, weight)
   dy, dz, dw = vjp(cot)
   assert out.dtype == jnp.bfloat16
@@ -53,7 +55,7 @@ def test_causal_conv_silu_matches_autodiff(with_segments):
   kernel, bias = jax.random.normal(jax.random.key(3), (4, 6)), jnp.linspace(-1, 1, 6)
   # Segments of lengths 3, 1, 4, 3 and a reused id (1 again) that must restart.
   segment_ids = (jnp.array([[1, 1, 1, 2, 3, 3, 3, 3, 1, 1, 1]] * 2) if with_segments else None)
-  fused = lambda x, k, b: layers.causal_conv_silu(x, k, b, segment_ids, jnp.float32)
+  fused = lambda x, k, b: conv_reference.causal_conv_silu_reference(x, k, b, segment_ids, jnp.float32)
   plain = lambda x, k, b: _plain_conv_silu(x, k, b, segment_ids)
   np.testing.assert_allclose(fused(x, kernel, bias), plain(x, kernel, bias),
                              rtol=1e-5, atol=1e-6)
@@ -68,7 +70,7 @@ def test_causal_conv_silu_segments_are_separate():
   x, _, _, _ = _inputs((1, 8, 3))
   kernel, bias = jax.random.normal(jax.random.key(1), (4, 3)), jnp.zeros(3)
   segment_ids = jnp.array([[1, 1, 1, 1, 2, 2, 2, 2]])
-  jac = jax.jacobian(lambda x: layers.causal_conv_silu(x, kernel, bias, segment_ids,
+  jac = jax.jacobian(lambda x: conv_reference.causal_conv_silu_reference(x, kernel, bias, segment_ids,
                                                         jnp.float32))(x)
   # d out[t] / d x[s] for t in the second segment and s in the first is zero.
   np.testing.assert_array_equal(jac[0, 4:, :, 0, :4, :], 0.0)
@@ -79,7 +81,7 @@ def test_causal_conv_silu_under_jit_with_bf16():
   x, cot, _, _ = _inputs((2, 9, 8))
   kernel, bias = jax.random.normal(jax.random.key(3), (4, 8)), jnp.zeros(8)
   x16 = x.astype(jnp.bfloat16)
-  fn = jax.jit(lambda x, k, b: layers.causal_conv_silu(x, k, b, None, jnp.bfloat16))
+  fn = jax.jit(lambda x, k, b: conv_reference.causal_conv_silu_reference(x, k, b, None, jnp.bfloat16))
   out, vjp = jax.vjp(fn, x16, kernel, bias)
   dx, dk, db = vjp(cot.astype(jnp.bfloat16))
   assert out.dtype == dx.dtype == jnp.bfloat16 and dk.dtype == db.dtype == jnp.float32

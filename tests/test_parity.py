@@ -13,12 +13,13 @@ import pytest
 from mambaeye_jax import checkpoint
 from mambaeye_jax import glimpse
 from mambaeye_jax import loss as loss_lib
+from mambaeye_jax.data import geometry
 
 
 def _sample(npz_path):
   data = dict(np.load(npz_path))
   positions = np.stack([data["rows"], data["cols"]], axis=1).astype(np.int32)
-  box = glimpse.ImageBox(int(data["row_offset"]), int(data["col_offset"]),
+  box = geometry.ImageBox(int(data["row_offset"]), int(data["col_offset"]),
                          int(data["img_h"]), int(data["img_w"]))
   return data, positions, box
 
@@ -27,15 +28,15 @@ def test_glimpse_tensors_match(golden):
   _, _, npz = golden
   data, positions, box = _sample(npz)
   canvas = data["canvas"].transpose(1, 2, 0)  # (3, H, W) -> (H, W, 3)
-  np.testing.assert_array_equal(glimpse.extract_patches(canvas, positions),
+  np.testing.assert_array_equal(geometry.extract_patches(canvas, positions),
                                 data["img_sequence"])
   device_patches = glimpse.extract_patches_jax(jnp.asarray(canvas)[None],
                                                jnp.asarray(positions)[None])[0]
   np.testing.assert_array_equal(np.asarray(device_patches), data["img_sequence"])
-  np.testing.assert_allclose(glimpse.information_ratio(positions, box),
+  np.testing.assert_allclose(geometry.information_ratio(positions, box),
                              data["information_ratio"], rtol=0, atol=1e-6)
-  moves = glimpse.moves_from_positions(positions)
-  np.testing.assert_allclose(glimpse.move_embedding(moves), data["move_embedding"],
+  moves = geometry.moves_from_positions(positions)
+  np.testing.assert_allclose(geometry.move_embedding(moves), data["move_embedding"],
                              rtol=0, atol=1e-4)
   in_jit = glimpse.move_embedding_jax(
       glimpse.moves_from_positions_jax(jnp.asarray(positions)[None]))[0]

@@ -8,8 +8,8 @@ import conftest
 import numpy as np
 from PIL import Image
 
-from mambaeye_jax import checkpoint
 from mambaeye_jax import model as model_lib
+from mambaeye_jax import model_dir
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,7 +42,7 @@ def test_readme_usage_block_runs(tmp_path, monkeypatch):
   rng = np.random.default_rng(0)
   Image.fromarray(rng.integers(0, 256, (90, 120, 3), np.uint8)).save("photo.jpg")
   config, params = tiny_params()
-  checkpoint.save_params("tiny_model", config, params)
+  model_dir.save_params("tiny_model", config, params)
   for block in blocks:
     assert '"mambaeye_tiny.pt"' in block
     code = block.replace('"mambaeye_tiny.pt"', '"tiny_model"')

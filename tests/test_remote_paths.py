@@ -17,10 +17,12 @@ import numpy as np
 import pytest
 from etils.epath import testing as epath_testing
 
-from mambaeye_jax import checkpoint
 from mambaeye_jax import metrics as metrics_lib
+from mambaeye_jax import model_dir
+from mambaeye_jax import train_checkpoint
 from mambaeye_jax import train_lib
-from mambaeye_jax.data import sources
+from mambaeye_jax import work_dir
+from mambaeye_jax.data import arrayrecord
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import smoke  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -78,19 +80,19 @@ def bucket(tmp_path, monkeypatch):
 
 def test_url_paths_are_never_made_absolute(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  assert checkpoint.is_url("gs://b/run") and not checkpoint.is_url("b/run")
-  assert checkpoint.absolute("gs://b/run") == "gs://b/run"
-  assert checkpoint.absolute("run") == os.path.join(str(tmp_path), "run")
+  assert model_dir.is_url("gs://b/run") and not model_dir.is_url("b/run")
+  assert model_dir.absolute("gs://b/run") == "gs://b/run"
+  assert model_dir.absolute("run") == os.path.join(str(tmp_path), "run")
 
 
 def test_checkpoint_manager_gets_the_url(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   got = []
-  monkeypatch.setattr(train_lib.ocp, "CheckpointManager",
+  monkeypatch.setattr(work_dir.ocp, "CheckpointManager",
                       lambda directory, options: got.append(directory))
-  train_lib.checkpoint_manager("gs://b/run")
-  train_lib.checkpoint_manager("gs://b/run", read_only=True)
-  train_lib.checkpoint_manager("run")
+  work_dir.checkpoint_manager("gs://b/run")
+  work_dir.checkpoint_manager("gs://b/run", read_only=True)
+  work_dir.checkpoint_manager("run")
   assert got == ["gs://b/run/checkpoints"] * 2 + [str(tmp_path / "run" / "checkpoints")]
   assert os.listdir(tmp_path) == []
 
@@ -98,25 +100,25 @@ def test_checkpoint_manager_gets_the_url(tmp_path, monkeypatch):
 def test_train_config_round_trip_and_resume_check(bucket):
   root, seen = bucket
   config = smoke.get_config()
-  train_lib._write_train_config("gs://b/run", config)  # pylint: disable=protected-access
-  assert (root / "b" / "run" / train_lib.TRAIN_CONFIG_FILE).is_file()
-  assert train_lib.read_train_config("gs://b/run").model.to_dict() == config.model.to_dict()
+  work_dir.write_train_config("gs://b/run", config)  # pylint: disable=protected-access
+  assert (root / "b" / "run" / work_dir.TRAIN_CONFIG_FILE).is_file()
+  assert work_dir.read_train_config("gs://b/run").model.to_dict() == config.model.to_dict()
   with pytest.raises(FileNotFoundError, match="gs://b/other is not a training workdir"):
-    train_lib.read_train_config("gs://b/other")
+    work_dir.read_train_config("gs://b/other")
   # No checkpoints yet: resumable whatever the model; with one, checked.
-  train_lib.check_resumable("gs://b/run", config)
+  train_checkpoint.check_resumable("gs://b/run", config)
   (root / "b" / "run" / "checkpoints" / "7").mkdir(parents=True)
-  assert train_lib._checkpoint_steps("gs://b/run") == [7]  # pylint: disable=protected-access
+  assert work_dir.checkpoint_steps("gs://b/run") == [7]  # pylint: disable=protected-access
   other = config.copy_and_resolve_references()
   other.model.depth += 1
   with pytest.raises(ValueError, match=r"gs://b/run holds checkpoints of another model"):
-    train_lib.check_resumable("gs://b/run", other)
+    train_checkpoint.check_resumable("gs://b/run", other)
   assert all(p.startswith("gs://b/") for p in seen)
 
 
 def test_checkpoint_dir_check_on_a_bucket(bucket):
   root, _ = bucket
-  train_lib.check_checkpoint_dir("gs://b/run")
+  train_checkpoint.check_checkpoint_dir("gs://b/run")
   directory = root / "b" / "run" / "checkpoints"
   assert directory.is_dir() and os.listdir(directory) == []  # The probe is gone.
 
@@ -149,19 +151,19 @@ def test_metrics_on_a_bucket_resume_and_skip_tensorboard(bucket, monkeypatch, ca
 def test_model_directory_config_on_a_bucket(bucket):
   root, _ = bucket
   with pytest.raises(FileNotFoundError, match="gs://b/model is not a mambaeye-jax model"):
-    checkpoint.read_config("gs://b/model")
-  config = train_lib.model_config_from(smoke.get_config())
+    model_dir.read_config("gs://b/model")
+  config = work_dir.model_config_from(smoke.get_config())
   (root / "b" / "model").mkdir(parents=True)
-  (root / "b" / "model" / checkpoint.CONFIG_FILE).write_text(json.dumps(
-      {"format_version": checkpoint.FORMAT_VERSION, "model": checkpoint.config_to_dict(config)}))
-  assert checkpoint.read_config("gs://b/model") == config
+  (root / "b" / "model" / model_dir.CONFIG_FILE).write_text(json.dumps(
+      {"format_version": model_dir.FORMAT_VERSION, "model": model_dir.config_to_dict(config)}))
+  assert model_dir.read_config("gs://b/model") == config
 
 
 def test_arrayrecord_glob_on_a_bucket_goes_through_epath(bucket, monkeypatch):
   root, seen = bucket
   data = root / "b" / "data"
   data.mkdir(parents=True)
-  for name in sources.shard_paths("train", 2)[::-1]:
+  for name in arrayrecord.shard_paths("train", 2)[::-1]:
     (data / name).write_bytes(b"")
   (data / "train.json").write_text(json.dumps({"num_classes": 5}))
 
@@ -179,27 +181,27 @@ def test_arrayrecord_glob_on_a_bucket_goes_through_epath(bucket, monkeypatch):
       return 0
   import grain  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(grain.sources, "ArrayRecordDataSource", FakeDataSource)
-  src = sources.ArrayRecordSource("gs://b/data/train-*")
-  want = [f"gs://b/data/{n}" for n in sources.shard_paths("train", 2)]
+  src = arrayrecord.ArrayRecordSource("gs://b/data/train-*")
+  want = [f"gs://b/data/{n}" for n in arrayrecord.shard_paths("train", 2)]
   assert opened == [want] and src.paths == want and src.num_classes == 5
   assert "gs://b/data/train-*" in seen
   with pytest.raises(FileNotFoundError, match="gs://b/data/test-"):
-    sources.ArrayRecordSource("gs://b/data/test-*")
+    arrayrecord.ArrayRecordSource("gs://b/data/test-*")
   with pytest.raises(FileNotFoundError, match="gs://b/data/missing.array_record"):
-    sources.ArrayRecordSource([want[0], "gs://b/data/missing.array_record"])
+    arrayrecord.ArrayRecordSource([want[0], "gs://b/data/missing.array_record"])
 
 
 def test_corrupt_arrayrecord_shard_is_named(tmp_path):
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-  good, bad = (str(tmp_path / n) for n in sources.shard_paths("train", 2))
+  good, bad = (str(tmp_path / n) for n in arrayrecord.shard_paths("train", 2))
   writer = array_record_module.ArrayRecordWriter(good, "group_size:1")
-  writer.write(sources.encode_record(b"img", 0, "a.jpg"))
+  writer.write(arrayrecord.encode_record(b"img", 0, "a.jpg"))
   writer.close()
   with open(bad, "wb") as f:
     f.write(np.random.default_rng(0).bytes(1000))
   with pytest.raises(ValueError, match=f"ArrayRecord shard {bad} cannot be read"):
-    sources.ArrayRecordSource(str(tmp_path / "train-*"))
-  assert len(sources.ArrayRecordSource([good])) == 1
+    arrayrecord.ArrayRecordSource(str(tmp_path / "train-*"))
+  assert len(arrayrecord.ArrayRecordSource([good])) == 1
 
 
 def test_train_on_a_bucket_without_gcsfs_says_so_and_writes_nothing(tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from mambaeye_jax.data import scan_patterns as sp
-from mambaeye_jax.glimpse import ImageBox
+from mambaeye_jax.data.geometry import ImageBox
 
 GRID_PATTERNS = ("column_major", "horizontal_raster", "horizontal_zigzag",
                  "horizontal_snake", "column_snake", "vertical_raster",

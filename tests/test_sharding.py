@@ -51,21 +51,21 @@ def test_make_mesh_rejects_too_many_devices():
 
 _EIGHT_DEVICES = """
     import json, jax, numpy as np
-    from mambaeye_jax import optim, sharding, train_lib
+    from mambaeye_jax import optim, sharding, train_data, train_step
     from mambaeye_jax import model as model_lib
     assert jax.device_count() == 8, jax.devices()
     mc = model_lib.get_config("tiny", depth=1, dim=32, d_state=8, headdim=32,
                               num_classes=10, chunk_size=8, ssd_impl=SSD_IMPL)
     ocfg = optim.OptimConfig(total_steps=10, warmup_steps=1)
     tx = optim.make_optimizer(ocfg)
-    graphdef = train_lib.model_graphdef(mc)
-    local = next(train_lib.FakeBatches(16, 16, 10, seed=3))
+    graphdef = train_step.model_graphdef(mc)
+    local = next(train_data.FakeBatches(16, 16, 10, seed=3))
     out = {}
     for n in (1, 8):
       mesh = sharding.make_mesh(n)
-      state, shardings, _ = train_lib.create_train_state(mc, tx, 0, mesh)
-      step = train_lib.compile_train_step(
-          train_lib.make_train_step(graphdef, tx, optim.learning_rate_schedule(ocfg), (4,)),
+      state, shardings, _ = train_step.create_train_state(mc, tx, 0, mesh)
+      step = train_step.compile_train_step(
+          train_step.make_train_step(graphdef, tx, optim.learning_rate_schedule(ocfg), (4,)),
           shardings, mesh)
       batch = sharding.global_batch(local, mesh)
       assert len(batch["patches"].sharding.device_set) == n

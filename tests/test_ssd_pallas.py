@@ -8,6 +8,7 @@ chunks and splits); the whole file takes well under a minute there.
 
 from __future__ import annotations
 
+import conftest
 import numpy as np
 import pytest
 
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 
 from kernels import ssd_pallas as ssd_pallas_mod
 from kernels import ssd_pallas_gpu
+from kernels import ssd_pallas_tpu
 from kernels.ssd_reference import ssd_sequential
 
 SSDGpuConfig = ssd_pallas_gpu.SSDGpuConfig
@@ -260,14 +262,8 @@ def test_cpu_without_interpret_raises():
 
 def test_tpu_dispatch(monkeypatch):
   """On TPU, ssd_pallas hands everything to kernels.ssd_pallas_tpu."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(ssd_pallas_mod.jax, "default_backend", lambda: "tpu")
   args, _ = _inputs(0, 1, 8, 1, 16, 1, 16, jnp.float32, seg=False, init=False)
-  if importlib.util.find_spec("kernels.ssd_pallas_tpu") is None:
-    with pytest.raises(NotImplementedError, match="ssd_pallas_tpu"):
-      ssd_pallas_mod.ssd_pallas(*args[:6])
-    return
-  from kernels import ssd_pallas_tpu  # pylint: disable=g-import-not-at-top
   calls = []
 
   def fake(*a, **kw):
@@ -284,8 +280,8 @@ def test_tpu_dispatch(monkeypatch):
 
 
 def test_bench_smoke_runs_and_checks():
-  """`python -m kernels.bench_ssd --smoke` checks the kernel and times it."""
-  from kernels import bench_ssd  # pylint: disable=g-import-not-at-top
+  """`python benchmarks/bench_ssd.py --smoke` checks the kernel and times it."""
+  bench_ssd = conftest.load_benchmark("bench_ssd")
   rows = bench_ssd.main(["--smoke", "--impls", "pallas", "chunked",
                          "--modes", "fwdbwd"])
   pallas = [r for r in rows if r["impl"].startswith("pallas")]

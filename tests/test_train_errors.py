@@ -20,7 +20,10 @@ import jax
 import pytest
 from PIL import Image
 
+from mambaeye_jax import train_checkpoint
+from mambaeye_jax import train_data
 from mambaeye_jax import train_lib
+from mambaeye_jax import work_dir
 from mambaeye_jax.data import sources
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -163,16 +166,16 @@ def test_more_classes_than_the_model_has_fails_at_start(tmp_path):
 
 
 def test_labels_beyond_num_classes_in_a_batch_are_named():
-  batch = next(train_lib.FakeBatches(2, 4, 12, seed=1))
+  batch = next(train_data.FakeBatches(2, 4, 12, seed=1))
   batch["labels"][:] = 11
   with pytest.raises(ValueError, match="label 11 in the batch of step 3 is outside "
                      "model.num_classes=10"):
-    train_lib.check_labels(batch, 10, 3)
+    train_data.check_labels(batch, 10, 3)
 
 
 def test_resuming_another_model_is_refused_and_the_workdir_kept(tmp_path):
   old = fake_config()
-  train_lib._write_train_config(str(tmp_path), old)
+  work_dir.write_train_config(str(tmp_path), old)
   (tmp_path / "checkpoints" / "6").mkdir(parents=True)
   before = (tmp_path / "train_config.json").read_text()
   new = fake_config()
@@ -184,7 +187,7 @@ def test_resuming_another_model_is_refused_and_the_workdir_kept(tmp_path):
   assert (tmp_path / "train_config.json").read_text() == before
   shape_neutral = fake_config()
   shape_neutral.model.remat = True
-  train_lib.check_resumable(str(tmp_path), shape_neutral)  # Allowed.
+  train_checkpoint.check_resumable(str(tmp_path), shape_neutral)  # Allowed.
 
 
 # ---------------------------------------------------------------- bad data
@@ -222,7 +225,7 @@ def test_on_error_raise_through_worker_processes_stops_with_the_bad_image(tmp_pa
 
 def test_checkpoint_directory_that_is_a_file_is_a_clear_error(tmp_path):
   (tmp_path / "checkpoints").write_text("in the way")
-  with no_hang(), pytest.raises(train_lib.CheckpointWriteError,
+  with no_hang(), pytest.raises(train_checkpoint.CheckpointWriteError,
                                 match=f"cannot create the checkpoint directory "
                                 f"{tmp_path}/checkpoints: is a file, not a directory"):
     train_lib.train_and_evaluate(fake_config(), str(tmp_path))
@@ -233,13 +236,13 @@ def test_checkpoint_failure_during_the_run_raises_instead_of_hanging(tmp_path):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   state = {"params": {"w": jnp.ones(3)}, "opt_state": {"mu": jnp.zeros(3)},
            "step": jnp.zeros((), jnp.int32), "rng": jnp.zeros(2, jnp.uint32)}
-  manager = train_lib.checkpoint_manager(str(tmp_path), fake_config())
+  manager = work_dir.checkpoint_manager(str(tmp_path), fake_config())
   try:
     os.rmdir(tmp_path / "checkpoints")
     (tmp_path / "checkpoints").write_text("in the way")
-    with no_hang(), pytest.raises(train_lib.CheckpointWriteError,
+    with no_hang(), pytest.raises(train_checkpoint.CheckpointWriteError,
                                   match="cannot write checkpoint 2 in .*Not a directory"):
-      train_lib._save(manager, 2, state, train_lib.FakeBatches(1, 2, 3))
+      train_checkpoint.save(manager, 2, state, train_data.FakeBatches(1, 2, 3))
   finally:
     with no_hang():
       manager.close()
@@ -268,5 +271,5 @@ def test_finished_run_rerun_says_where_the_model_is(tmp_path, capsys, caplog):
   assert f"the model is in {tmp_path}/model" in out
   assert f"python eval.py --checkpoint {tmp_path}/model --data" in out
   with caplog.at_level(logging.WARNING):
-    train_lib.restore_model(str(tmp_path))
+    work_dir.restore_model(str(tmp_path))
   assert "read only" not in caplog.text and "read_only" not in caplog.text

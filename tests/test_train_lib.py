@@ -17,7 +17,11 @@ import pytest
 
 from mambaeye_jax import checkpoint
 from mambaeye_jax import metrics as metrics_lib
+from mambaeye_jax import model_dir
+from mambaeye_jax import train_data
 from mambaeye_jax import train_lib
+from mambaeye_jax import train_step
+from mambaeye_jax import work_dir
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
@@ -68,11 +72,11 @@ def test_smoke_config_trains_end_to_end(tmp_path):
   # The exported model directory loads with the library's loader and
   # agrees with restore_model on the last checkpoint.
   exported = checkpoint.load_model(str(workdir / "model"))
-  restored = train_lib.restore_model(str(workdir))
+  restored = work_dir.restore_model(str(workdir))
   via_loader = checkpoint.load_model(str(workdir))  # A workdir loads too.
-  a = jax.tree.leaves(checkpoint.nnx.state(exported))
+  a = jax.tree.leaves(model_dir.nnx.state(exported))
   for other in (restored, via_loader):
-    b = jax.tree.leaves(checkpoint.nnx.state(other))
+    b = jax.tree.leaves(model_dir.nnx.state(other))
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
@@ -95,8 +99,8 @@ def test_interrupt_and_resume_reproduces_the_loss_curve(tmp_path):
   assert sorted(got) == list(range(1, 7))
   np.testing.assert_allclose([got[s] for s in range(1, 7)], [want[s] for s in range(1, 7)],
                              rtol=1e-6)
-  a = checkpoint.load_params(str(tmp_path / "straight" / "model"))[1]
-  b = checkpoint.load_params(str(tmp_path / "resumed" / "model"))[1]
+  a = model_dir.load_params(str(tmp_path / "straight" / "model"))[1]
+  b = model_dir.load_params(str(tmp_path / "resumed" / "model"))[1]
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
 
@@ -104,7 +108,7 @@ def test_interrupt_and_resume_reproduces_the_loss_curve(tmp_path):
 def test_stop_signal_that_also_kills_the_data_workers_still_saves(tmp_path, monkeypatch):
   """Ctrl-C / `timeout` reach Grain's workers too: the loop must save, not crash."""
   c = fake_config(steps=6)
-  real_next = train_lib.BatchPrefetcher.__next__
+  real_next = train_data.BatchPrefetcher.__next__
   calls = []
 
   def dying_next(self):
@@ -114,11 +118,11 @@ def test_stop_signal_that_also_kills_the_data_workers_still_saves(tmp_path, monk
       raise RuntimeError("Worker process was terminated unexpectedly with exit code -15.")
     return real_next(self)
 
-  monkeypatch.setattr(train_lib.BatchPrefetcher, "__next__", dying_next)
+  monkeypatch.setattr(train_data.BatchPrefetcher, "__next__", dying_next)
   stopped = train_lib.train_and_evaluate(c, str(tmp_path))
   assert stopped["step"] == 3
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
-  monkeypatch.setattr(train_lib.BatchPrefetcher, "__next__", real_next)
+  monkeypatch.setattr(train_data.BatchPrefetcher, "__next__", real_next)
   assert train_lib.train_and_evaluate(c, str(tmp_path))["step"] == 6
 
 
@@ -126,13 +130,13 @@ def test_data_errors_without_a_stop_signal_still_raise(tmp_path, monkeypatch):
   def broken(self):
     raise RuntimeError("disk on fire")
 
-  monkeypatch.setattr(train_lib.BatchPrefetcher, "__next__", broken)
+  monkeypatch.setattr(train_data.BatchPrefetcher, "__next__", broken)
   with pytest.raises(RuntimeError, match="disk on fire"):
     train_lib.train_and_evaluate(fake_config(steps=2), str(tmp_path))
 
 
 def test_nan_loss_stops_loudly_and_saves_the_batch(tmp_path, monkeypatch):
-  real = train_lib.make_train_iterator
+  real = train_data.make_train_iterator
 
   class Poisoned:
     def __init__(self, inner):
@@ -148,7 +152,7 @@ def test_nan_loss_stops_loudly_and_saves_the_batch(tmp_path, monkeypatch):
     def __getattr__(self, name):
       return getattr(self.inner, name)
 
-  monkeypatch.setattr(train_lib, "make_train_iterator",
+  monkeypatch.setattr(train_data, "make_train_iterator",
                       lambda *a, **k: Poisoned(real(*a, **k)))
   c = fake_config(steps=6)
   c.checkpoint_every_steps = 2
@@ -195,20 +199,20 @@ def test_config_errors_name_the_field():
 
 def test_restore_model_names_missing_steps(tmp_path):
   with pytest.raises(FileNotFoundError, match="not a training workdir"):
-    train_lib.restore_model(str(tmp_path))
+    work_dir.restore_model(str(tmp_path))
 
 
 def test_glimpse_index_and_last_step_with_packing():
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   seg = jnp.array([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1]])
   mask = seg > 0
-  np.testing.assert_array_equal(train_lib._glimpse_index(seg),
+  np.testing.assert_array_equal(train_step._glimpse_index(seg),
                                 [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
-  np.testing.assert_array_equal(train_lib._is_last(seg, mask),
+  np.testing.assert_array_equal(train_step._is_last(seg, mask),
                                 [[0, 0, 1, 0, 1, 0], [0, 0, 0, 0, 0, 1]])
   labels = jnp.array([[3, 3, 3, 1, 1, 0], [2] * 6])
   logits = jax.nn.one_hot(jnp.array([[0, 3, 3, 1, 0, 0], [2] * 6]), 4)
-  m = train_lib.step_metrics(logits, {"labels": labels, "mask": mask, "segment_ids": seg},
+  m = train_step.step_metrics(logits, {"labels": labels, "mask": mask, "segment_ids": seg},
                              (1, 2))
   assert (int(m["correct_at_1"]), int(m["count_at_1"])) == (2, 3)
   assert (int(m["correct_at_2"]), int(m["count_at_2"])) == (2, 3)
@@ -218,18 +222,18 @@ def test_glimpse_index_and_last_step_with_packing():
 
 def test_train_config_json_roundtrips(tmp_path):
   c = fake_config()
-  train_lib._write_train_config(str(tmp_path), c)
-  back = train_lib.read_train_config(str(tmp_path))
-  assert train_lib.model_config_from(back) == train_lib.model_config_from(c)
-  with open(tmp_path / train_lib.TRAIN_CONFIG_FILE) as f:
+  work_dir.write_train_config(str(tmp_path), c)
+  back = work_dir.read_train_config(str(tmp_path))
+  assert work_dir.model_config_from(back) == work_dir.model_config_from(c)
+  with open(tmp_path / work_dir.TRAIN_CONFIG_FILE) as f:
     assert json.load(f)["data"]["source"] == "fake"
 
 
 def test_prefetcher_keeps_order_and_checkpoints_the_consumed_position():
   from mambaeye_jax import sharding  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh()
-  plain = train_lib.BatchPrefetcher(train_lib.FakeBatches(2, 4, 3), mesh, depth=0)
-  ahead = train_lib.BatchPrefetcher(train_lib.FakeBatches(2, 4, 3), mesh, depth=3)
+  plain = train_data.BatchPrefetcher(train_data.FakeBatches(2, 4, 3), mesh, depth=0)
+  ahead = train_data.BatchPrefetcher(train_data.FakeBatches(2, 4, 3), mesh, depth=3)
   try:
     for _ in range(3):
       (a, _), (b, gb) = next(plain), next(ahead)
@@ -249,7 +253,7 @@ def test_prefetcher_keeps_order_and_checkpoints_the_consumed_position():
     def get_state(self):
       return b"{}"
 
-  broken = train_lib.BatchPrefetcher(Broken(), mesh, depth=2)
+  broken = train_data.BatchPrefetcher(Broken(), mesh, depth=2)
   with pytest.raises(OSError, match="disk gone"):
     next(broken)  # Raised on the caller's thread.
   broken.close()
@@ -264,7 +268,7 @@ def test_padded_rows_need_no_segment_ids():
   ocfg = optim.OptimConfig(total_steps=10, warmup_steps=1)
   tx = optim.make_optimizer(ocfg)
   mesh = sharding.make_mesh(1)
-  batch = next(train_lib.FakeBatches(4, 12, 10, seed=5))
+  batch = next(train_data.FakeBatches(4, 12, 10, seed=5))
   # Ragged rows: the last steps of two rows are padding (segment 0, masked).
   for row, length in ((1, 7), (3, 9)):
     batch["mask"][row, length:] = False
@@ -272,9 +276,9 @@ def test_padded_rows_need_no_segment_ids():
   batch = sharding.global_batch(batch, mesh)
   out = {}
   for packed in (True, False):
-    state, shardings, _ = train_lib.create_train_state(mc, tx, 0, mesh)
-    step = train_lib.compile_train_step(
-        train_lib.make_train_step(train_lib.model_graphdef(mc), tx,
+    state, shardings, _ = train_step.create_train_state(mc, tx, 0, mesh)
+    step = train_step.compile_train_step(
+        train_step.make_train_step(train_step.model_graphdef(mc), tx,
                                   optim.learning_rate_schedule(ocfg), (4,), packed=packed),
         shardings, mesh)
     _, metrics = step(state, batch)

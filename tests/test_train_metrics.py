@@ -3,6 +3,7 @@
 import os
 
 from mambaeye_jax import metrics
+from mambaeye_jax import progress
 
 
 def test_writer_appends_json_lines_and_tensorboard_events(tmp_path):
@@ -24,10 +25,10 @@ def test_disabled_writer_writes_nothing(tmp_path):
 
 
 def test_progress_line_shows_speed_and_eta():
-  line = metrics.progress_line(
+  line = progress.progress_line(
       100, 1100, {"train/loss": 2.0, "train/accuracy_last": 0.25,
                   "perf/images_per_sec": 2100.0, "perf/data_wait_fraction": 0.02}, 0.5)
   assert line == ("step 100/1100 (9.1%) | loss 2.0000 | acc@last 25.0% | 2100 img/s | "
                   "500.0 ms/step | data wait 2% | ETA 8m20s")
-  assert metrics.format_duration(2 * 3600 + 3 * 60 + 9) == "2h03m"
-  assert metrics.format_duration(float("nan")) == "?"
+  assert progress.format_duration(2 * 3600 + 3 * 60 + 9) == "2h03m"
+  assert progress.format_duration(float("nan")) == "?"

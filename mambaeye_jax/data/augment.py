@@ -81,9 +81,10 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageStat
 from scipy import ndimage
 
-from mambaeye_jax import glimpse
+from mambaeye_jax.data import geometry
 
-P = glimpse.PATCH_SIZE
+
+P = geometry.PATCH_SIZE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -828,7 +829,7 @@ def apply_reference(image: Image.Image, params: dict[str, Any],
   return pixels
 
 
-def centred_box(canvas: int, pixels_hw: tuple[int, int]) -> glimpse.ImageBox:
+def centred_box(canvas: int, pixels_hw: tuple[int, int]) -> geometry.ImageBox:
   """Official centred paste: offsets (c - h) // 2, (c - w) // 2."""
   h, w = pixels_hw
-  return glimpse.ImageBox((canvas - h) // 2, (canvas - w) // 2, h, w)
+  return geometry.ImageBox((canvas - h) // 2, (canvas - w) // 2, h, w)

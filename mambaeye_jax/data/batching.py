@@ -31,7 +31,8 @@ from typing import Any, Iterable, Sequence
 import grain
 import numpy as np
 
-from mambaeye_jax import glimpse
+from mambaeye_jax.data import geometry
+
 
 SKIP_KEY = "skipped"
 NUM_SKIPPED_KEY = "num_skipped"
@@ -43,7 +44,7 @@ def empty_batch(batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
   """An all-padding batch of the output contract: (b, L) rows of zeros."""
   b, L = batch_size, seq_len
   return {
-      "patches": np.zeros((b, L, glimpse.PATCH_DIM), np.uint8),
+      "patches": np.zeros((b, L, geometry.PATCH_DIM), np.uint8),
       "positions": np.zeros((b, L, 2), np.int32),
       "ratio": np.zeros((b, L), np.float32),
       "labels": np.zeros((b, L), np.int32),

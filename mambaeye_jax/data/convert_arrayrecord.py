@@ -3,11 +3,11 @@
     python -m mambaeye_jax.data.convert_arrayrecord SRC_DIR DST_PREFIX --shards N
 
 Writes DST_PREFIX-00000-of-0000N.array_record ... (records as
-`sources.encode_record`: the image file's bytes unchanged, its label and its
+`arrayrecord.encode_record`: the image file's bytes unchanged, its label and its
 path relative to SRC_DIR) and DST_PREFIX.json (class names, counts). Records
 are spread round-robin over the shards in the folder's sorted order, so
 shard i holds records i, i + N, ...; read them back with
-`sources.ArrayRecordSource("DST_PREFIX-*")` or source="arrayrecord",
+`arrayrecord.ArrayRecordSource("DST_PREFIX-*")` or source="arrayrecord",
 path="DST_PREFIX-*".
 
 Bad files are checked here, once, rather than at every epoch: with
@@ -24,6 +24,9 @@ import logging
 import os
 import sys
 
+from array_record.python import array_record_module
+
+from mambaeye_jax.data import arrayrecord
 from mambaeye_jax.data import sources
 
 
@@ -45,12 +48,11 @@ def convert(src_dir: str, dst_prefix: str, num_shards: int, *,
     The metadata written to DST_PREFIX.json: {"num_classes", "class_names",
     "num_records", "shards", "skipped": [[path, reason], ...]}.
   """
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   if num_shards < 1:
     raise ValueError(f"{num_shards=} must be >= 1")
   source = sources.ImageFolderSource(src_dir)
   os.makedirs(os.path.dirname(os.path.abspath(dst_prefix)), exist_ok=True)
-  paths = sources.shard_paths(dst_prefix, num_shards)
+  paths = arrayrecord.shard_paths(dst_prefix, num_shards)
   writers = [array_record_module.ArrayRecordWriter(p, "group_size:1")
              for p in paths]
   skipped = []
@@ -70,7 +72,7 @@ def convert(src_dir: str, dst_prefix: str, num_shards: int, *,
           skipped.append([key, e.reason])
           continue
       writers[written % num_shards].write(
-          sources.encode_record(record["image"], record["label"], key))
+          arrayrecord.encode_record(record["image"], record["label"], key))
       written += 1
   finally:
     for w in writers:

@@ -1,7 +1,7 @@
 """Evaluation canvases: the official resize modes "none", "fit" and "full".
 
 An evaluation image becomes a square canvas (S, S, 3) uint8, zero outside the
-image, with the image pasted centred, and the `glimpse.ImageBox` saying where
+image, with the image pasted centred, and the `geometry.ImageBox` saying where
 it lies. This reproduces the official `InferenceDataset` (`mambaeye/dataset.py`
 of github usingcolor/MambaEye, commit 8d7d643), which the official `eval.py`
 uses to validate on a dataset:
@@ -27,11 +27,14 @@ the dataset path stretches from the shrunk copy).
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import numpy as np
 from PIL import Image
 
-from mambaeye_jax import glimpse
 from mambaeye_jax.data import augment
+from mambaeye_jax.data import geometry
+from mambaeye_jax.data import sources
 
 RESIZE_MODES = ("none", "fit", "full")
 
@@ -66,13 +69,41 @@ def to_rgb(image: Image.Image | np.ndarray) -> Image.Image:
   return Image.fromarray(array).convert("RGB")
 
 
+def record_image(record: Mapping[str, Any], key: str | None = None, *,
+                 max_pixels: int = sources.DEFAULT_MAX_IMAGE_PIXELS,
+                 draft_size=None) -> Image.Image:
+  """A record's image as an RGB PIL image: the one decoding of a record, for
+  training and evaluation alike.
+
+  Args:
+    record: a source's record; "image" is encoded bytes, a PIL image or a
+      uint8 array (`to_rgb`'s shapes).
+    key: the name in error messages (default: the record's "key").
+    max_pixels, draft_size: as `sources.decode_image`.
+
+  Raises:
+    sources.BadImageError: corrupt or unreadable data, naming the record.
+  """
+  image = record["image"]
+  key = key if key is not None else record.get("key", "<image>")
+  if isinstance(image, (bytes, bytearray, memoryview)):
+    return sources.decode_image(bytes(image), key, max_pixels=max_pixels,
+                                draft_size=draft_size)
+  if isinstance(image, Image.Image):
+    return image.convert("RGB")
+  try:
+    return to_rgb(np.asarray(image))
+  except (TypeError, ValueError) as e:
+    raise sources.BadImageError(key, str(e)) from e
+
+
 def _resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
   # PIL returns a copy for a same-size resize; spelt out so it is certain.
   return image if image.size == size else image.resize(size, _RESAMPLE)
 
 
 def paste_centred(image: np.ndarray, canvas_size: int
-                  ) -> tuple[np.ndarray, glimpse.ImageBox]:
+                  ) -> tuple[np.ndarray, geometry.ImageBox]:
   """Pastes an image centred on a zero square canvas (official rounding).
 
   Args:
@@ -95,7 +126,7 @@ def paste_centred(image: np.ndarray, canvas_size: int
 
 def eval_canvas(image: Image.Image | np.ndarray, mode: str = "none",
                 canvas_size: int | None = None, *, shrink_first: bool = True
-                ) -> tuple[np.ndarray, glimpse.ImageBox]:
+                ) -> tuple[np.ndarray, geometry.ImageBox]:
   """The official evaluation canvas of one image.
 
   Args:
@@ -126,15 +157,15 @@ def eval_canvas(image: Image.Image | np.ndarray, mode: str = "none",
     if mode != "none":
       raise ValueError(f"resize mode {mode!r} needs a canvas_size")
     canvas_size = max(width, height)
-    if canvas_size < glimpse.PATCH_SIZE:
+    if canvas_size < geometry.PATCH_SIZE:
       raise ValueError(
-          f"image {height}x{width} is smaller than one {glimpse.PATCH_SIZE}x"
-          f"{glimpse.PATCH_SIZE} patch; give a canvas_size >= "
-          f"{glimpse.PATCH_SIZE}")
+          f"image {height}x{width} is smaller than one {geometry.PATCH_SIZE}x"
+          f"{geometry.PATCH_SIZE} patch; give a canvas_size >= "
+          f"{geometry.PATCH_SIZE}")
   canvas_size = int(canvas_size)
-  if canvas_size < glimpse.PATCH_SIZE:
+  if canvas_size < geometry.PATCH_SIZE:
     raise ValueError(f"{canvas_size=} is smaller than one "
-                     f"{glimpse.PATCH_SIZE}x{glimpse.PATCH_SIZE} patch")
+                     f"{geometry.PATCH_SIZE}x{geometry.PATCH_SIZE} patch")
 
   if shrink_first and (width > canvas_size or height > canvas_size):
     pil = _resize(pil, augment.fit_size(width, height, canvas_size))

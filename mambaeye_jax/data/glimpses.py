@@ -6,9 +6,12 @@ never built: the image gets a 16-pixel zero border, every corner is moved
 onto the border where its patch misses the image (a patch that misses the
 image along an axis is all zeros there, wherever it lies), and the patches
 are one fancy-index of a strided window view. The patches equal
-`glimpse.extract_patches` on the full canvas exactly
+`geometry.extract_patches` on the full canvas exactly
 (tests/test_data_glimpses.py checks it); the ratio is
-`glimpse.information_ratio`, which never needs the canvas either.
+`geometry.information_ratio`, which never needs the canvas either.
+
+`glimpses_from_image` is the evaluation side: an image -> the glimpses
+eval.py feeds the model (also `mambaeye_jax.glimpses_from_image`).
 
 Example contract (numpy, per sequence of T glimpses):
   "patches" (T, 768) uint8, official (channel, row, col) order;
@@ -19,61 +22,19 @@ Example contract (numpy, per sequence of T glimpses):
 
 from __future__ import annotations
 
+import os
+from typing import NamedTuple
+
 import numpy as np
 
-from mambaeye_jax import glimpse
-
-P = glimpse.PATCH_SIZE
-
-def _check(canvas_hw: tuple[int, int], box: glimpse.ImageBox,
-           positions: np.ndarray) -> None:
-  height, width = canvas_hw
-  if box.height < 1 or box.width < 1 or box.top < 0 or box.left < 0 \
-      or box.top + box.height > height or box.left + box.width > width:
-    raise ValueError(f"image box {box} must lie inside the {height}x{width} "
-                     "canvas")
-  if positions.ndim != 2 or positions.shape[1] != 2:
-    raise ValueError(f"positions must be (T, 2), got {positions.shape}")
-  if positions.size and (positions.min() < 0
-                         or positions[:, 0].max() > height - P
-                         or positions[:, 1].max() > width - P):
-    raise ValueError(f"glimpse corners must lie in [0, {height - P}] x "
-                     f"[0, {width - P}] for a {height}x{width} canvas")
-
-
-def gather_patches(pixels: np.ndarray, canvas_hw: tuple[int, int],
-                   box: glimpse.ImageBox, positions: np.ndarray) -> np.ndarray:
-  """Patches of the zero canvas holding `pixels` at `box`, canvas unbuilt.
-
-  Args:
-    pixels: (h, w, 3) image, h = box.height, w = box.width (any dtype).
-    canvas_hw: (H, W) canvas size.
-    box: where the image lies on the canvas.
-    positions: (T, 2) int canvas corners in [0, H-16] x [0, W-16].
-
-  Returns:
-    (T, 768) of pixels.dtype, equal to
-    `glimpse.extract_patches(canvas, positions)`.
-  """
-  positions = np.asarray(positions)
-  _check(canvas_hw, box, positions)
-  h, w = box.height, box.width
-  if pixels.shape[:2] != (h, w):
-    raise ValueError(f"pixels {pixels.shape} do not match box {box}")
-  padded = np.zeros((h + 2 * P, w + 2 * P, pixels.shape[2]), pixels.dtype)
-  padded[P:P + h, P:P + w] = pixels
-  # (h + 17, w + 17, C, 16, 16): every window's pixels in the official
-  # (channel, row, col) order, without copying.
-  windows = np.lib.stride_tricks.sliding_window_view(padded, (P, P), (0, 1))
-  # Corner in padded coordinates, moved onto the zero border when its patch
-  # misses the image along that axis (rows < 0 or > h + 16).
-  rows = np.clip(positions[:, 0] - box.top + P, 0, h + P)
-  cols = np.clip(positions[:, 1] - box.left + P, 0, w + P)
-  return windows[rows, cols].reshape(len(positions), pixels.shape[2] * P * P)
+from mambaeye_jax.data import eval_transforms
+from mambaeye_jax.data import geometry
+from mambaeye_jax.data import scan_patterns
+from mambaeye_jax.data import sources
 
 
 def make_example(pixels: np.ndarray, canvas_hw: tuple[int, int],
-                 box: glimpse.ImageBox, positions: np.ndarray,
+                 box: geometry.ImageBox, positions: np.ndarray,
                  label: int) -> dict[str, np.ndarray]:
   """One example of the contract from an image and its glimpse corners.
 
@@ -90,9 +51,111 @@ def make_example(pixels: np.ndarray, canvas_hw: tuple[int, int],
   """
   positions = np.asarray(positions, np.int32)
   return {
-      "patches": gather_patches(pixels, canvas_hw, box, positions),
+      "patches": geometry.gather_patches(pixels, canvas_hw, box, positions),
       "positions": positions,
-      "ratio": glimpse.information_ratio(positions, box),
+      "ratio": geometry.information_ratio(positions, box),
       "label": np.int32(label),
       "length": np.int32(len(positions)),
   }
+
+
+class Glimpses(NamedTuple):
+  """One image's glimpse sequence, ready for `MambaEye` (add a batch axis).
+
+  Attributes:
+    patches: (T, 768) uint8, each patch flattened as (channel, row, col).
+    positions: (T, 2) int32 (row, col) top-left corners on the canvas.
+    canvas: (S, S, 3) uint8, zero outside the image.
+    box: where the image lies on the canvas.
+  """
+  patches: np.ndarray
+  positions: np.ndarray
+  canvas: np.ndarray
+  box: geometry.ImageBox
+
+
+def example_rng(seed: int, index: int) -> np.random.Generator:
+  """The scan pattern's randomness for one evaluation example: a function of
+  (seed, example index) alone, so independent of the batch size, the worker
+  and the order in which examples are prepared."""
+  return np.random.default_rng([seed, index])
+
+
+def eval_canvas_and_positions(image, *, canvas_size: int | None, resize: str,
+                              scan: str, num_glimpses: int, seed: int, index: int,
+                              shrink_first: bool = True
+                              ) -> tuple[np.ndarray, geometry.ImageBox, np.ndarray]:
+  """A decoded image -> its evaluation canvas and glimpse corners.
+
+  The one implementation behind `glimpses_from_image`, eval.py's dataset
+  mode (`eval_workers.prepare_example`) and its single-image mode; the patches
+  are left to the caller (the evaluator gathers them on the device).
+
+  Args:
+    image: a PIL image or a uint8 array (see `glimpses_from_image`).
+    canvas_size, resize, shrink_first: as `data.eval_transforms.eval_canvas`.
+    scan: a registered scan pattern.
+    num_glimpses: T.
+    seed, index: the scan's randomness (`example_rng`).
+
+  Returns:
+    (canvas (S, S, 3) uint8, box, positions (T, 2) int32).
+  """
+  canvas, box = eval_transforms.eval_canvas(image, resize, canvas_size,
+                                            shrink_first=shrink_first)
+  positions = scan_patterns.generate(scan, example_rng(seed, index), canvas.shape[:2],
+                                     box, num_glimpses)
+  return canvas, box, positions
+
+
+def glimpses_from_image(image, *, canvas_size: int | None = 512,
+                        resize: str = "fit", scan: str = "random",
+                        num_glimpses: int = 4096, seed: int = 0,
+                        index: int = 0, shrink_first: bool = True) -> Glimpses:
+  """An image -> the glimpses eval.py feeds the model.
+
+  The canvas follows the official evaluation (`data.eval_transforms`), the
+  corners a registered scan pattern (`data.scan_patterns`; "random" draws
+  them over the whole image, as the training and validation sampler does).
+  For batches, stack the results of several images of one `canvas_size`:
+  `model(np.stack(patches), np.stack(positions))`.
+
+  Args:
+    image: a file path, a PIL image (any mode) or a uint8 array (h, w),
+      (h, w, 1), (h, w, 3) or (h, w, 4).
+    canvas_size: canvas side S (>= 16); None with resize "none" makes it the
+      image's longer side.
+    resize: "fit" (longer side -> S, keeping the aspect ratio), "full"
+      (stretch to S x S) or "none".
+    scan: a scan pattern name (`data.scan_patterns.names()`).
+    num_glimpses: T.
+    seed: seeds random scan orders; with `index`, the same seed gives the
+      same corners as eval.py's dataset mode gives the image at `index`.
+    index: the example index mixed into the seed (see `seed`).
+    shrink_first: shrink an image larger than the canvas before the resize,
+      as eval.py's dataset mode does; False resizes the original directly,
+      as its single-image mode does.
+
+  Returns:
+    `Glimpses(patches (T, 768) uint8, positions (T, 2) int32, canvas, box)`.
+
+  Raises:
+    FileNotFoundError: a path that does not exist.
+    ValueError: an unreadable image, an unknown resize mode or scan pattern
+      (the message lists the known ones), or num_glimpses < 1.
+  """
+  if num_glimpses < 1:
+    raise ValueError(f"num_glimpses={num_glimpses} must be >= 1")
+  if scan not in scan_patterns.names():
+    raise ValueError(f"unknown scan pattern {scan!r}; known patterns: "
+                     f"{', '.join(scan_patterns.names())}")
+  if isinstance(image, (str, os.PathLike)):
+    path = os.fspath(image)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"image {path} does not exist")
+    with open(path, "rb") as f:
+      image = sources.decode_image(f.read(), path)  # BadImageError: a ValueError.
+  canvas, box, positions = eval_canvas_and_positions(
+      image, canvas_size=canvas_size, resize=resize, scan=scan,
+      num_glimpses=num_glimpses, seed=seed, index=index, shrink_first=shrink_first)
+  return Glimpses(geometry.extract_patches(canvas, positions), positions, canvas, box)

@@ -39,17 +39,24 @@ main process intact from Grain's worker processes.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 from typing import Any, Mapping
 
 import grain
 import numpy as np
-from PIL import Image
+from absl import flags
 
-from mambaeye_jax import glimpse
+try:  # Grain's private pool of shared-memory unlinks (release_shared_memory).
+  from grain._src.python.ipc import shared_memory_array
+except ImportError:  # Another Grain version: nothing to wait for.
+  shared_memory_array = None
+
+from mambaeye_jax.data import arrayrecord
 from mambaeye_jax.data import augment
 from mambaeye_jax.data import batching
 from mambaeye_jax.data import eval_transforms
+from mambaeye_jax.data import geometry
 from mambaeye_jax.data import glimpses
 from mambaeye_jax.data import scan_patterns
 from mambaeye_jax.data import sources
@@ -219,7 +226,7 @@ def make_source(cfg: DataConfig):
   if cfg.source == "folder":
     source = sources.ImageFolderSource(cfg.path)
   elif cfg.source == "arrayrecord":
-    source = sources.ArrayRecordSource(cfg.path)
+    source = arrayrecord.ArrayRecordSource(cfg.path)
   elif cfg.source == "tfds":
     source = sources.TfdsSource(cfg.tfds_name, cfg.split,
                                 data_dir=cfg.path or None)
@@ -229,19 +236,6 @@ def make_source(cfg: DataConfig):
     source = sources.DecodedImageCache(source,
                                        max_pixels=cfg.max_image_pixels)
   return source
-
-
-def _to_pil(record: Mapping[str, Any], key: str, cfg: DataConfig,
-            draft=None) -> Image.Image:
-  """Decoded RGB image of a record (encoded bytes or a uint8 array)."""
-  image = record["image"]
-  if isinstance(image, (bytes, bytearray, memoryview)):
-    return sources.decode_image(bytes(image), key,
-                                max_pixels=cfg.max_image_pixels,
-                                draft_size=draft)
-  if isinstance(image, Image.Image):
-    return image.convert("RGB")
-  return eval_transforms.to_rgb(np.asarray(image))
 
 
 class _Skipper:
@@ -303,7 +297,8 @@ class TrainTransform(grain.transforms.RandomMap):
 
     self._seen += 1
     try:
-      image = _to_pil(record, key, self._cfg, draft)
+      image = eval_transforms.record_image(
+          record, key, max_pixels=self._cfg.max_image_pixels, draft_size=draft)
     except sources.BadImageError as e:
       if self._cfg.on_error == "skip":
         self._too_many_bad(e)
@@ -338,14 +333,15 @@ class EvalTransform(grain.transforms.Map):
   def map(self, record: Mapping[str, Any]) -> dict[str, Any]:
     if record.get("empty"):
       return glimpses.make_example(
-          np.zeros((1, 1, 3), np.uint8), (glimpse.PATCH_SIZE,) * 2,
-          glimpse.ImageBox(0, 0, 1, 1), np.zeros((0, 2), np.int32), 0)
+          np.zeros((1, 1, 3), np.uint8), (geometry.PATCH_SIZE,) * 2,
+          geometry.ImageBox(0, 0, 1, 1), np.zeros((0, 2), np.int32), 0)
     key = record.get("key", "<record>")
     try:
-      image = _to_pil(record, key, self._cfg)
+      image = eval_transforms.record_image(record, key,
+                                           max_pixels=self._cfg.max_image_pixels)
     except sources.BadImageError as e:
       return self._skip(e)
-    rng = np.random.default_rng([self._cfg.seed, record["index"]])
+    rng = glimpses.example_rng(self._cfg.seed, record["index"])  # As eval.py's.
     canvas, box = eval_transforms.eval_canvas(
         image, self._cfg.resize_mode, self._cfg.eval_canvas or None)
     side = canvas.shape[0]
@@ -426,6 +422,17 @@ class GlimpseIterator(grain.DatasetIterator):
 
 
 
+def mark_absl_flags_parsed() -> None:
+  """Lets Grain's worker processes start in a program not run by absl.app.
+
+  The workers read absl flags (their defaults); a program that does not run
+  under absl.app (pytest, a notebook, an argparse command line) never parsed
+  them, and the read would fail.
+  """
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
 def _finish(ds: grain.MapDataset, cfg: DataConfig,
             drop_remainder: bool) -> grain.IterDataset:
   ds = ds.to_iter_dataset(grain.ReadOptions(
@@ -434,12 +441,7 @@ def _finish(ds: grain.MapDataset, cfg: DataConfig,
                                  seq_len=cfg.row_length, packing=cfg.packing,
                                  drop_remainder=drop_remainder)
   if cfg.worker_count > 0:
-    # Grain's worker processes read absl flags (their defaults); a program
-    # that does not run under absl.app (pytest, argparse CLIs) never parsed
-    # them, and the read would fail.
-    from absl import flags  # pylint: disable=g-import-not-at-top
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
+    mark_absl_flags_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=cfg.worker_count,
         per_worker_buffer_size=cfg.worker_buffer_size))
@@ -533,11 +535,8 @@ def release_shared_memory() -> None:
   once every queued free is done. Without both, a process that exits right
   after training reports those batches as leaked shared memory.
   """
-  import gc  # pylint: disable=g-import-not-at-top
   gc.collect()
-  try:
-    from grain._src.python.ipc import shared_memory_array  # pylint: disable=g-import-not-at-top
-  except ImportError:
+  if shared_memory_array is None:
     return
   pool = getattr(shared_memory_array.SharedMemoryArray, "_del_thread_pool", None)
   if pool is not None:

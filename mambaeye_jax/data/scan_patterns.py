@@ -2,7 +2,7 @@
 
 A scan pattern is a function
 
-    fn(rng: np.random.Generator, canvas_hw: (H, W), box: glimpse.ImageBox,
+    fn(rng: np.random.Generator, canvas_hw: (H, W), box: geometry.ImageBox,
        num_glimpses: T) -> (T, 2) int32 (row, col) top-left corners
 
 with 0 <= row <= H - 16 and 0 <= col <= W - 16 for every corner. Patterns
@@ -55,16 +55,17 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from mambaeye_jax import glimpse
+from mambaeye_jax.data import geometry
 
-P = glimpse.PATCH_SIZE
+
+P = geometry.PATCH_SIZE
 
 # Probability that a training sequence samples inside the image box rather
 # than the whole canvas (official `localized_seq_prob`).
 TRAIN_LOCALIZED_PROB = 0.5
 
 ScanPattern = Callable[
-    [np.random.Generator, tuple[int, int], glimpse.ImageBox, int], np.ndarray]
+    [np.random.Generator, tuple[int, int], geometry.ImageBox, int], np.ndarray]
 
 _REGISTRY: dict[str, ScanPattern] = {}
 
@@ -114,7 +115,7 @@ def names() -> list[str]:
 
 
 def generate(name: str, rng: np.random.Generator, canvas_hw: Sequence[int],
-             box: glimpse.ImageBox, num_glimpses: int) -> np.ndarray:
+             box: geometry.ImageBox, num_glimpses: int) -> np.ndarray:
   """Runs a registered pattern and checks what it returns.
 
   User patterns are checked like the built-in ones, so a bad corner fails
@@ -153,7 +154,7 @@ def generate(name: str, rng: np.random.Generator, canvas_hw: Sequence[int],
 # ----------------------------------------------------------------- helpers
 
 
-def _check_args(canvas_hw: Sequence[int], box: glimpse.ImageBox,
+def _check_args(canvas_hw: Sequence[int], box: geometry.ImageBox,
                 num_glimpses: int) -> tuple[int, int]:
   height, width = (int(s) for s in canvas_hw)
   if height < P or width < P:
@@ -168,7 +169,7 @@ def _check_args(canvas_hw: Sequence[int], box: glimpse.ImageBox,
   return height, width
 
 
-def corner_bounds(canvas_hw: Sequence[int], box: glimpse.ImageBox
+def corner_bounds(canvas_hw: Sequence[int], box: geometry.ImageBox
                   ) -> tuple[tuple[int, int], tuple[int, int]]:
   """The official per-axis corner range of the image.
 
@@ -202,7 +203,7 @@ def _grid_axis(start: int, stop: int) -> np.ndarray:
   return axis
 
 
-def grid_axes(canvas_hw: Sequence[int], box: glimpse.ImageBox, *,
+def grid_axes(canvas_hw: Sequence[int], box: geometry.ImageBox, *,
               official: bool = False) -> tuple[np.ndarray, np.ndarray]:
   """Row and column corners of the evaluation grid.
 
@@ -280,7 +281,7 @@ def _column_by_column(ny: int, nx: int) -> tuple[np.ndarray, np.ndarray]:
 
 @register("train")
 def train_pattern(rng: np.random.Generator, canvas_hw: Sequence[int],
-                  box: glimpse.ImageBox, num_glimpses: int, *,
+                  box: geometry.ImageBox, num_glimpses: int, *,
                   localized_prob: float = TRAIN_LOCALIZED_PROB) -> np.ndarray:
   """Official training sampler (`dataset.py`), pixel granularity.
 
@@ -309,7 +310,7 @@ def train_pattern(rng: np.random.Generator, canvas_hw: Sequence[int],
 
 
 def _random_corners(rng: np.random.Generator, canvas_hw: Sequence[int],
-                    box: glimpse.ImageBox, num_glimpses: int,
+                    box: geometry.ImageBox, num_glimpses: int,
                     official: bool) -> np.ndarray:
   """Uniform corners over the image's corner range: (T, 2) int32."""
   height, width = _check_args(canvas_hw, box, num_glimpses)
@@ -329,7 +330,7 @@ def _random_corners(rng: np.random.Generator, canvas_hw: Sequence[int],
 
 @register("random")
 def random_pattern(rng: np.random.Generator, canvas_hw: Sequence[int],
-                   box: glimpse.ImageBox, num_glimpses: int) -> np.ndarray:
+                   box: geometry.ImageBox, num_glimpses: int) -> np.ndarray:
   """Evaluation default: the official validation sampler, pixel granularity.
 
   Every corner uniform over the image's corner range `[start, stop)` of
@@ -346,7 +347,7 @@ def random_pattern(rng: np.random.Generator, canvas_hw: Sequence[int],
 
 @register("random_official")
 def random_official_pattern(rng: np.random.Generator,
-                            canvas_hw: Sequence[int], box: glimpse.ImageBox,
+                            canvas_hw: Sequence[int], box: geometry.ImageBox,
                             num_glimpses: int) -> np.ndarray:
   """Official `eval.py` default (`scan.py` "random"), pixel granularity.
 

@@ -1,4 +1,4 @@
-"""Checks and times SSD implementations side by side: `python -m kernels.bench_ssd`.
+"""Checks and times SSD implementations side by side: `python benchmarks/bench_ssd.py`.
 
 Implementations: the Pallas kernel (`ssd_pallas`, one row per tile config),
 XLA chunked (`ssd_chunked`), associative (`ssd_associative`) and, when it
@@ -19,11 +19,11 @@ batch * length = 65,536 at lengths 256, 1024, 4096, 16384, and Mamba2 LM
 float32 dt with dt_bias and softplus, as in the model.
 
 Examples:
-  python -m kernels.bench_ssd                       # everything on the GPU
-  python -m kernels.bench_ssd --shapes mambaeye --lengths 4096 16384
-  python -m kernels.bench_ssd --impls pallas mamba_ssm --modes fwd
-  python -m kernels.bench_ssd --configs "block_q=64" "block_q=128,num_warps=8"
-  python -m kernels.bench_ssd --smoke               # tiny, CPU, interpret
+  python benchmarks/bench_ssd.py                       # everything on the GPU
+  python benchmarks/bench_ssd.py --shapes mambaeye --lengths 4096 16384
+  python benchmarks/bench_ssd.py --impls pallas mamba_ssm --modes fwd
+  python benchmarks/bench_ssd.py --configs "block_q=64" "block_q=128,num_warps=8"
+  python benchmarks/bench_ssd.py --smoke               # tiny, CPU, interpret
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import statistics
 import sys
-import time
 import types
 
 import numpy as np
+
+import timing  # benchmarks/timing.py: benchmarks/ is sys.path[0].
 
 IMPLS = ("pallas", "chunked", "associative", "mamba_ssm")
 
@@ -106,16 +106,7 @@ def make_inputs(s: Shape, seed=0, dtype="bfloat16"):
 
 def _median_ms(fn, sync, reps, inner):
   """Median ms per call over `reps` batches of `inner` back-to-back calls."""
-  out = fn()
-  sync(out)
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    for _ in range(inner):
-      out = fn()
-    sync(out)
-    times.append((time.perf_counter() - t0) * 1e3 / inner)
-  return statistics.median(times)
+  return timing.median_ms(fn, repeats=reps, inner=inner, sync=sync)
 
 
 def _rel(a, b):

@@ -1,7 +1,7 @@
 r"""The block's small kernels against XLA: causal conv + SiLU, gated RMSNorm.
 
-    python -m kernels.bench_conv                 # MambaEye shapes, default tiles
-    python -m kernels.bench_conv --sweep         # + other tiles of each kernel
+    python benchmarks/bench_conv.py                 # MambaEye shapes, default tiles
+    python benchmarks/bench_conv.py --sweep         # + other tiles of each kernel
 
 Shapes are (batch, tokens, channels) of one Mamba2 layer of MambaEye-Tiny:
 the x part (512 channels) and a B or C part (64) at training size (64 x
@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
 from kernels import conv_pallas_gpu
+from kernels import conv_reference
 from kernels import gated_norm_pallas_gpu
-from mambaeye_jax import layers
+from kernels import norms
+
+import timing  # benchmarks/timing.py: benchmarks/ is sys.path[0].
 
 SHAPES = ((64, 1024, 512), (64, 1024, 128), (64, 4096, 512))  # Tiny: x, BC (g n = 64)
 FWD_TILES = ((64, 128, 4), (32, 128, 4), (64, 64, 4), (32, 64, 2), (128, 64, 4), (16, 128, 2))
@@ -34,15 +35,7 @@ BWD_TILES = ((32, 64, 4), (16, 128, 4), (32, 32, 2), (16, 64, 2), (64, 64, 4), (
 
 
 def _median_ms(fn, reps: int, inner: int) -> float:
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    for _ in range(inner):
-      out = fn()
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t0) / inner * 1e3)
-  return statistics.median(times)
+  return timing.median_ms(fn, repeats=reps, inner=inner, sync=jax.block_until_ready)
 
 
 def bench_shape(shape, cfgs, reps, inner):
@@ -53,9 +46,9 @@ def bench_shape(shape, cfgs, reps, inner):
   kernel = jax.random.normal(keys[1], (4, c)) * 0.5
   bias = jax.random.normal(keys[2], (c,)) * 0.1
   d_out = jax.random.normal(keys[3], shape, jnp.bfloat16)
-  xla_fwd = jax.jit(lambda x, k, b: layers.causal_conv_silu(x, k, b, None, jnp.bfloat16))
+  xla_fwd = jax.jit(lambda x, k, b: conv_reference.causal_conv_silu_reference(x, k, b, None, jnp.bfloat16))
   xla_bwd = jax.jit(lambda x, k, b, g: jax.vjp(
-      lambda x, k, b: layers.causal_conv_silu(x, k, b, None, jnp.bfloat16), x, k, b)[1](g))
+      lambda x, k, b: conv_reference.causal_conv_silu_reference(x, k, b, None, jnp.bfloat16), x, k, b)[1](g))
   ref_out, ref_grads = xla_fwd(x, kernel, bias), xla_bwd(x, kernel, bias, d_out)
   rows = [("xla (custom vjp)", _median_ms(lambda: xla_fwd(x, kernel, bias), reps, inner),
            _median_ms(lambda: xla_bwd(x, kernel, bias, d_out), reps, inner), 0.0, 0.0)]
@@ -84,9 +77,9 @@ def bench_gated_norm(rows, cfgs, reps, inner):
   z = jax.random.normal(keys[1], (rows, 512), jnp.bfloat16)
   d_out = jax.random.normal(keys[2], (rows, 512), jnp.bfloat16)
   weight = jnp.ones((512,))
-  xla = jax.jit(lambda y, z, w: layers.gated_rms_norm(y, z, w, 1e-5, 512, jnp.bfloat16))
+  xla = jax.jit(lambda y, z, w: norms.gated_rms_norm(y, z, w, 1e-5, 512, jnp.bfloat16))
   xla_bwd = jax.jit(lambda y, z, w, g: jax.vjp(
-      lambda y, z, w: layers.gated_rms_norm(y, z, w, 1e-5, 512, jnp.bfloat16), y, z, w)[1](g))
+      lambda y, z, w: norms.gated_rms_norm(y, z, w, 1e-5, 512, jnp.bfloat16), y, z, w)[1](g))
   want = xla(y, z, weight).astype(jnp.float32)
   out = [("xla (reduce + elementwise)", _median_ms(lambda: xla(y, z, weight), reps, inner),
           _median_ms(lambda: xla_bwd(y, z, weight, d_out), reps, inner), 0.0)]

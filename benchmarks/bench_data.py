@@ -1,0 +1,382 @@
+"""Benchmark of the training transform: per-core throughput and stage times.
+
+    python -m mambaeye_jax.data.bench --images ../shared/data/imagenet_sample_100.tar.gz
+    python -m mambaeye_jax.data.bench --preset cifar10 \
+        --images ~/data/cifar10/train --max_images 5000 --workers 2
+
+Extracts the archive (or reads a directory) into a temporary directory,
+pins the process to one CPU core, and runs the full official training
+transform (T = 1024, canvas 256..1024 by default; `--preset cifar10`: T =
+128, canvas 32..64, batch 256 as configs/cifar10.py) over the images:
+
+  1. stage by stage (file read, header + plan, decode, transform, positions,
+     patch gather, information ratio), timing each; then the per-batch
+     stages per sample: batching (`rows_to_batch`) and the worker -> main
+     process transfer (Grain's copy into shared memory and its opening);
+  2. the same work in the official order and sizes (`apply_reference`, the
+     full canvas, geometry.py's ratio), for comparison on the same machine;
+  3. end to end through the Grain pipeline (`make_train_iterator`,
+     in-process, one thread), batches included; what it costs beyond the
+     stages is Grain's own per-record overhead;
+  4. with --workers N, wall-clock throughput with N worker processes, and
+     the CPU time of all of them (main process and workers) per sample,
+     which does not depend on what else runs on the machine.
+
+Prints ms/sample and samples/s for one core. Nothing is written outside the
+temporary directory. Times are CPU time of this process (see `_clock`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import os
+import tarfile
+import tempfile
+import time
+
+import numpy as np
+
+from mambaeye_jax.data import augment
+from mambaeye_jax.data import batching
+from mambaeye_jax.data import geometry
+from mambaeye_jax.data import pipeline
+from mambaeye_jax.data import scan_patterns
+from mambaeye_jax.data import sources
+
+# configs/cifar10.py's data settings.
+PRESETS = {
+    "imagenet": dict(num_glimpses=1024, canvas_min=256, canvas_max=1024,
+                     batch_size=16),
+    "cifar10": dict(num_glimpses=128, canvas_min=32, canvas_max=64,
+                    batch_size=256),
+}
+
+
+def _clock() -> float:
+  # CPU time, not wall time: "ms of one core" per sample, and robust to
+  # other processes sharing the machine. Counts every thread of the process
+  # (the Grain pipeline's reader thread included).
+  return time.process_time()
+
+
+def _image_files(root: str) -> list[str]:
+  """Every image under `root`, at any depth (`sources.list_images`' rule)."""
+  files = []
+  for folder, _, _ in os.walk(root):
+    files.extend(os.path.join(folder, n) for n in sources.list_images(folder)[0])
+  return sorted(files)
+
+
+class _MemorySource:
+  """Records of image files, read once into memory (label 0: labels do not
+  affect the cost). In memory, the pipeline's read-ahead never touches the
+  temporary directory after it is removed."""
+
+  def __init__(self, files):
+    self._records = [sources.file_record(f, 0) for f in files]
+
+  def __len__(self):
+    return len(self._records)
+
+  def __getitem__(self, index):
+    return self._records[index]
+
+
+def bench_stages(files, cfg: pipeline.DataConfig, samples: int, seed: int):
+  """Times each stage of TrainTransform on `samples` records.
+
+  Returns:
+    (totals: stage -> seconds, path_times: path -> list of transform
+    seconds, n).
+  """
+  aug = cfg.augment_config()
+  totals = collections.defaultdict(float)
+  paths = collections.defaultdict(list)
+  for i in range(samples):
+    rng = np.random.default_rng([seed, i])
+    path = files[i % len(files)]
+    t0 = _clock()
+    with open(path, "rb") as f:
+      data = f.read()
+    t1 = _clock()
+    params = {}
+    marks = {}
+
+    def draft(width, height):
+      marks["plan0"] = _clock()
+      params.update(augment.plan(rng, width, height, aug))
+      marks["plan1"] = _clock()
+      return params["fit"]
+
+    image = sources.decode_image(data, path, draft_size=draft)
+    t2 = _clock()
+    pixels = augment.apply(image, params, rng, aug)
+    t3 = _clock()
+    canvas = params["canvas"]
+    box = augment.centred_box(canvas, pixels.shape[:2])
+    positions = scan_patterns.generate("train", rng, (canvas, canvas), box,
+                                       cfg.num_glimpses)
+    t4 = _clock()
+    geometry.gather_patches(pixels, (canvas, canvas), box, positions)
+    t5 = _clock()
+    geometry.information_ratio(positions, box)
+    t6 = _clock()
+    plan_s = marks["plan1"] - marks["plan0"]
+    totals["read file"] += t1 - t0
+    totals["header + plan"] += plan_s
+    totals["decode"] += t2 - t1 - plan_s
+    totals["transform"] += t3 - t2
+    totals["positions"] += t4 - t3
+    totals["patch gather"] += t5 - t4
+    totals["information ratio"] += t6 - t5
+    if params["perspective"] is not None:
+      paths["with perspective"].append(t3 - t2)
+    elif params["blur_sigma"] is not None:
+      paths["with blur, no perspective"].append(t3 - t2)
+    else:
+      paths["neither (one resize)"].append(t3 - t2)
+    if params["jitter"] is not None:
+      paths["any, with colour jitter"].append(t3 - t2)
+    if params["gray"]:
+      paths["any, with grayscale"].append(t3 - t2)
+  return totals, paths, samples
+
+
+def bench_reference(files, cfg: pipeline.DataConfig, samples: int,
+                    seed: int) -> float:
+  """CPU seconds per sample of the official order of work, same machine.
+
+  Full decode, `augment.apply_reference` (every step at the official sizes),
+  the full zero canvas, `geometry.extract_patches` on it and geometry.py's
+  coverage ratio: the official loader's work without its PyTorch overheads
+  (so a lower bound on what the official loader costs here).
+  """
+  aug = cfg.augment_config()
+  t0 = _clock()
+  for i in range(samples):
+    rng = np.random.default_rng([seed, i])
+    with open(files[i % len(files)], "rb") as f:
+      image = sources.decode_image(f.read())
+    params = augment.plan(rng, *image.size, aug)
+    pixels = augment.apply_reference(image, params, rng, aug)
+    side = params["canvas"]
+    box = augment.centred_box(side, pixels.shape[:2])
+    canvas = np.zeros((side, side, 3), np.uint8)
+    canvas[box.top:box.top + box.height, box.left:box.left + box.width] = (
+        pixels)
+    positions = scan_patterns.generate("train", rng, (side, side), box,
+                                       cfg.num_glimpses)
+    geometry.extract_patches(canvas, positions)
+    geometry.information_ratio(positions, box, method="paint")
+  return (_clock() - t0) / samples
+
+
+def bench_batches(files, cfg: pipeline.DataConfig, seed: int,
+                  repeats: int = 5) -> dict[str, float]:
+  """CPU seconds per sample of the per-batch stages, on one batch.
+
+  "batching": `rows_to_batch` of `cfg.batch_size` examples (padded rows).
+  "transfer to main process": with worker processes, each batch is copied
+  into new shared memory by the worker (`copy_to_shm`) and opened by the
+  main process (`open_from_shm`); timed here in one process, with the main
+  process's first read of the pages (which the device transfer does).
+  """
+  # Deferred: the Grain internals only matter to this measurement.
+  from grain._src.python.ipc import shared_memory_array  # pylint: disable=g-import-not-at-top
+  transform = pipeline.TrainTransform(cfg)
+  examples = []
+  for i in range(cfg.batch_size):
+    ex = transform.random_map(sources.file_record(files[i % len(files)], 0),
+                              np.random.default_rng([seed, i]))
+    if batching.SKIP_KEY not in ex:
+      examples.append(ex)
+  rows = [[ex] for ex in examples]
+  times = collections.defaultdict(float)
+  for _ in range(repeats):
+    t0 = _clock()
+    batch = batching.rows_to_batch(rows, cfg.batch_size, cfg.row_length)
+    t1 = _clock()
+    metadata = shared_memory_array.copy_to_shm(batch)
+    opened = shared_memory_array.open_from_shm(metadata)
+    for value in opened.values():
+      value.sum()  # Reads every page, as the transfer to the device does.
+    t2 = _clock()
+    del opened  # Unlinks the shared memory.
+    times["batching"] += t1 - t0
+    times["transfer to main process"] += t2 - t1
+  return {k: v / (repeats * cfg.batch_size) for k, v in times.items()}
+
+
+def bench_pipeline(data_source, cfg: pipeline.DataConfig, batches: int):
+  """Seconds per sample through the Grain iterator (after one warm batch)."""
+  it = pipeline.make_train_iterator(cfg, data_source=data_source)
+  next(it)
+  t0 = _clock()
+  for _ in range(batches):
+    next(it)
+  elapsed = _clock() - t0
+  it.close()
+  return elapsed / (batches * cfg.batch_size)
+
+
+def _process_tree_cpu() -> float:
+  """CPU seconds (user + system) of this process and its live children.
+
+  Grain's workers are children of this process; /proc gives their time
+  while they run (getrusage counts children only once they have exited).
+  """
+  tick = os.sysconf("SC_CLK_TCK")
+  me = str(os.getpid())
+  total = time.process_time()
+  for pid in os.listdir("/proc"):
+    if not pid.isdigit():
+      continue
+    try:
+      with open(f"/proc/{pid}/stat") as f:
+        # Fields after the parenthesised command: state, ppid, ...
+        fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+      continue
+    if fields[1] == me:
+      total += (int(fields[11]) + int(fields[12])) / tick
+  return total
+
+
+def bench_workers(data_source, cfg: pipeline.DataConfig, workers: int,
+                  batches: int) -> tuple[float, float]:
+  """Throughput with `workers` worker processes (after warm-up).
+
+  Returns:
+    (wall-clock samples/s: what this machine's cores deliver together,
+    depending on what else runs on it; CPU seconds per sample of the main
+    process and the workers together, the cost of the whole pipeline per
+    sample, independent of the machine's load).
+  """
+  cfg = dataclasses.replace(cfg, worker_count=workers)
+  it = pipeline.make_train_iterator(cfg, data_source=data_source)
+  for _ in range(2 * workers):  # Start every worker and fill its buffer.
+    next(it)
+  t0, cpu0 = time.perf_counter(), _process_tree_cpu()
+  for _ in range(batches):
+    next(it)
+  elapsed = time.perf_counter() - t0
+  cpu = _process_tree_cpu() - cpu0
+  it.close()
+  samples = batches * cfg.batch_size
+  return samples / elapsed, cpu / samples
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--images", required=True,
+                      help="a .tar.gz of images or a directory")
+  parser.add_argument("--preset", choices=sorted(PRESETS),
+                      default="imagenet",
+                      help="defaults of T, canvas and batch (flags below "
+                      "override them): imagenet (T 1024, canvas 256..1024, "
+                      "batch 16) or cifar10 (configs/cifar10.py: T 128, "
+                      "canvas 32..64, batch 256)")
+  parser.add_argument("--samples", type=int, default=400)
+  parser.add_argument("--num_glimpses", type=int)
+  parser.add_argument("--canvas_min", type=int)
+  parser.add_argument("--canvas_max", type=int)
+  parser.add_argument("--batch_size", type=int)
+  parser.add_argument("--max_images", type=int, default=0,
+                      help="use N images spread over the set only (0: all)")
+  parser.add_argument("--cache_decoded", action="store_true",
+                      help="the pipeline runs read images decoded once "
+                      "(sources.DecodedImageCache, DataConfig.cache_decoded)")
+  parser.add_argument("--pipeline_batches", type=int, default=10)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--reference_samples", type=int, default=100,
+                      help="samples for the step-by-step reference timing "
+                      "(0 skips it)")
+  parser.add_argument("--all_cores", action="store_true",
+                      help="do not pin the process to one core")
+  parser.add_argument("--workers", type=int, default=0,
+                      help="also measure wall-clock throughput with this "
+                      "many worker processes (implies --all_cores)")
+  args = parser.parse_args(argv)
+  for name, value in PRESETS[args.preset].items():
+    if getattr(args, name) is None:
+      setattr(args, name, value)
+
+  if not (args.all_cores or args.workers) and hasattr(os,
+                                                     "sched_setaffinity"):
+    core = min(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {core})
+    print(f"pinned to CPU core {core}")
+  cfg = pipeline.DataConfig(
+      num_glimpses=args.num_glimpses, canvas_min=args.canvas_min,
+      canvas_max=args.canvas_max, batch_size=args.batch_size, seed=args.seed,
+      read_threads=1, read_buffer_size=1)
+  with tempfile.TemporaryDirectory() as tmp:
+    if os.path.isdir(args.images):
+      root = args.images
+    else:
+      with tarfile.open(args.images) as tar:
+        tar.extractall(tmp, filter="data")
+      root = tmp
+    files = _image_files(root)
+    if args.max_images:
+      files = files[::max(1, len(files) // args.max_images)][:args.max_images]
+    readable = []
+    for f in files:  # The stage timings decode directly: no bad files.
+      try:
+        sources.decode_image(sources.file_record(f, 0)["image"], f)
+        readable.append(f)
+      except sources.BadImageError as e:
+        print(f"leaving out {e}")
+    files = readable
+    if not files:
+      raise SystemExit(f"no readable images in {args.images}")
+    print(f"{len(files)} images; T={args.num_glimpses}, canvas "
+          f"{args.canvas_min}..{args.canvas_max}, full training transform")
+    bench_stages(files, cfg, min(20, args.samples), args.seed + 1)  # Warm.
+    totals, paths, n = bench_stages(files, cfg, args.samples, args.seed)
+    total = sum(totals.values())
+    print(f"\nstage by stage, {n} samples, one core:")
+    for stage, seconds in totals.items():
+      print(f"  {stage:<22} {seconds / n * 1e3:7.2f} ms/sample "
+            f"({seconds / total:5.1%})")
+    print(f"  {'total':<22} {total / n * 1e3:7.2f} ms/sample = "
+          f"{n / total:6.1f} samples/s per core")
+    per_batch = bench_batches(files, cfg, args.seed)
+    print(f"per-batch stages (batch {args.batch_size}), per sample:")
+    for stage, seconds in per_batch.items():
+      print(f"  {stage:<26} {seconds * 1e3:7.3f} ms/sample")
+    print("transform by path (mean ms, share of samples):")
+    for path, times in sorted(paths.items()):
+      print(f"  {path:<36} {np.mean(times) * 1e3:7.2f} ms "
+            f"({len(times) / n:5.1%})")
+    if args.reference_samples:
+      per_sample = bench_reference(files, cfg, args.reference_samples,
+                                   args.seed)
+      print(f"official order of work, step by step (apply_reference, full "
+            f"canvas, geometry.py ratio), {args.reference_samples} samples: "
+            f"{per_sample * 1e3:.2f} ms/sample = {1 / per_sample:.1f} "
+            "samples/s per core")
+    source = _MemorySource(files)
+    if args.cache_decoded:
+      source = sources.DecodedImageCache(source)
+    per_sample = bench_pipeline(source, cfg, args.pipeline_batches)
+    cached = ", decoded images cached" if args.cache_decoded else ""
+    print(f"\nGrain pipeline end to end (batch {args.batch_size}, in-process,"
+          f" 1 thread{cached}): {per_sample * 1e3:.2f} ms/sample = "
+          f"{1 / per_sample:.1f} samples/s per core")
+    rest = per_sample - total / n - per_batch["batching"]
+    print(f"  of which Grain's per-record overhead (end to end less the "
+          f"stages and batching): {rest * 1e3:.2f} ms/sample")
+    if args.workers:
+      rate, cpu = bench_workers(source, cfg, args.workers,
+                                args.pipeline_batches)
+      print(f"Grain pipeline, {args.workers} worker processes, "
+            f"{os.cpu_count()} CPUs: {rate:.1f} samples/s wall clock; "
+            f"{cpu * 1e3:.2f} ms/sample of CPU (main process and workers) = "
+            f"{1 / cpu:.1f} samples/s per core")
+
+
+if __name__ == "__main__":
+  main()

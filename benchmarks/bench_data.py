@@ -288,7 +288,8 @@ def main(argv=None):
   parser.add_argument("--cache_decoded", action="store_true",
                       help="the pipeline runs read images decoded once "
                       "(sources.DecodedImageCache, DataConfig.cache_decoded)")
-  parser.add_argument("--pipeline_batches", type=int, default=10)
+  parser.add_argument("--pipeline_batches", type=int, default=10,
+                      help="batches for the end-to-end Grain timings (0 skips them)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--reference_samples", type=int, default=100,
                       help="samples for the step-by-step reference timing "
@@ -358,6 +359,8 @@ def main(argv=None):
             f"canvas, geometry.py ratio), {args.reference_samples} samples: "
             f"{per_sample * 1e3:.2f} ms/sample = {1 / per_sample:.1f} "
             "samples/s per core")
+    if args.pipeline_batches <= 0:
+      return
     source = _MemorySource(files)
     if args.cache_decoded:
       source = sources.DecodedImageCache(source)

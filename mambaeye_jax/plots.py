@@ -1,6 +1,6 @@
 """PNG plots of an evaluation report (matplotlib Agg, no pyplot state).
 
-Both functions take the report dict of `eval_reports.results_to_json`:
+Every function takes the report dict of `eval_reports.results_to_json`:
 {"results": [{"canvas_size", "resize", "scan", "num_glimpses", "top1":
 {glimpses: accuracy}, "top1_curve": [T accuracies], ...}]}. matplotlib is
 imported inside them, so importing this module costs nothing, and it is
@@ -88,7 +88,7 @@ def compare_runs_vs_glimpses(reports: Mapping[str, Mapping[str, Any]], path: str
   one curve per run in each panel; the log x axis runs to T.
 
   Args:
-    reports: run name -> report dict (`eval_lib.results_to_json`).
+    reports: run name -> report dict (`eval_reports.results_to_json`).
     path: the PNG to write.
     title: the figure's title.
 

@@ -82,8 +82,9 @@ class MetricWriter:
     if tensorboard and tensorboardX is not None:
       self._tb = self._tensorboard_writer(self._tb_dir)
     elif tensorboard:
-      logging.warning("tensorboardX does not import: metrics go to %s only, no "
-                      "TensorBoard events", METRICS_FILE)
+      # An optional extra, not a fault: say how to get the events, quietly.
+      logging.info("metrics go to %s; TensorBoard events need the tensorboard "
+                   "extra (pip install 'mambaeye-jax[tensorboard]')", METRICS_FILE)
 
   def _tensorboard_writer(self, logdir: str):
     """tensorboardX's writer; None, with a warning, where a bucket cannot take it."""

@@ -12,6 +12,7 @@ stay set). The syntax is absl's all the same: --flag=value or --flag value,
 from __future__ import annotations
 
 import sys
+import types
 from typing import Sequence
 
 from absl import flags
@@ -61,3 +62,42 @@ def print_usage_error(prog: str, message: str) -> int:
   """One `prog: error: message` line on stderr; the exit status, 2."""
   print(f"{prog}: error: {message} ({prog} --help lists the flags)", file=sys.stderr)
   return 2
+
+
+def namespace(flag_values: flags.FlagValues, **extra) -> types.SimpleNamespace:
+  """The flag values as attributes, dashes as underscores (--batch-size:
+  .batch_size), as argparse's Namespace had them; `extra` added."""
+  values = {name.replace("-", "_"): flag_values[name].value for name in flag_values}
+  return types.SimpleNamespace(**values, **extra)
+
+
+def parse_args(flag_values: flags.FlagValues, argv: Sequence[str] | None, *,
+               prog: str, usage: str, description: str,
+               positional: str | None = None, positional_meta: str = "ARG",
+               required: Sequence[str] = ()) -> types.SimpleNamespace:
+  """argparse's parse_args over absl flags, for the benchmark scripts.
+
+  argv: without the program name (None: sys.argv[1:]). --help prints the
+  help and exits 0; a bad command line prints one `prog: error: ...` line
+  and exits 2, as argparse did. positional: the attribute that takes the
+  positional arguments (a list, one at least, positional_meta in the error);
+  None: none allowed.
+  required: flags that must be given.
+  """
+  argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+  if wants_help(argv):
+    print(help_text(flag_values, usage, description))
+    raise SystemExit(0)
+  try:
+    rest = parse(flag_values, argv, prog)
+    for name in required:
+      if flag_values[name].value is None:
+        raise UsageError(f"--{name} is required")
+    if positional is None and rest:
+      raise UsageError(f"unexpected arguments: {' '.join(rest)}")
+    if positional is not None and not rest:
+      raise UsageError(f"expected one {positional_meta} at least")
+  except UsageError as e:
+    raise SystemExit(print_usage_error(prog, str(e))) from None
+  extra = {positional: rest} if positional else {}
+  return namespace(flag_values, **extra)

@@ -47,39 +47,9 @@ QUICK_GLIMPSES = "16,64,256"
 _CPU_SECONDS_PER_GLIMPSE_LAYER = 6e-5
 
 
-class _IntListParser(flags.ListParser):
-  """Comma-separated integers ("48,64") as a tuple; a clear error otherwise."""
-
-  def parse(self, argument):
-    if isinstance(argument, (tuple, list)):
-      return tuple(int(x) for x in argument)
-    try:
-      return tuple(int(x) for x in argument.split(",") if x.strip())
-    except ValueError:
-      raise ValueError(f"expected comma-separated integers, got {argument!r}") from None
-
-  def __init__(self):
-    super().__init__()
-    self.syntactic_help = "comma-separated integers"
-
-
-class _NameListParser(flags.ListParser):
-  """Comma-separated names ("random,hilbert") as a tuple, blanks dropped."""
-
-  def parse(self, argument):
-    if isinstance(argument, (tuple, list)):
-      return tuple(argument)
-    return tuple(x.strip() for x in argument.split(",") if x.strip())
-
-  def __init__(self):
-    super().__init__()
-    self.syntactic_help = "comma-separated names"
-
-
 # Flags of this script only (mambaeye_jax.cli says why not absl's global
 # FLAGS). The names keep their dashes: the README and docs spell them so.
 FLAGS = flags.FlagValues()
-_LIST = flags.ListSerializer(",")
 
 
 def _define_flags() -> None:
@@ -96,21 +66,20 @@ def _define_flags() -> None:
                       flag_values=f)
   flags.DEFINE_string("class-map", None, "class list: one 'KEY [name]' per line in "
                       "class order (KEY a synset or folder name), or JSON", flag_values=f)
-  flags.DEFINE(_IntListParser(), "canvas-sizes", "512", "canvas sides, comma-separated",
-               serializer=_LIST, flag_values=f)
-  flags.DEFINE(_NameListParser(), "resize", "fit", "resize modes: none,fit,full",
-               serializer=_LIST, flag_values=f)
-  flags.DEFINE(_NameListParser(), "scan", "random",
-               "scan patterns of mambaeye_jax.data.scan_patterns: random, "
-               "random_fixed_grid, column_major, horizontal_raster, horizontal_zigzag, "
-               "column_snake, hilbert, spiral, diagonal, golden, ...; NAME_official "
-               "keeps the official eval.py bounds and its blind spot",
-               serializer=_LIST, flag_values=f)
-  flags.DEFINE(_IntListParser(), "glimpses", None,
-               "glimpse counts reported (T = the largest); default "
-               f"{','.join(map(str, DEFAULT_GLIMPSES))}, the official "
-               f"evaluation's; on a CPU, {QUICK_GLIMPSES} is a quick look",
-               serializer=_LIST, flag_values=f)
+  cli.define_int_list("canvas-sizes", "512", "canvas sides, comma-separated",
+                      flag_values=f)
+  cli.define_name_list("resize", "fit", "resize modes: none,fit,full", flag_values=f)
+  cli.define_name_list("scan", "random",
+                       "scan patterns of mambaeye_jax.data.scan_patterns: random, "
+                       "random_fixed_grid, column_major, horizontal_raster, horizontal_zigzag, "
+                       "column_snake, hilbert, spiral, diagonal, golden, ...; NAME_official "
+                       "keeps the official eval.py bounds and its blind spot",
+                       flag_values=f)
+  cli.define_int_list("glimpses", None,
+                      "glimpse counts reported (T = the largest); default "
+                      f"{','.join(map(str, DEFAULT_GLIMPSES))}, the official "
+                      f"evaluation's; on a CPU, {QUICK_GLIMPSES} is a quick look",
+                      flag_values=f)
   flags.DEFINE_integer("batch-size", None, "images per device step; default "
                        f"{DEFAULT_BATCH_SIZE} on GPU/TPU, {DEFAULT_CPU_BATCH_SIZE} "
                        "on a CPU (memory)", flag_values=f)

@@ -20,6 +20,59 @@ from absl import flags
 HELP_FLAGS = ("-h", "-?", "--help", "--helpshort", "--helpfull")
 
 
+class IntListParser(flags.ListParser):
+  """Comma-separated integers ("48,64") as a tuple; a clear error otherwise."""
+
+  def __init__(self):
+    super().__init__()
+    self.syntactic_help = "comma-separated integers"
+
+  def parse(self, argument):
+    if isinstance(argument, (tuple, list)):
+      return tuple(int(x) for x in argument)
+    try:
+      return tuple(int(x) for x in argument.split(",") if x.strip())
+    except ValueError:
+      raise ValueError(f"expected comma-separated integers, got {argument!r}") from None
+
+
+class NameListParser(flags.ListParser):
+  """Comma-separated names ("random,hilbert") as a tuple, blanks dropped;
+  with `choices`, only those."""
+
+  def __init__(self, choices: Sequence[str] | None = None):
+    super().__init__()
+    self.choices = tuple(choices) if choices else None
+    self.syntactic_help = "comma-separated names"
+    if self.choices:
+      self.syntactic_help += " of " + ",".join(self.choices)
+
+  def parse(self, argument):
+    if isinstance(argument, (tuple, list)):
+      names = tuple(argument)
+    else:
+      names = tuple(x.strip() for x in argument.split(",") if x.strip())
+    unknown = sorted(set(names) - set(self.choices or names))
+    if unknown:
+      raise ValueError(f"unknown name(s) {', '.join(unknown)}; choose from "
+                       f"{', '.join(self.choices)}")
+    return names
+
+
+def define_int_list(name, default, help_text, flag_values, **kwargs):
+  """A flag of comma-separated integers, read as a tuple of ints."""
+  return flags.DEFINE(IntListParser(), name, default, help_text,
+                      serializer=flags.ListSerializer(","), flag_values=flag_values,
+                      **kwargs)
+
+
+def define_name_list(name, default, help_text, flag_values, choices=None, **kwargs):
+  """A flag of comma-separated names, read as a tuple of strings."""
+  return flags.DEFINE(NameListParser(choices), name, default, help_text,
+                      serializer=flags.ListSerializer(","), flag_values=flag_values,
+                      **kwargs)
+
+
 class UsageError(Exception):
   """A bad command line: the script prints it as one line, exit status 2."""
 

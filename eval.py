@@ -30,7 +30,6 @@ import os
 import sys
 import time
 import traceback
-import types
 
 from absl import flags
 
@@ -120,22 +119,22 @@ def help_text() -> str:
   return cli.help_text(FLAGS, USAGE, __doc__)
 
 
-def parse_flags(argv) -> types.SimpleNamespace:
+def parse_flags(argv):
   """argv (no program name) as a namespace of flag values, dashes as
   underscores (args.canvas_sizes); raises cli.UsageError for bad input."""
   positional = cli.parse(FLAGS, argv, "eval.py")
   if positional:
     raise cli.UsageError(f"unexpected arguments: {' '.join(positional)}")
-  # absl can require exactly one of a group, but its message names neither
-  # flag with dashes nor says which mistake was made.
+  # Checked here rather than by absl's mark_flags_as_mutual_exclusive(...,
+  # required=True), whose one message ("Exactly one of (checkpoint, workdir)
+  # must have a value other than None") does not say which mistake was made.
   for a, b in (("checkpoint", "workdir"), ("data", "image")):
     given = [n for n in (a, b) if FLAGS[n].value is not None]
     if not given:
       raise cli.UsageError(f"one of --{a} or --{b} is required")
     if len(given) == 2:
       raise cli.UsageError(f"--{a} and --{b} cannot be given together")
-  return types.SimpleNamespace(**{name.replace("-", "_"): FLAGS[name].value
-                                  for name in FLAGS})
+  return cli.namespace(FLAGS)
 
 
 def _cpu_hint(num_images: int, num_settings: int, num_glimpses: int,
@@ -158,7 +157,7 @@ def main(argv=None) -> int:
   """eval.py's command line (argv without the program name); exit status."""
   argv = sys.argv[1:] if argv is None else list(argv)
   if cli.wants_help(argv):
-    print(help_text())
+    cli.print_help(help_text())
     return 0
   try:
     args = parse_flags(argv)

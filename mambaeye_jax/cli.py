@@ -1,16 +1,20 @@
-"""absl flag parsing shared by the scripts whose `main(argv)` tests call.
+"""absl flag parsing shared by the command lines other than the trainers'.
 
-train.py parses the global `absl.flags.FLAGS` through `app.run`. eval.py and
-`python -m mambaeye_jax.convert` define their flags on a FlagValues of their
-own instead: tests import them (eval.py even twice, under two module names)
-and call `main(argv)` many times in one process, which the global FLAGS
-refuses (duplicate definitions) or gets wrong (values of the previous call
-stay set). The syntax is absl's all the same: --flag=value or --flag value,
---[no]bool, --flagfile=FILE.
-"""
+train.py and `mambaout_train` parse the global `absl.flags.FLAGS` through
+`app.run`. eval.py, `python -m mambaeye_jax.convert`,
+`python -m mambaeye_jax.data.convert_arrayrecord` and the benchmark scripts
+define their flags on a FlagValues of their own instead: tests import them
+(eval.py even twice, under two module names, and profile_step imports
+bench_model) and call `main(argv)` many times in one process, which the
+global FLAGS refuses (duplicate definitions) or gets wrong (values of the
+previous call stay set). The syntax is absl's all the same: --flag=value or
+--flag value, --[no]bool, --flagfile=FILE; flag names keep the dashes the
+docs spell (--canvas-sizes), read back as `FLAGS["canvas-sizes"].value` or,
+through `namespace`, as `.canvas_sizes`."""
 
 from __future__ import annotations
 
+import os
 import sys
 import types
 from typing import Sequence
@@ -97,6 +101,17 @@ def help_text(flag_values: flags.FlagValues, usage: str, description: str) -> st
           + "\n  --flagfile: read flags from a file, one a line\n")
 
 
+def print_help(text: str) -> None:
+  """Prints text (the --help) on stdout; a reader that stops early is fine."""
+  try:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+  except BrokenPipeError:
+    # `--help | head` closes the pipe: no traceback, and none at exit when
+    # Python flushes stdout again (the recipe of the `signal` docs).
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def parse(flag_values: flags.FlagValues, argv: Sequence[str], prog: str) -> list[str]:
   """Parses argv (no program name) into flag_values from their defaults.
 
@@ -139,7 +154,7 @@ def parse_args(flag_values: flags.FlagValues, argv: Sequence[str] | None, *,
   """
   argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
   if wants_help(argv):
-    print(help_text(flag_values, usage, description))
+    print_help(help_text(flag_values, usage, description))
     raise SystemExit(0)
   try:
     rest = parse(flag_values, argv, prog)

@@ -43,7 +43,7 @@ def main(argv=None):
   """The command line (argv without the program name); the exit status."""
   argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
   if cli.wants_help(argv):
-    print(cli.help_text(FLAGS, _USAGE, _DESCRIPTION))
+    cli.print_help(cli.help_text(FLAGS, _USAGE, _DESCRIPTION))
     return 0
   try:
     positional = cli.parse(FLAGS, argv, _PROG)

@@ -108,7 +108,7 @@ def main(argv=None) -> int:
   """The command line (argv without the program name); the exit status."""
   argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
   if cli.wants_help(argv):
-    print(cli.help_text(FLAGS, _USAGE, __doc__))
+    cli.print_help(cli.help_text(FLAGS, _USAGE, __doc__))
     return 0
   try:
     positional = cli.parse(FLAGS, argv, _PROG)

@@ -1,4 +1,4 @@
-"""Multi-resolution evaluation of a MambaEye checkpoint.
+r"""Multi-resolution evaluation of a MambaEye checkpoint.
 
 Dataset mode (accuracy table, JSON, markdown and PNG plots):
 
@@ -20,16 +20,20 @@ docs/evaluation.md.
 
 Errors (a missing path, a bad --scan name, an unreadable image, ...) are
 reported as one line, `eval.py: error: ...`, exit status 2; --verbose adds
-the traceback.
+the traceback. Flags parse as absl's (--flag=value or --flag value, --[no]bool,
+--flagfile=FILE); --help lists them all.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 import traceback
+
+from absl import flags
+
+from mambaeye_jax import cli
 
 # --glimpses and --batch-size when not given; the batch is smaller on a CPU,
 # where activations of T = 4096 take ~11 GB at 64 images.
@@ -42,81 +46,95 @@ QUICK_GLIMPSES = "16,64,256"
 _CPU_SECONDS_PER_GLIMPSE_LAYER = 6e-5
 
 
-def _ints(text: str) -> tuple[int, ...]:
-  try:
-    return tuple(int(x) for x in text.split(",") if x.strip())
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+# Flags of this script only (mambaeye_jax.cli says why not absl's global
+# FLAGS). The names keep their dashes: the README and docs spell them so.
+FLAGS = flags.FlagValues()
 
 
-def _names(text: str) -> tuple[str, ...]:
-  return tuple(x.strip() for x in text.split(",") if x.strip())
+def _define_flags() -> None:
+  f = FLAGS
+  flags.DEFINE_string("checkpoint", None, "model directory (python -m "
+                      "mambaeye_jax.convert) or official .pt / .safetensors; "
+                      "this or --workdir", flag_values=f)
+  flags.DEFINE_string("workdir", None, "training work directory (its latest "
+                      "checkpoint); this or --checkpoint", flag_values=f)
+  flags.DEFINE_string("data", None, "image folder root/<class>/<image>, a folder of "
+                      "<synset>_<name>.JPEG photos, a .tar.gz of either, tfds:NAME[:SPLIT] "
+                      "or synthetic[:N]; this or --image", flag_values=f)
+  flags.DEFINE_string("image", None, "classify one image file; this or --data",
+                      flag_values=f)
+  flags.DEFINE_string("class-map", None, "class list: one 'KEY [name]' per line in "
+                      "class order (KEY a synset or folder name), or JSON", flag_values=f)
+  cli.define_int_list("canvas-sizes", "512", "canvas sides, comma-separated",
+                      flag_values=f)
+  cli.define_name_list("resize", "fit", "resize modes: none,fit,full", flag_values=f)
+  cli.define_name_list("scan", "random",
+                       "scan patterns of mambaeye_jax.data.scan_patterns: random, "
+                       "random_fixed_grid, column_major, horizontal_raster, horizontal_zigzag, "
+                       "column_snake, hilbert, spiral, diagonal, golden, ...; NAME_official "
+                       "keeps the official eval.py bounds and its blind spot",
+                       flag_values=f)
+  cli.define_int_list("glimpses", None,
+                      "glimpse counts reported (T = the largest); default "
+                      f"{','.join(map(str, DEFAULT_GLIMPSES))}, the official "
+                      f"evaluation's; on a CPU, {QUICK_GLIMPSES} is a quick look",
+                      flag_values=f)
+  flags.DEFINE_integer("batch-size", None, "images per device step; default "
+                       f"{DEFAULT_BATCH_SIZE} on GPU/TPU, {DEFAULT_CPU_BATCH_SIZE} "
+                       "on a CPU (memory)", flag_values=f)
+  flags.DEFINE_integer("workers", os.cpu_count() or 1,
+                       "decode/resize worker processes (0: in the main process)",
+                       flag_values=f)
+  flags.DEFINE_integer("seed", 0, "seeds the random scan orders (per image) and "
+                       "the --max-examples draw", flag_values=f)
+  flags.DEFINE_integer("max-examples", None, "evaluate N images drawn with --seed, "
+                       "the same number from every class (give or take one), "
+                       "instead of all (--max-examples N)", flag_values=f)
+  flags.DEFINE_enum("dtype", "auto", ("auto", "float32", "bfloat16"),
+                    "compute dtype (auto: bf16 on GPU/TPU, f32 on CPU)", flag_values=f)
+  flags.DEFINE_string("ssd-impl", None, "SSD implementation override: auto, "
+                      "sequential, chunked, associative, pallas, pallas_interpret "
+                      "(default: the checkpoint's)", flag_values=f)
+  flags.DEFINE_integer("chunk-size", None, "SSD chunk length override (default: "
+                       "the checkpoint's)", flag_values=f)
+  flags.DEFINE_bool("skip-bad-images", False, "leave unreadable images out "
+                    "(counted) instead of stopping", flag_values=f)
+  flags.DEFINE_string("tfds-data-dir", None, "TFDS data directory for --data "
+                      "tfds:NAME", flag_values=f)
+  flags.DEFINE_string("output", None, "output folder (default: WORKDIR/eval, or "
+                      "out/eval)", flag_values=f)
+  flags.DEFINE_bool("no-plots", False, "write no PNG plots", flag_values=f)
+  flags.DEFINE_bool("verbose", False, "print the traceback with an error",
+                    flag_values=f)
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-  """Shows a default only where there is one (not None, not a False flag)."""
+_define_flags()
 
-  def _get_help_string(self, action):
-    if action.default in (None, False):
-      return action.help
-    return super()._get_help_string(action)
+USAGE = ("eval.py (--checkpoint PATH | --workdir DIR) (--data DATA | --image FILE) "
+         "[--flag=value ...]")
 
 
-def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                              formatter_class=_HelpFormatter)
-  src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("--checkpoint", help="model directory (python -m "
-                   "mambaeye_jax.convert) or official .pt / .safetensors")
-  src.add_argument("--workdir", help="training work directory (its latest checkpoint)")
-  what = p.add_mutually_exclusive_group(required=True)
-  what.add_argument("--data", help="image folder root/<class>/<image>, a folder of "
-                    "<synset>_<name>.JPEG photos, a .tar.gz of either, tfds:NAME[:SPLIT] "
-                    "or synthetic[:N]")
-  what.add_argument("--image", help="classify one image file")
-  p.add_argument("--class-map", help="class list: one 'KEY [name]' per line in class "
-                 "order (KEY a synset or folder name), or JSON")
-  # String defaults go through `type` too, and read well in --help.
-  p.add_argument("--canvas-sizes", type=_ints, default="512",
-                 help="canvas sides, comma-separated")
-  p.add_argument("--resize", type=_names, default="fit", help="resize modes: none,fit,full")
-  p.add_argument("--scan", type=_names, default="random",
-                 help="scan patterns of mambaeye_jax.data.scan_patterns: random, "
-                 "random_fixed_grid, column_major, horizontal_raster, horizontal_zigzag, "
-                 "column_snake, hilbert, spiral, diagonal, golden, ...; NAME_official "
-                 "keeps the official eval.py bounds and its blind spot")
-  p.add_argument("--glimpses", type=_ints, default=None,
-                 help="glimpse counts reported (T = the largest); default "
-                 f"{','.join(map(str, DEFAULT_GLIMPSES))}, the official "
-                 f"evaluation's; on a CPU, {QUICK_GLIMPSES} is a quick look")
-  p.add_argument("--batch-size", type=int, default=None,
-                 help=f"images per device step; default {DEFAULT_BATCH_SIZE} on "
-                 f"GPU/TPU, {DEFAULT_CPU_BATCH_SIZE} on a CPU (memory)")
-  p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                 help="decode/resize worker processes (0: in the main process)")
-  p.add_argument("--seed", type=int, default=0,
-                 help="seeds the random scan orders (per image) and the "
-                 "--max-examples draw")
-  p.add_argument("--max-examples", type=int, default=None, metavar="N",
-                 help="evaluate N images drawn with --seed, the same number "
-                 "from every class (give or take one), instead of all")
-  p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                 help="compute dtype (auto: bf16 on GPU/TPU, f32 on CPU)")
-  p.add_argument("--ssd-impl", default=None,
-                 help="SSD implementation override: auto, sequential, chunked, "
-                 "associative, pallas, pallas_interpret (default: the checkpoint's)")
-  p.add_argument("--chunk-size", type=int, default=None,
-                 help="SSD chunk length override (default: the checkpoint's)")
-  p.add_argument("--skip-bad-images", action="store_true",
-                 help="leave unreadable images out (counted) instead of stopping")
-  p.add_argument("--tfds-data-dir", default=None,
-                 help="TFDS data directory for --data tfds:NAME")
-  p.add_argument("--output", default=None,
-                 help="output folder (default: WORKDIR/eval, or out/eval)")
-  p.add_argument("--no-plots", action="store_true", help="write no PNG plots")
-  p.add_argument("--verbose", action="store_true",
-                 help="print the traceback with an error")
-  return p
+def help_text() -> str:
+  """What --help prints: usage, the docstring and every flag."""
+  return cli.help_text(FLAGS, USAGE, __doc__)
+
+
+def parse_flags(argv):
+  """argv (no program name) as a namespace of flag values, dashes as
+  underscores (args.canvas_sizes); raises cli.UsageError for bad input."""
+  positional = cli.parse(FLAGS, argv, "eval.py")
+  if positional:
+    raise cli.UsageError(f"unexpected arguments: {' '.join(positional)}")
+  # Checked here rather than by absl's mark_flags_as_mutual_exclusive(...,
+  # required=True), whose one message ("Exactly one of (checkpoint, workdir)
+  # must have a value other than None") does not say which mistake was made.
+  for a, b in (("checkpoint", "workdir"), ("data", "image")):
+    given = [n for n in (a, b) if FLAGS[n].value is not None]
+    if not given:
+      raise cli.UsageError(f"one of --{a} or --{b} is required")
+    if len(given) == 2:
+      raise cli.UsageError(f"--{a} and --{b} cannot be given together")
+  return cli.namespace(FLAGS)
 
 
 def _cpu_hint(num_images: int, num_settings: int, num_glimpses: int,
@@ -136,7 +154,15 @@ def _cpu_hint(num_images: int, num_settings: int, num_glimpses: int,
 
 
 def main(argv=None) -> int:
-  args = build_parser().parse_args(argv)
+  """eval.py's command line (argv without the program name); exit status."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if cli.wants_help(argv):
+    cli.print_help(help_text())
+    return 0
+  try:
+    args = parse_flags(argv)
+  except cli.UsageError as e:
+    return cli.print_usage_error("eval.py", str(e))
   try:
     return _main(args)
   except KeyboardInterrupt:

@@ -15,9 +15,11 @@ and writing the output (or dx) once, in bf16. The gated norm's rows are
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 
+from absl import flags
+
+from mambaeye_jax import cli
 import jax
 import jax.numpy as jnp
 
@@ -97,12 +99,17 @@ def bench_gated_norm(rows, cfgs, reps, inner):
   return out
 
 
+# Flags of this script only (mambaeye_jax.cli says why not absl's global FLAGS).
+FLAGS = flags.FlagValues()
+flags.DEFINE_bool("sweep", False, "also time other tiles of each kernel", flag_values=FLAGS)
+flags.DEFINE_integer("reps", 7, "timed repetitions", flag_values=FLAGS)
+flags.DEFINE_integer("inner", 10, "calls per repetition", flag_values=FLAGS)
+
+
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--sweep", action="store_true")
-  parser.add_argument("--reps", type=int, default=7)
-  parser.add_argument("--inner", type=int, default=10)
-  args = parser.parse_args()
+  args = cli.parse_args(FLAGS, None, prog="bench_conv.py",
+                        usage="python benchmarks/bench_conv.py [--sweep] [--reps N] [--inner N]",
+                        description=__doc__)
   default = conv_pallas_gpu.ConvGpuConfig()
   cfgs = [("pallas[default]", default),
           ("pallas, float32 d(pre-act)", dataclasses.replace(default, bwd_dpre_f32=True)),

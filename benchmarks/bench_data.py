@@ -28,7 +28,6 @@ temporary directory. Times are CPU time of this process (see `_clock`).
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import os
@@ -37,7 +36,9 @@ import tempfile
 import time
 
 import numpy as np
+from absl import flags
 
+from mambaeye_jax import cli
 from mambaeye_jax.data import augment
 from mambaeye_jax.data import batching
 from mambaeye_jax.data import geometry
@@ -268,38 +269,43 @@ def bench_workers(data_source, cfg: pipeline.DataConfig, workers: int,
   return samples / elapsed, cpu / samples
 
 
+# Flags of this script only (mambaeye_jax.cli says why not absl's global FLAGS).
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("images", None, "a .tar.gz of images or a directory (required)",
+                    flag_values=FLAGS)
+flags.DEFINE_enum("preset", "imagenet", sorted(PRESETS),
+                  "defaults of T, canvas and batch (flags below override them): "
+                  "imagenet (T 1024, canvas 256..1024, batch 16) or cifar10 "
+                  "(configs/cifar10.py: T 128, canvas 32..64, batch 256)",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("samples", 400, "samples timed", flag_values=FLAGS)
+flags.DEFINE_integer("num_glimpses", None, "T (default: the preset's)", flag_values=FLAGS)
+flags.DEFINE_integer("canvas_min", None, "smallest canvas (default: the preset's)",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("canvas_max", None, "largest canvas (default: the preset's)",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", None, "batch (default: the preset's)",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("max_images", 0, "use N images spread over the set only (0: all)",
+                     flag_values=FLAGS)
+flags.DEFINE_bool("cache_decoded", False, "the pipeline runs read images decoded once "
+                  "(sources.DecodedImageCache, DataConfig.cache_decoded)", flag_values=FLAGS)
+flags.DEFINE_integer("pipeline_batches", 10, "batches for the end-to-end Grain timings "
+                     "(0 skips them)", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "random seed", flag_values=FLAGS)
+flags.DEFINE_integer("reference_samples", 100, "samples for the step-by-step reference "
+                     "timing (0 skips it)", flag_values=FLAGS)
+flags.DEFINE_bool("all_cores", False, "do not pin the process to one core",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("workers", 0, "also measure wall-clock throughput with this many "
+                     "worker processes (implies --all_cores)", flag_values=FLAGS)
+
+
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--images", required=True,
-                      help="a .tar.gz of images or a directory")
-  parser.add_argument("--preset", choices=sorted(PRESETS),
-                      default="imagenet",
-                      help="defaults of T, canvas and batch (flags below "
-                      "override them): imagenet (T 1024, canvas 256..1024, "
-                      "batch 16) or cifar10 (configs/cifar10.py: T 128, "
-                      "canvas 32..64, batch 256)")
-  parser.add_argument("--samples", type=int, default=400)
-  parser.add_argument("--num_glimpses", type=int)
-  parser.add_argument("--canvas_min", type=int)
-  parser.add_argument("--canvas_max", type=int)
-  parser.add_argument("--batch_size", type=int)
-  parser.add_argument("--max_images", type=int, default=0,
-                      help="use N images spread over the set only (0: all)")
-  parser.add_argument("--cache_decoded", action="store_true",
-                      help="the pipeline runs read images decoded once "
-                      "(sources.DecodedImageCache, DataConfig.cache_decoded)")
-  parser.add_argument("--pipeline_batches", type=int, default=10,
-                      help="batches for the end-to-end Grain timings (0 skips them)")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--reference_samples", type=int, default=100,
-                      help="samples for the step-by-step reference timing "
-                      "(0 skips it)")
-  parser.add_argument("--all_cores", action="store_true",
-                      help="do not pin the process to one core")
-  parser.add_argument("--workers", type=int, default=0,
-                      help="also measure wall-clock throughput with this "
-                      "many worker processes (implies --all_cores)")
-  args = parser.parse_args(argv)
+  args = cli.parse_args(FLAGS, argv, prog="bench_data.py",
+                        usage="python -m mambaeye_jax.data.bench --images PATH "
+                        "[--flag=value ...]", description=__doc__,
+                        required=("images",))
   for name, value in PRESETS[args.preset].items():
     if getattr(args, name) is None:
       setattr(args, name, value)

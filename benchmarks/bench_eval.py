@@ -21,15 +21,16 @@ the page cache.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 
 import jax
 import numpy as np
+from absl import flags
 from flax import nnx
 
+from mambaeye_jax import cli
 from mambaeye_jax import eval_data
 from mambaeye_jax import eval_lib
 from mambaeye_jax import eval_workers
@@ -84,24 +85,32 @@ def _time(fn, repeats: int) -> float:
   return timing.median_ms(fn, repeats=repeats, warmup=0) / 1e3
 
 
+# Flags of this script only (mambaeye_jax.cli says why not absl's global FLAGS).
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("images", None, "dataset spec for eval_data.open_source (required)",
+                    flag_values=FLAGS)
+flags.DEFINE_string("checkpoint", None, "real weights (default: random)", flag_values=FLAGS)
+flags.DEFINE_enum("size", "tiny", sorted(model_lib.VARIANTS), "model size",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("canvas", 512, "canvas side", flag_values=FLAGS)
+flags.DEFINE_string("resize", "fit", "resize mode", flag_values=FLAGS)
+flags.DEFINE_string("scan", "random", "scan pattern", flag_values=FLAGS)
+flags.DEFINE_integer("glimpses", 4096, "glimpses per image", flag_values=FLAGS)
+flags.DEFINE_integer("batch-size", 64, "images per device step", flag_values=FLAGS)
+flags.DEFINE_integer("workers", os.cpu_count() or 1, "decode/resize worker processes",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("repeat", 30, "passes over the images", flag_values=FLAGS)
+flags.DEFINE_string("dtype", "auto", "compute dtype", flag_values=FLAGS)
+flags.DEFINE_string("variants", "auto", "comma list of SSD_IMPL[:CHUNK] for the device "
+                    "stage; the first is used end to end", flag_values=FLAGS)
+flags.DEFINE_integer("device-repeats", 10, "timed repeats of the device stage",
+                     flag_values=FLAGS)
+
+
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--images", required=True, help="dataset spec for eval_data.open_source")
-  p.add_argument("--checkpoint", default=None, help="real weights (default: random)")
-  p.add_argument("--size", default="tiny", choices=sorted(model_lib.VARIANTS))
-  p.add_argument("--canvas", type=int, default=512)
-  p.add_argument("--resize", default="fit")
-  p.add_argument("--scan", default="random")
-  p.add_argument("--glimpses", type=int, default=4096)
-  p.add_argument("--batch-size", type=int, default=64)
-  p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-  p.add_argument("--repeat", type=int, default=30, help="passes over the images")
-  p.add_argument("--dtype", default="auto")
-  p.add_argument("--variants", default="auto",
-                 help="comma list of SSD_IMPL[:CHUNK] for the device stage; the "
-                 "first is used end to end")
-  p.add_argument("--device-repeats", type=int, default=10)
-  args = p.parse_args(argv)
+  args = cli.parse_args(FLAGS, argv, prog="bench_eval.py",
+                        usage="python -m mambaeye_jax.bench_eval --images SPEC [--flag=value ...]",
+                        description=__doc__, required=("images",))
 
   source = eval_data.open_source(args.images, unknown_synsets="sorted")
   source = eval_data.RepeatSource(source, args.repeat)

@@ -30,12 +30,15 @@ training T=1024 bf16 704 img/s (91 ms, 8.4 GB), inference T=4096 bf16 866 img/s.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import subprocess
 import sys
+
+from absl import flags
+
+from mambaeye_jax import cli
 
 import timing  # benchmarks/timing.py: benchmarks/ is sys.path[0].
 
@@ -233,32 +236,36 @@ def print_table(rows: list[dict], args) -> None:
             f"({100 * ratio / r['devices']:.0f}% scaling efficiency)")
 
 
+# Flags of this script only (mambaeye_jax.cli says why not absl's global FLAGS).
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("variant", "tiny", "model size", flag_values=FLAGS)
+flags.DEFINE_integer("batch", 64, "batch (per device)", flag_values=FLAGS)
+flags.DEFINE_integer("train_len", 1024, "glimpses of a training row", flag_values=FLAGS)
+flags.DEFINE_integer("infer_len", 4096, "glimpses of an inference row", flag_values=FLAGS)
+flags.DEFINE_integer("iters", 20, "timed calls per case", flag_values=FLAGS)
+flags.DEFINE_string("dtypes", "float32,bfloat16", "compute dtypes, comma-separated", flag_values=FLAGS)
+flags.DEFINE_string("impls", "chunked,pallas", "SSD implementations, comma-separated", flag_values=FLAGS)
+flags.DEFINE_bool("remat", False, "rematerialise the blocks", flag_values=FLAGS)
+flags.DEFINE_bool("padded", False, "train on padded rows (no segment ids), as configs "
+                  "without packing do; default: segment ids, as packed rows need", flag_values=FLAGS)
+flags.DEFINE_bool("scan_layers", False, "ModelConfig.scan_layers=True: the blocks under "
+                  "lax.scan, not unrolled", flag_values=FLAGS)
+flags.DEFINE_bool("dp", False, "also data parallel on all devices", flag_values=FLAGS)
+flags.DEFINE_string("devices", "", "device counts for training cases, e.g. 1,2,4 "
+                    "(replaces the single-device cases)", flag_values=FLAGS)
+flags.DEFINE_integer("global_batch", 0, "fixed global batch split over the devices "
+                     "(strong scaling); 0: --batch per device", flag_values=FLAGS)
+flags.DEFINE_bool("no_infer", False, "skip the inference cases", flag_values=FLAGS)
+flags.DEFINE_integer("case_timeout", 300, "seconds per case subprocess", flag_values=FLAGS)
+# The driver's own call into a case subprocess: train:dtype:impl[:n] or
+# infer:dtypes:impls (argparse hid it from --help; absl cannot).
+flags.DEFINE_string("case", "", "internal: the one case this subprocess runs", flag_values=FLAGS)
+
+
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--variant", default="tiny")
-  parser.add_argument("--batch", type=int, default=64)
-  parser.add_argument("--train_len", type=int, default=1024)
-  parser.add_argument("--infer_len", type=int, default=4096)
-  parser.add_argument("--iters", type=int, default=20)
-  parser.add_argument("--dtypes", default="float32,bfloat16")
-  parser.add_argument("--impls", default="chunked,pallas")
-  parser.add_argument("--remat", action="store_true")
-  parser.add_argument("--padded", action="store_true",
-                      help="train on padded rows (no segment ids), as configs without "
-                           "packing do; default: segment ids, as packed rows need")
-  parser.add_argument("--scan_layers", action="store_true",
-                      help="ModelConfig.scan_layers=True: the blocks under lax.scan, not unrolled")
-  parser.add_argument("--dp", action="store_true", help="also data parallel on all devices")
-  parser.add_argument("--devices", default="",
-                      help="device counts for training cases, e.g. 1,2,4 (replaces the "
-                           "single-device cases)")
-  parser.add_argument("--global_batch", type=int, default=0,
-                      help="fixed global batch split over the devices (strong scaling); "
-                           "0: --batch per device")
-  parser.add_argument("--no_infer", action="store_true")
-  parser.add_argument("--case_timeout", type=int, default=300)
-  parser.add_argument("--case", default="", help=argparse.SUPPRESS)  # train:dtype:impl[:n]
-  args = parser.parse_args()
+  args = cli.parse_args(FLAGS, None, prog="bench_model.py",
+                        usage="python benchmarks/bench_model.py [--flag=value ...]",
+                        description=__doc__)
 
   if args.case:
     kind, dtype, impl, *n = args.case.split(":")

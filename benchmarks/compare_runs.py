@@ -16,10 +16,12 @@ ablation was made with:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
+from absl import flags
+
+from mambaeye_jax import cli
 from mambaeye_jax import plots
 
 
@@ -59,12 +61,20 @@ def markdown(reports: dict[str, dict]) -> str:
   return "\n".join(lines)
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("runs", nargs="+", help="NAME=PATH, an eval.py output folder or results.json")
-  parser.add_argument("--plot", default=None, help="PNG of accuracy after every glimpse")
-  parser.add_argument("--title", default="Accuracy versus glimpses", help="the plot's title")
-  args = parser.parse_args()
+# Flags of this script only (mambaeye_jax.cli says why not absl's global FLAGS);
+# the NAME=PATH runs are absl's leftover positional arguments.
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("plot", None, "PNG of accuracy after every glimpse", flag_values=FLAGS)
+flags.DEFINE_string("title", "Accuracy versus glimpses", "the plot's title",
+                    flag_values=FLAGS)
+
+
+def main(argv=None) -> None:
+  args = cli.parse_args(
+      FLAGS, argv, prog="compare_runs.py", positional="runs", positional_meta="NAME=PATH",
+      usage="python benchmarks/compare_runs.py NAME=PATH [NAME=PATH ...] "
+      "[--plot PNG] [--title TEXT]",
+      description=__doc__ + "\nNAME=PATH: an eval.py output folder or results.json.")
   reports = dict(load_report(spec) for spec in args.runs)
   print(markdown(reports))
   if args.plot:

@@ -30,7 +30,6 @@ glimpses, top-1 %) and writes the numbers as JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -40,22 +39,12 @@ import time
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import numpy as np  # pylint: disable=g-import-not-at-top
+from absl import flags  # pylint: disable=g-import-not-at-top
 
-
-def _ints(text: str) -> tuple[int, ...]:
-  return tuple(int(x) for x in text.split(",") if x.strip())
+from mambaeye_jax import cli  # pylint: disable=g-import-not-at-top
 
 
 PROTOCOLS = ("official", "random", "random_official")
-
-
-def _names(text: str) -> tuple[str, ...]:
-  names = tuple(x.strip() for x in text.split(",") if x.strip())
-  unknown = sorted(set(names) - set(PROTOCOLS))
-  if unknown:
-    raise argparse.ArgumentTypeError(
-        f"unknown protocol(s) {', '.join(unknown)}; choose from {', '.join(PROTOCOLS)}")
-  return names
 
 
 def _parse_models(specs: list[str]) -> dict[str, str]:
@@ -193,25 +182,35 @@ def markdown(tables: dict, canvases, glimpses) -> str:
   return "\n".join(lines)
 
 
+# Flags of this script only (mambaeye_jax.cli says why not absl's global FLAGS).
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("data", None, "directory holding cifar10/test (required)",
+                    flag_values=FLAGS)
+flags.DEFINE_string("official-src", ".official",
+                    "copy of ../shared/official (mambaeye_official, mamba_ssm)",
+                    flag_values=FLAGS)
+flags.DEFINE_multi_string("model", None, "NAME=PATH: an official .pt, a model directory "
+                          "or a training work directory (repeat it; one at least)",
+                          flag_values=FLAGS)
+cli.define_int_list("canvas-sizes", (32, 48, 64, 96), "canvas sides", flag_values=FLAGS)
+cli.define_int_list("glimpses", (16, 64, 128), "glimpse counts", flag_values=FLAGS)
+flags.DEFINE_integer("batch-size", 500, "images per step", flag_values=FLAGS)
+flags.DEFINE_integer("workers", min(15, os.cpu_count() or 1), "worker processes",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "random seed", flag_values=FLAGS)
+flags.DEFINE_string("dtype", "auto", "compute dtype", flag_values=FLAGS)
+cli.define_name_list("protocols", PROTOCOLS, "comma-separated subset of "
+                     + ",".join(PROTOCOLS), flag_values=FLAGS, choices=PROTOCOLS)
+flags.DEFINE_bool("no-torch", False, "skip the official PyTorch model on official weights",
+                  flag_values=FLAGS)
+flags.DEFINE_string("output", None, "JSON file for the numbers", flag_values=FLAGS)
+
+
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--data", required=True, help="directory holding cifar10/test")
-  parser.add_argument("--official-src", default=".official",
-                      help="copy of ../shared/official (mambaeye_official, mamba_ssm)")
-  parser.add_argument("--model", action="append", required=True,
-                      help="NAME=PATH: an official .pt, a model directory or a training work directory")
-  parser.add_argument("--canvas-sizes", type=_ints, default=(32, 48, 64, 96))
-  parser.add_argument("--glimpses", type=_ints, default=(16, 64, 128))
-  parser.add_argument("--batch-size", type=int, default=500)
-  parser.add_argument("--workers", type=int, default=min(15, os.cpu_count() or 1))
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--dtype", default="auto")
-  parser.add_argument("--protocols", type=_names, default=PROTOCOLS,
-                      help="comma-separated subset of " + ",".join(PROTOCOLS))
-  parser.add_argument("--no-torch", action="store_true",
-                      help="skip the official PyTorch model on official weights")
-  parser.add_argument("--output", default=None, help="JSON file for the numbers")
-  args = parser.parse_args()
+  args = cli.parse_args(FLAGS, None, prog="fidelity_cifar.py",
+                        usage="python benchmarks/fidelity_cifar.py --data DATA "
+                        "--model NAME=PATH [--model NAME=PATH ...] [--flag=value ...]",
+                        description=__doc__, required=("data", "model"))
 
   models = _parse_models(args.model)
   sys.path.insert(0, os.path.abspath(args.official_src))

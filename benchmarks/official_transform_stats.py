@@ -56,7 +56,6 @@ them, so that both transforms are measured by the same code.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import logging
@@ -68,6 +67,9 @@ import tempfile
 import time
 from typing import Any, Sequence
 
+from absl import flags
+
+from mambaeye_jax import cli
 import numpy as np
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -360,14 +362,21 @@ def run_official(name: str, images: list[tuple[str, bytes]], workdir: str
   return arrays, info
 
 
+# Flags of this script only (mambaeye_jax.cli says why not absl's global FLAGS).
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("data", os.path.join(SHARED, "data"), "folder of the shared archives",
+                    flag_values=FLAGS)
+flags.DEFINE_string("out", os.path.join(REPO_ROOT, "tests", "fixtures",
+                                        "official_transform_stats.npz"),
+                    "the .npz written", flag_values=FLAGS)
+flags.DEFINE_string("settings", "cifar,imagenet", "settings measured, comma-separated",
+                    flag_values=FLAGS)
+
+
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--data", default=os.path.join(SHARED, "data"),
-                      help="folder of the shared archives")
-  parser.add_argument("--out", default=os.path.join(
-      REPO_ROOT, "tests", "fixtures", "official_transform_stats.npz"))
-  parser.add_argument("--settings", default="cifar,imagenet")
-  args = parser.parse_args(argv)
+  args = cli.parse_args(FLAGS, argv, prog="official_transform_stats.py",
+                        usage="python benchmarks/official_transform_stats.py [--data DIR] [--out NPZ] [--settings cifar,imagenet]",
+                        description=__doc__)
 
   import PIL  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top

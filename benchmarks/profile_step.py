@@ -18,7 +18,6 @@ kernels, collectives included.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import gzip
@@ -26,6 +25,10 @@ import json
 import os
 import re
 import tempfile
+
+from absl import flags
+
+from mambaeye_jax import cli
 
 import bench_model  # benchmarks/ is sys.path[0] when this script runs.
 
@@ -99,25 +102,31 @@ def print_profile(kernels: list[dict], steps: int, top: int) -> None:
           f"{100 * ms / steps / total:6.1f}%")
 
 
+# Flags of this script only (mambaeye_jax.cli says why not absl's global FLAGS).
+FLAGS = flags.FlagValues()
+flags.DEFINE_enum("case", "train", ("train", "infer"), "step profiled", flag_values=FLAGS)
+flags.DEFINE_string("variant", "tiny", "model size", flag_values=FLAGS)
+flags.DEFINE_string("dtype", "bfloat16", "compute dtype", flag_values=FLAGS)
+flags.DEFINE_string("impl", "pallas", "SSD implementation", flag_values=FLAGS)
+flags.DEFINE_integer("batch", 64, "batch (per device)", flag_values=FLAGS)
+flags.DEFINE_integer("length", 1024, "glimpses per sequence", flag_values=FLAGS)
+flags.DEFINE_bool("remat", False, "rematerialise the blocks", flag_values=FLAGS)
+flags.DEFINE_bool("padded", False, "padded model widths", flag_values=FLAGS)
+flags.DEFINE_bool("scan_layers", False, "scan over the layers", flag_values=FLAGS)
+flags.DEFINE_integer("steps", 3, "steps traced", flag_values=FLAGS)
+flags.DEFINE_integer("top", 40, "kernels listed", flag_values=FLAGS)
+flags.DEFINE_string("hlo_out", "", "write the optimised HLO text here", flag_values=FLAGS)
+flags.DEFINE_integer("devices", 1, "training on this many devices (batch per device)",
+                     flag_values=FLAGS)
+
+
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--case", choices=("train", "infer"), default="train")
-  parser.add_argument("--variant", default="tiny")
-  parser.add_argument("--dtype", default="bfloat16")
-  parser.add_argument("--impl", default="pallas")
-  parser.add_argument("--batch", type=int, default=64)
-  parser.add_argument("--length", type=int, default=1024)
-  parser.add_argument("--remat", action="store_true")
-  parser.add_argument("--padded", action="store_true")
-  parser.add_argument("--scan_layers", action="store_true")
-  parser.add_argument("--steps", type=int, default=3)
-  parser.add_argument("--top", type=int, default=40)
-  parser.add_argument("--hlo_out", default="", help="write the optimised HLO text here")
-  parser.add_argument("--devices", type=int, default=1,
-                      help="training on this many devices (batch per device)")
-  args = parser.parse_args()
+  args = cli.parse_args(FLAGS, None, prog="profile_step.py",
+                        usage="python benchmarks/profile_step.py [--case train|infer] [--flag=value ...]",
+                        description=__doc__)
   if args.devices > 1 and args.case != "train":
-    parser.error("--devices applies to --case train")
+    raise SystemExit(cli.print_usage_error("profile_step.py",
+                                           "--devices applies to --case train"))
 
   import jax  # pylint: disable=g-import-not-at-top
   if args.case == "train":

@@ -15,8 +15,10 @@ Prints a markdown table (docs/evaluation.md holds its output).
 
 from __future__ import annotations
 
-import argparse
 
+from absl import flags
+
+from mambaeye_jax import cli
 import numpy as np
 
 from mambaeye_jax.data import geometry
@@ -62,10 +64,16 @@ def boxes(side: int) -> dict[str, geometry.ImageBox]:
           "4:3": geometry.ImageBox((side - short) // 2, 0, short, side)}
 
 
+# Flags of this script only (mambaeye_jax.cli says why not absl's global FLAGS).
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("canvas-sizes", "32,48,64,96,224,512", "canvas sides, comma-separated",
+                    flag_values=FLAGS)
+
+
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--canvas-sizes", default="32,48,64,96,224,512")
-  args = parser.parse_args()
+  args = cli.parse_args(FLAGS, None, prog="scan_coverage.py",
+                        usage="python benchmarks/scan_coverage.py [--canvas-sizes 32,48,64,96,224,512]",
+                        description=__doc__)
   sides = [int(s) for s in args.canvas_sizes.split(",")]
   header = " | ".join(f"{s} {kind}" for s in sides for kind in ("square", "4:3"))
   print(f"| pattern | {header} |")

@@ -6,29 +6,56 @@ reads an official state_dict (`.pt`, `.pth` or `.safetensors`, torch not
 required; `torch_io`), infers the model's sizes from the shapes, checks
 every key and shape (`official`), and writes DST_DIR in the model-directory
 format (`model_dir`: config.json + parameters), which eval.py and
-`mambaeye_jax.load_model` read.
+`mambaeye_jax.load_model` read. Flags parse as absl's (--ngroups=2 or
+--ngroups 2, before or after the paths); a bad command line is one
+`error: ...` line, exit status 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+import types
 
+from absl import flags
+
+from mambaeye_jax import cli
 from mambaeye_jax import model_dir
 from mambaeye_jax import official
 from mambaeye_jax import torch_io
 
 
+_PROG = "python -m mambaeye_jax.convert"
+_USAGE = f"{_PROG} SRC.pt DST_DIR [--ngroups G]"
+_DESCRIPTION = """Convert an official PyTorch MambaEye checkpoint for mambaeye-jax.
+
+  SRC.pt   official state_dict (.pt, .pth, .bin or .safetensors)
+  DST_DIR  output directory (created; must not exist)"""
+
+# Flags of this command only (mambaeye_jax.cli says why not absl's global
+# FLAGS); the two paths are absl's leftover positional arguments.
+FLAGS = flags.FlagValues()
+flags.DEFINE_integer("ngroups", 1, "B/C groups of the checkpoint's Mamba2 (1 for "
+                     "the published models)", lower_bound=1, flag_values=FLAGS)
+
+
 def main(argv=None):
-  parser = argparse.ArgumentParser(
-      prog="python -m mambaeye_jax.convert",
-      description="Convert an official PyTorch MambaEye checkpoint for mambaeye-jax.")
-  parser.add_argument("src", help="official state_dict (.pt, .pth, .bin or .safetensors)")
-  parser.add_argument("dst", help="output directory (created; must not exist)")
-  parser.add_argument("--ngroups", type=int, default=1,
-                      help="B/C groups of the checkpoint's Mamba2 (1 for the published models)")
-  args = parser.parse_args(argv)
+  """The command line (argv without the program name); the exit status."""
+  argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+  if cli.wants_help(argv):
+    cli.print_help(cli.help_text(FLAGS, _USAGE, _DESCRIPTION))
+    return 0
+  try:
+    positional = cli.parse(FLAGS, argv, _PROG)
+    if len(positional) != 2:
+      raise cli.UsageError(f"expected SRC.pt DST_DIR, got {len(positional)} "
+                           f"argument(s){': ' if positional else ''}"
+                           f"{' '.join(positional)}")
+  except cli.UsageError as e:
+    print(f"error: {e} (usage: {_USAGE}; --help lists the flags)", file=sys.stderr)
+    return 2
+  args = types.SimpleNamespace(src=positional[0], dst=positional[1],
+                               ngroups=FLAGS.ngroups)
   try:
     # Before reading gigabytes: save_params never overwrites.
     if os.path.exists(args.dst):

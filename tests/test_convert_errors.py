@@ -106,3 +106,25 @@ def test_convert_refuses_existing_destination_before_reading(tmp_path, capsys):
   dst.mkdir()
   assert convert.main([str(tmp_path / "missing.pt"), str(dst)]) == 2
   assert "out already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, want", [
+    (["only.pt"], "error: expected SRC.pt DST_DIR, got 1 argument(s): only.pt"),
+    (["a.pt", "out", "extra"], "error: expected SRC.pt DST_DIR, got 3 argument(s)"),
+    (["a.pt", "out", "--ngroups", "0"], "error: flag --ngroups=0: 0 is not a positive"),
+    (["a.pt", "out", "--bogus"], "error: Unknown command line flag 'bogus'"),
+])
+def test_convert_usage_errors(argv, want, capsys):
+  assert convert.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(want) and len(err.strip().splitlines()) == 1, err
+
+
+def test_convert_help_and_flags_after_paths(tmp_path, capsys):
+  assert convert.main(["--help"]) == 0
+  out = capsys.readouterr().out
+  assert "SRC.pt DST_DIR" in out and "--ngroups:" in out
+  # absl takes flags anywhere: --ngroups after the two paths still parses.
+  assert convert.main([str(tmp_path / "missing.pt"), str(tmp_path / "o"),
+                       "--ngroups=2"]) == 2
+  assert "missing.pt does not exist" in capsys.readouterr().err

@@ -290,3 +290,19 @@ def test_decoded_cache_equals_decoding(folder, tmp_path):
   del cache
   gc.collect()
   assert not os.path.exists(path)
+
+
+def test_convert_arrayrecord_command_line(folder, tmp_path, capsys):
+  """absl flags: a bad command line is one line, status 2; --no-verify and
+  --help as before."""
+  assert convert_arrayrecord.main([folder]) == 2
+  assert capsys.readouterr().err.startswith(
+      "error: expected SRC_DIR DST_PREFIX, got 1 argument(s)")
+  assert convert_arrayrecord.main([folder, "p", "--shards=x"]) == 2
+  assert "flag --shards=x" in capsys.readouterr().err
+  assert convert_arrayrecord.main(["--help"]) == 0
+  out = capsys.readouterr().out
+  assert "--[no]no-verify:" in out and "--shards:" in out
+  prefix = str(tmp_path / "nv" / "train")
+  assert convert_arrayrecord.main([folder, prefix, "--no-verify"]) == 0
+  assert "records of 3 classes" in capsys.readouterr().out

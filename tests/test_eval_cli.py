@@ -135,3 +135,47 @@ def test_corrupt_image(model_dir, tmp_path, capsys):
 def test_missing_dataset(model_dir, tmp_path, capsys):
   rc, _, err = run(capsys, "--checkpoint", model_dir, "--data", tmp_path / "nope")
   assert rc == 2 and "does not exist" in err
+
+
+@pytest.mark.parametrize("argv, want", [
+    (("--checkpoint", "m", "--data", "synthetic:2", "--canvas-sizes", "48,big"),
+     "flag --canvas-sizes=48,big: expected comma-separated integers, got '48,big'"),
+    (("--checkpoint", "m", "--data", "synthetic:2", "--dtype", "f16"),
+     "flag --dtype=f16: value should be one of <auto|float32|bfloat16>"),
+    (("--checkpoint", "m", "--data", "synthetic:2", "--bogus"),
+     "Unknown command line flag 'bogus'"),
+    (("--data", "synthetic:2"), "one of --checkpoint or --workdir is required"),
+    (("--checkpoint", "m", "--workdir", "w", "--data", "synthetic:2"),
+     "--checkpoint and --workdir cannot be given together"),
+    (("--checkpoint", "m"), "one of --data or --image is required"),
+    (("--checkpoint", "m", "--data", "synthetic:2", "stray"),
+     "unexpected arguments: stray"),
+])
+def test_usage_errors_name_the_flag(capsys, argv, want):
+  """A bad command line: one line naming the flag and the reason, status 2,
+  before anything is loaded."""
+  rc, out, err = run(capsys, *argv)
+  assert rc == 2 and not out
+  assert err.strip().splitlines() == [
+      f"eval.py: error: {want} (eval.py --help lists the flags)"]
+
+
+def test_flags_parse_as_absl(capsys):
+  """--flag=value and --flag value alike; every call starts from the
+  defaults (values of an earlier main() do not stay set)."""
+  args = eval_cli.parse_flags(["--checkpoint=m", "--data", "synthetic:2",
+                               "--canvas-sizes", "48,64", "--scan=random,hilbert",
+                               "--no-plots", "--batch-size=3"])
+  assert args.canvas_sizes == (48, 64) and args.scan == ("random", "hilbert")
+  assert args.no_plots and args.batch_size == 3 and args.glimpses is None
+  args = eval_cli.parse_flags(["--workdir", "w", "--image", "x.jpg"])
+  assert args.checkpoint is None and args.canvas_sizes == (512,)
+  assert args.scan == ("random",) and args.resize == ("fit",) and not args.no_plots
+
+
+def test_help_lists_every_flag(capsys):
+  rc, out, _ = run(capsys, "--help")
+  assert rc == 0
+  for name in eval_cli.FLAGS:
+    assert f"--{name}:" in out or f"--[no]{name}:" in out, name
+  assert "canvas sides, comma-separated" in out and "(default: '512')" in out

@@ -137,7 +137,7 @@ def test_stratified_max_examples(model_dir, tmp_path, capsys):
   assert "6 drawn with seed 3, 2 per class of 3" in err
   result = json.loads((out / "results.json").read_text())["results"][0]
   assert result["num_examples"] == 6
-  assert "max-examples N" in eval_cli.build_parser().format_help()
+  assert "max-examples N" in eval_cli.help_text()
 
 
 def test_cpu_defaults_and_hint(model_dir, tmp_path, capsys, monkeypatch):

@@ -10,22 +10,25 @@ shard i holds records i, i + N, ...; read them back with
 `arrayrecord.ArrayRecordSource("DST_PREFIX-*")` or source="arrayrecord",
 path="DST_PREFIX-*".
 
-Bad files are checked here, once, rather than at every epoch: with
---verify (default) every image is decoded; unreadable ones are left out and
+Bad files are checked here, once, rather than at every epoch: every image
+is decoded (unless --no-verify); unreadable ones are left out and
 listed in DST_PREFIX.json under "skipped" (with --strict the conversion
-stops at the first one instead).
+stops at the first one instead). Flags parse as absl's; a bad command line
+is one `error: ...` line, exit status 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import sys
+import types
 
+from absl import flags
 from array_record.python import array_record_module
 
+from mambaeye_jax import cli
 from mambaeye_jax.data import arrayrecord
 from mambaeye_jax.data import sources
 
@@ -86,16 +89,38 @@ def convert(src_dir: str, dst_prefix: str, num_shards: int, *,
   return meta
 
 
+_PROG = "python -m mambaeye_jax.data.convert_arrayrecord"
+_USAGE = f"{_PROG} SRC_DIR DST_PREFIX [--shards N] [--no-verify] [--strict]"
+
+# Flags of this command only (mambaeye_jax.cli says why not absl's global
+# FLAGS); SRC_DIR and DST_PREFIX are absl's leftover positional arguments.
+FLAGS = flags.FlagValues()
+flags.DEFINE_integer("shards", 1, "number of output shards", lower_bound=1,
+                     flag_values=FLAGS)
+# "no-verify", not a "verify" bool: absl would spell its negation --noverify.
+flags.DEFINE_bool("no-verify", False, "copy bytes without decoding them",
+                  flag_values=FLAGS)
+flags.DEFINE_bool("strict", False, "fail on the first unreadable image",
+                  flag_values=FLAGS)
+
+
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("src_dir")
-  parser.add_argument("dst_prefix")
-  parser.add_argument("--shards", type=int, default=1)
-  parser.add_argument("--no-verify", dest="verify", action="store_false",
-                      help="copy bytes without decoding them")
-  parser.add_argument("--strict", action="store_true",
-                      help="fail on the first unreadable image")
-  args = parser.parse_args(argv)
+  """The command line (argv without the program name); the exit status."""
+  argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+  if cli.wants_help(argv):
+    cli.print_help(cli.help_text(FLAGS, _USAGE, __doc__))
+    return 0
+  try:
+    positional = cli.parse(FLAGS, argv, _PROG)
+    if len(positional) != 2:
+      raise cli.UsageError(f"expected SRC_DIR DST_PREFIX, got "
+                           f"{len(positional)} argument(s)")
+  except cli.UsageError as e:
+    print(f"error: {e} (usage: {_USAGE}; --help lists the flags)", file=sys.stderr)
+    return 2
+  args = types.SimpleNamespace(src_dir=positional[0], dst_prefix=positional[1],
+                               shards=FLAGS.shards, verify=not FLAGS["no-verify"].value,
+                               strict=FLAGS.strict)
   meta = convert(args.src_dir, args.dst_prefix, args.shards,
                  verify=args.verify, strict=args.strict)
   print(f"wrote {meta['num_records']} records of {meta['num_classes']} "

@@ -1,6 +1,5 @@
 """The training loop's pieces alone (mambaeye_jax.train_loop): no model, no device work."""
 
-import io
 import math
 import os
 import signal

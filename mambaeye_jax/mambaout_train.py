@@ -39,6 +39,7 @@ file.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -65,8 +66,8 @@ from mambaeye_jax import config_fields as config_fields_lib
 from mambaeye_jax import mambaout
 from mambaeye_jax import metrics as metrics_lib
 from mambaeye_jax import optim
-from mambaeye_jax import progress as progress_lib
 from mambaeye_jax import sharding as sharding_lib
+from mambaeye_jax import train_loop
 from mambaeye_jax.data import augment
 from mambaeye_jax.data import eval_transforms
 from mambaeye_jax.data import pipeline
@@ -513,54 +514,70 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, train_source=None,
         f"{jax.devices()[0].platform} device(s)", flush=True)
   dataset = make_train_dataset(train_source, config.data, batch_size, total, config.seed)
   iterator = iter(dataset)
-  window, data_wait, step = [], 0.0, 0
-  start = window_start = time.perf_counter()
-  summary: dict[str, float] = {}
+  step = 0
+  summarize = functools.partial(_window_scalars, batch_size=batch_size)
+  start = time.perf_counter()
+  logger = None
   try:
     with metrics_lib.MetricWriter(workdir, tensorboard=False) as writer:
+      logger = train_loop.TrainLogger(total, writer, config.log_every_steps)
       while step < total:
         t0 = time.perf_counter()
         try:
           batch = _device_batch(next(iterator), mesh)
         except StopIteration:
           raise RuntimeError(f"the data ended after {step} of {total} steps") from None
-        data_wait += time.perf_counter() - t0
+        data_wait = time.perf_counter() - t0
         state, out = step_fn(state, batch)
-        window.append(out)
+        logger.add(out, data_wait)
         step += 1
-        # The first window (its time is mostly compilation) is logged alone.
-        if step % config.log_every_steps == 0 or step == total or step == 1:
-          host = jax.device_get(window)
-          elapsed = time.perf_counter() - window_start
-          losses = [float(m["loss"]) for m in host]
-          if not all(map(math.isfinite, losses)):
-            raise FloatingPointError(f"non-finite loss at step {step} (losses {losses[-5:]});"
-                                     " lower optim.learning_rate or use model.dtype=float32")
-          n = len(host)
-          scalars = {"train/loss": float(np.mean(losses)),
-                     "train/accuracy": sum(int(m["correct"]) for m in host) / (n * batch_size),
-                     "train/grad_norm": float(np.mean([m["grad_norm"] for m in host])),
-                     "train/learning_rate": float(host[-1]["learning_rate"]),
-                     "perf/step_time_ms": 1000.0 * elapsed / n,
-                     "perf/images_per_sec": n * batch_size / elapsed,
-                     "perf/data_wait_fraction": data_wait / elapsed}
-          writer.write(step, scalars)
-          print(progress_lib.progress_line(step, total, scalars,
-                                           scalars["perf/step_time_ms"] / 1000.0,
-                                           eta=step > 1), flush=True)
-          summary = {"step": step, **scalars}
-          window, data_wait = [], 0.0
-          window_start = time.perf_counter()
+        if logger.due(step, force=step == total):
+          logger.log(step, summarize)
       jax.block_until_ready(state)
   finally:
-    window = batch = None
+    batch = None
+    if logger is not None:
+      logger.clear()  # The unlogged steps' device metrics.
     close = getattr(iterator, "close", None)
     if close is not None:  # Stops Grain's worker processes.
       close()
     pipeline.release_shared_memory()
+  summary = dict(logger.last)  # The last step is always logged.
   summary["train_seconds"] = time.perf_counter() - start
   summary["epochs"] = total * batch_size / num_examples
   return state["params"], summary
+
+
+def _window_scalars(window: train_loop.Window, batch_size: int) -> dict[str, float]:
+  """The scalars of one log line.
+
+  Args:
+    window: the steps since the last line (host metrics, seconds).
+    batch_size: images per step (global).
+
+  Returns:
+    train/loss (mean), train/accuracy (fraction of the window's images),
+    train/grad_norm (mean), train/learning_rate (the last step's),
+    perf/step_time_ms (ms per step), perf/images_per_sec and
+    perf/data_wait_fraction (of the wall time).
+
+  Raises:
+    FloatingPointError: a loss of the window is NaN or infinite.
+  """
+  host, elapsed = window.metrics, window.seconds
+  losses = [float(m["loss"]) for m in host]
+  n = len(host)
+  if not all(map(math.isfinite, losses)):
+    raise FloatingPointError(f"non-finite loss at step {window.step} (losses "
+                             f"{losses[-5:]}); lower optim.learning_rate or use "
+                             "model.dtype=float32")
+  return {"train/loss": float(np.mean(losses)),
+          "train/accuracy": sum(int(m["correct"]) for m in host) / (n * batch_size),
+          "train/grad_norm": float(np.mean([m["grad_norm"] for m in host])),
+          "train/learning_rate": float(host[-1]["learning_rate"]),
+          "perf/step_time_ms": 1000.0 * elapsed / n,
+          "perf/images_per_sec": n * batch_size / elapsed,
+          "perf/data_wait_fraction": window.data_wait / elapsed}
 
 
 def evaluate(model_config: mambaout.MambaOutConfig, params, source,

@@ -16,7 +16,9 @@ K classes.
 
 The parts: `train_config` (schema, defaults, checks), `train_data`
 (batches, prefetching), `train_step` (state and step), `train_checkpoint`
-(checkpoints, resuming, export); this module is the loop.
+(checkpoints, resuming, export), `train_loop` (the loop's pieces: stop
+signals and their multi-host agreement, the non-finite check, the log line,
+the checkpoint cadence); this module is the loop itself.
 
 Parallelism: one "data" mesh axis over every device of every process
 (mambaeye_jax.sharding). The state is built sharded from its abstract shape
@@ -32,24 +34,19 @@ data iterator included, and continues the same loss curve.
 
 from __future__ import annotations
 
-import io
+import functools
 import logging
-import math
 import os
-import signal
 import time
 from typing import Callable
 
 import jax
 import ml_collections
-import numpy as np
 from etils import epath
-from jax.experimental import multihost_utils
 
 from mambaeye_jax import metrics as metrics_lib
 from mambaeye_jax import model_dir
 from mambaeye_jax import optim
-from mambaeye_jax import progress as progress_lib
 from mambaeye_jax import sharding as sharding_lib
 from mambaeye_jax import work_dir
 from mambaeye_jax.data import pipeline
@@ -57,6 +54,7 @@ from mambaeye_jax.data import pipeline
 from mambaeye_jax import train_checkpoint
 from mambaeye_jax import train_config
 from mambaeye_jax import train_data
+from mambaeye_jax import train_loop
 from mambaeye_jax import train_step
 
 # The config API that configs/*.py, train.py and the docs use from here.
@@ -68,67 +66,9 @@ validate_config = train_config.validate_config
 unknown_field_message = train_config.unknown_field_message
 
 
-class _StopRequest:
-  """Turns SIGTERM / SIGINT into a flag the loop polls (main thread only)."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = {}
-
-  def _handle(self, signum, frame):
-    del frame
-    if self.requested and signum == signal.SIGINT:
-      raise KeyboardInterrupt  # Second Ctrl-C: abort without saving.
-    self.requested = True
-    logging.warning("received %s: saving a checkpoint and stopping after this step",
-                    signal.Signals(signum).name)
-
-  def __enter__(self):
-    try:
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._previous[sig] = signal.signal(sig, self._handle)
-    except ValueError:  # Not the main thread: no handlers, no interruption.
-      self._previous = {}
-    return self
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-
-class NonFiniteLossError(FloatingPointError):
-  """The loss went NaN or infinite; the message names the step and the batch file."""
-
-
-class NonFiniteStateError(NonFiniteLossError):
-  """The parameters or optimizer state went NaN or infinite (the loss did not)."""
-
-
-def _check_finite(step: int, metrics: dict, local_batch: dict, workdir: str,
-                  last_checkpoint: int | None) -> None:
-  """Raises before a non-finite loss or state can be logged as fine or saved."""
-  loss = float(metrics["loss"])
-  nonfinite = int(metrics.get("nonfinite_state", 0))
-  if math.isfinite(loss) and not nonfinite:
-    return
-  path = os.path.join(workdir, f"nan_batch_step{step}_process{jax.process_index()}.npz")
-  # Through memory: np.savez seeks in its file, which a bucket's files cannot.
-  buffer = io.BytesIO()
-  np.savez_compressed(buffer, **local_batch)
-  epath.Path(path).write_bytes(buffer.getvalue())
-  if last_checkpoint is None:
-    last = "no checkpoint was written"
-  else:
-    last = (f"the last checkpoint is step {last_checkpoint} in "
-            f"{os.path.join(workdir, work_dir.CHECKPOINT_DIR)}")
-  where = f"that step's batch (this process's rows) is saved in {path}; {last}"
-  if not math.isfinite(loss):
-    raise NonFiniteLossError(f"training loss is {loss} at step {step}; {where}")
-  raise NonFiniteStateError(
-      f"the update of step {step} made {nonfinite} parameter or optimizer values NaN or "
-      f"infinite (the loss, {loss:.4g}, was finite; learning rate "
-      f"{float(metrics['learning_rate']):.3g}: too large?); nothing was saved from that "
-      f"state; {where}")
+# The errors callers catch, raised by the loop's non-finite check.
+NonFiniteLossError = train_loop.NonFiniteLossError
+NonFiniteStateError = train_loop.NonFiniteStateError
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -216,94 +156,49 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                  packed=bool(config.data.packing), loss=config.loss),
       state_shardings, mesh)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_chief)
-  last_logged: dict[str, float] = {"step": step}
-  window: list = []  # device metrics of the steps since the last log.
-  pending = None  # (step, device metrics, host batch) not yet checked for NaN.
-  data_wait = 0.0
-  window_start = time.perf_counter()
-  first_window = True  # Its time includes compilation: logged at step start + 1.
-
-  def check_pending():
-    nonlocal pending
-    if pending is not None:
-      s, m, local = pending
-      pending = None
-      _check_finite(s, m, local, workdir, last_checkpoint)
+  logger = train_loop.TrainLogger(total_steps, writer, config.log_every_steps,
+                                  start_step=step, echo=is_chief)
+  checks = train_loop.FiniteCheck(workdir)
+  summarize = functools.partial(_window_scalars, accuracy_at=accuracy_at, batches=batches)
+  local = batch = None
 
   try:
-    with _StopRequest() as stop, writer:
+    with train_loop.StopSignals() as stop, writer:
       while step < total_steps:
         t0 = time.perf_counter()
-        try:
-          local, batch = next(batches)
-        except Exception:  # pylint: disable=broad-except
-          if not (stop.requested and jax.process_count() == 1):
-            raise
-          # A terminal's Ctrl-C and `timeout` signal the whole process group,
-          # so the data workers may die of the same signal while the loop
-          # waits for them: the batch in flight is lost, not the run. (With
-          # several processes the others would wait in the save: raise.)
-          logging.warning("the data pipeline stopped after the stop signal; saving step %d",
-                          step)
-          check_pending()
+        got = train_loop.next_batch(batches, stop, step)
+        if got is None:  # The data workers died of the stop signal.
+          checks.flush(last_checkpoint)
           if last_checkpoint != step:
             train_checkpoint.save(manager, step, state, batches)
             last_checkpoint = step
           break
-        data_wait += time.perf_counter() - t0
+        local, batch = got
+        data_wait = time.perf_counter() - t0
         train_data.check_labels(local, model_config.num_classes, step + 1)
         state, step_out = p_step(state, batch)
         step += 1
-        # Check the previous step's loss while this one runs on the device.
-        check_pending()
-        pending = (step, step_out, local)
-        window.append(step_out)
+        # Checks the previous step's loss while this one runs on the device.
+        checks.push(step, step_out, local, last_checkpoint)
+        logger.add(step_out, data_wait)
         if step_hook is not None:
           step_hook(step)
 
-        stopping = stop.requested
-        if jax.process_count() > 1 and step % config.sync_stop_every_steps == 0:
-          stopping = bool(multihost_utils.process_allgather(np.int32(stopping)).max())
-        elif jax.process_count() > 1:
-          stopping = False  # Every host must stop at the same step.
-        stopping = stopping or manager.reached_preemption(step)
+        stopping = train_loop.should_stop(stop.requested, step, config.sync_stop_every_steps,
+                                          manager.reached_preemption)
         done = step >= total_steps
-
-        if step % config.log_every_steps == 0 or done or stopping or first_window:
-          check_pending()
-          host = jax.device_get(window)
-          elapsed = time.perf_counter() - window_start
-          scalars = train_step.summarize(host, accuracy_at)
-          n = len(host)
-          images = float(sum(m["count_last"] for m in host))
-          tokens = float(sum(m["tokens"] for m in host))
-          scalars.update({
-              "perf/step_time_ms": 1000.0 * elapsed / n,
-              "perf/images_per_sec": images / elapsed,
-              "perf/tokens_per_sec": tokens / elapsed,
-              "perf/data_wait_ms": 1000.0 * data_wait / n,
-              "perf/data_wait_fraction": data_wait / elapsed,
-          })
-          scalars.update(train_data.pipeline_stats(batches))
-          if first_window:
-            scalars["perf/first_step_sec"] = elapsed  # compilation included.
-          writer.write(step, scalars)
-          if is_chief:
-            print(progress_lib.progress_line(step, total_steps, scalars, elapsed / n,
-                                            eta=not first_window), flush=True)
-          first_window = False
-          last_logged = {"step": step, **scalars}
-          window, data_wait = [], 0.0
-          window_start = time.perf_counter()
-
-        if step % config.checkpoint_every_steps == 0 or done or stopping:
-          check_pending()  # Never checkpoint a non-finite state.
+        if logger.due(step, force=done or stopping):
+          checks.flush(last_checkpoint)  # Never log a non-finite step as fine.
+          logger.log(step, summarize)
+        if train_loop.checkpoint_due(step, config.checkpoint_every_steps, done=done,
+                                     stopping=stopping):
+          checks.flush(last_checkpoint)  # Never checkpoint a non-finite state.
           train_checkpoint.save(manager, step, state, batches)
           last_checkpoint = step
         if stopping:
           logging.warning("stopped at step %d; checkpoint saved", step)
           break
-      check_pending()
+      checks.flush(last_checkpoint)
     train_checkpoint.wait_for_saves(manager)
     finished = step >= total_steps
     # A finished run re-run exports again only if its model is missing.
@@ -313,13 +208,50 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if finished and is_chief:
       print(finished_message(workdir, step, config, already=already_done), flush=True)
   finally:
-    local = batch = pending = window = None  # The last batches' shared memory.
+    # The last batches' shared memory.
+    local = batch = None
+    checks.clear()
+    logger.clear()
     try:
       train_checkpoint.wait_for_saves(manager)
     finally:
       manager.close()
       batches.close()
-  return last_logged
+  return logger.last
+
+
+def _window_scalars(window: train_loop.Window, accuracy_at: tuple[int, ...],
+                    batches) -> dict[str, float]:
+  """The scalars of one log line: train/*, perf/*, data/*.
+
+  Args:
+    window: the steps since the last line (their host metrics, seconds).
+    accuracy_at: the glimpse counts of train/accuracy_at_<k>.
+    batches: the pipeline, for its skip counters (collective with several
+      processes: every process logs at the same steps).
+
+  Returns:
+    train_step.summarize's scalars, then perf/step_time_ms (ms per step),
+    perf/images_per_sec, perf/tokens_per_sec, perf/data_wait_ms (ms per
+    step), perf/data_wait_fraction (of the wall time), data/num_skipped, and
+    on the first line perf/first_step_sec (s, compilation included).
+  """
+  host, elapsed, data_wait = window.metrics, window.seconds, window.data_wait
+  scalars = train_step.summarize(host, accuracy_at)
+  n = len(host)
+  images = float(sum(m["count_last"] for m in host))
+  tokens = float(sum(m["tokens"] for m in host))
+  scalars.update({
+      "perf/step_time_ms": 1000.0 * elapsed / n,
+      "perf/images_per_sec": images / elapsed,
+      "perf/tokens_per_sec": tokens / elapsed,
+      "perf/data_wait_ms": 1000.0 * data_wait / n,
+      "perf/data_wait_fraction": data_wait / elapsed,
+  })
+  scalars.update(train_data.pipeline_stats(batches))
+  if window.first:
+    scalars["perf/first_step_sec"] = elapsed  # compilation included.
+  return scalars
 
 
 def finished_message(workdir: str, step: int, config: ml_collections.ConfigDict,

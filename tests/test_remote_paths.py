@@ -21,6 +21,7 @@ from mambaeye_jax import metrics as metrics_lib
 from mambaeye_jax import model_dir
 from mambaeye_jax import train_checkpoint
 from mambaeye_jax import train_lib
+from mambaeye_jax import train_loop
 from mambaeye_jax import work_dir
 from mambaeye_jax.data import arrayrecord
 
@@ -127,7 +128,7 @@ def test_nan_batch_is_written_to_the_bucket(bucket):
   root, _ = bucket
   (root / "b" / "run").mkdir(parents=True)
   with pytest.raises(train_lib.NonFiniteLossError, match="gs://b/run/nan_batch_step3"):
-    train_lib._check_finite(  # pylint: disable=protected-access
+    train_loop.check_finite(
         3, {"loss": math.nan}, {"x": np.arange(4)}, "gs://b/run", None)
   (saved,) = glob.glob(str(root / "b" / "run" / "nan_batch_step3_*.npz"))
   np.testing.assert_array_equal(np.load(saved)["x"], np.arange(4))

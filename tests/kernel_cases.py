@@ -54,7 +54,7 @@ def interpret(mode: str) -> bool:
   return mode == INTERPRET
 
 
-def parametrize(cases: Mapping[str, Any], compiled_only: Mapping[str, Any] = None):
+def parametrize(cases: Mapping[str, Any], compiled_only: Mapping[str, Any] | None = None):
   """`@pytest.mark.parametrize("mode, case", ...)` over both modes.
 
   Args:

@@ -1,7 +1,15 @@
-"""The conv + SiLU Pallas kernel against its references (interpret mode on CPU)."""
+"""The conv + SiLU Pallas kernel against its references.
+
+The case set runs in both modes of `kernel_cases` (interpreted on any
+backend, compiled on a GPU); the rest checks tiling, dispatch and lowering.
+"""
+
+import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import kernel_cases
 import numpy as np
 import pytest
 
@@ -29,42 +37,67 @@ SEGMENTS = {
 }
 
 
-@pytest.mark.parametrize("two_pass", [True, False])
-@pytest.mark.parametrize("segments", sorted(SEGMENTS))
-@pytest.mark.parametrize("taps", [4, 2])
-def test_kernel_matches_oracle_values_and_gradients(segments, taps, two_pass):
-  x, kernel, bias, cot = _problem(taps=taps)
-  seg = SEGMENTS[segments]
-  cfg = conv_pallas_gpu.ConvGpuConfig(block_t=16, block_c=32, bwd_block_t=16, bwd_block_c=32,
-                                       bwd_two_pass=two_pass)  # Several tiles each way.
-  fused = lambda x, k, b: conv_pallas_gpu.causal_conv_silu(x, k, b, seg, jnp.float32, cfg=cfg,
-                                                           interpret=True)
-  plain = lambda x, k, b: _plain(x, k, b, seg)
-  out, vjp = jax.vjp(fused, x, kernel, bias)
-  want, vjp_want = jax.vjp(plain, x, kernel, bias)
-  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
-  for got, ref, name in zip(vjp(cot), vjp_want(cot), ("dx", "dkernel", "dbias")):
-    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4, err_msg=name)
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One conv problem; `reference` None: autodiff of the plain definition."""
+  shape: tuple[int, int, int]  # (b, t, c)
+  dtype: Any
+  taps: int = 4
+  segments: str = "none"
+  cfg: conv_pallas_gpu.ConvGpuConfig = conv_pallas_gpu.ConvGpuConfig()
+  # Against causal_conv_silu_reference, the XLA form of the same custom VJP
+  # (bf16: both compute in float32 from the same bf16 inputs).
+  xla_reference: bool = False
+  tols: kernel_cases.Tols | None = None  # None: TOLS by dtype
 
 
-@pytest.mark.parametrize("dpre_f32", [True, False])
-def test_kernel_bf16_close_to_xla_reference(dpre_f32):
-  x, kernel, bias, cot = _problem(t=64, c=128)
-  x16, cot16 = x.astype(jnp.bfloat16), cot.astype(jnp.bfloat16)
-  cfg = conv_pallas_gpu.ConvGpuConfig(bwd_dpre_f32=dpre_f32)
-  fused = lambda x, k, b: conv_pallas_gpu.causal_conv_silu(x, k, b, None, jnp.bfloat16,
-                                                           cfg=cfg, interpret=True)
-  xla = lambda x, k, b: conv_reference.causal_conv_silu_reference(x, k, b, None, jnp.bfloat16)
-  out, vjp = jax.vjp(fused, x16, kernel, bias)
-  want, vjp_want = jax.vjp(xla, x16, kernel, bias)
-  assert out.dtype == jnp.bfloat16
-  # Both compute in float32 from the same bf16 inputs: equal up to rounding.
-  np.testing.assert_allclose(out.astype(jnp.float32), want.astype(jnp.float32),
-                             rtol=1e-2, atol=1e-2)
-  for got, ref in zip(vjp(cot16), vjp_want(cot16)):
-    assert got.dtype == ref.dtype
-    np.testing.assert_allclose(got.astype(jnp.float32), ref.astype(jnp.float32),
-                               rtol=2e-2, atol=2e-2)
+TOLS = {
+    jnp.float32: kernel_cases.Tols(out=kernel_cases.Close(1e-5, 1e-5),
+                                   grad=kernel_cases.Close(1e-4, 1e-4)),
+    # Equal up to bf16 rounding of the output and the incoming gradient.
+    jnp.bfloat16: kernel_cases.Tols(out=kernel_cases.Close(1e-2, 1e-2),
+                                    grad=kernel_cases.Close(2e-2, 2e-2)),
+}
+
+# Several tiles each way at t = 48, c = 64.
+_SMALL = dict(block_t=16, block_c=32, bwd_block_t=16, bwd_block_c=32)
+CASES = {
+    f"f32_taps{taps}_{seg}_{'two' if two else 'one'}pass": Case(
+        (2, 48, 64), jnp.float32, taps=taps, segments=seg,
+        cfg=conv_pallas_gpu.ConvGpuConfig(**_SMALL, bwd_two_pass=two))
+    for taps in (4, 2) for seg in sorted(SEGMENTS) for two in (True, False)
+}
+CASES.update({
+    f"bf16_dpre_{'f32' if f32 else 'bf16'}": Case(
+        (2, 64, 128), jnp.bfloat16, cfg=conv_pallas_gpu.ConvGpuConfig(bwd_dpre_f32=f32),
+        xla_reference=True)
+    for f32 in (True, False)
+})
+COMPILED_ONLY = {
+    # Default tiles at MambaEye's width; sums over 4k tokens in dkernel, dbias.
+    "f32_mambaeye": Case((4, 1024, 640), jnp.float32, tols=kernel_cases.Tols(
+        out=kernel_cases.Close(1e-5, 1e-5), grad=kernel_cases.Close(1e-3, 1e-3))),
+}
+
+
+@kernel_cases.parametrize(CASES, COMPILED_ONLY)
+def test_kernel_matches_reference(mode, case):
+  b, t, c = case.shape
+  x, kernel, bias, _ = _problem(b=b, t=t, c=c, taps=case.taps)
+  seg = SEGMENTS[case.segments]
+
+  def fused(x, kernel, bias):
+    return conv_pallas_gpu.causal_conv_silu(x, kernel, bias, seg, case.dtype, cfg=case.cfg,
+                                            interpret=kernel_cases.interpret(mode))
+
+  def reference(x, kernel, bias):
+    if case.xla_reference:
+      return conv_reference.causal_conv_silu_reference(x, kernel, bias, seg, case.dtype)
+    return _plain(x, kernel, bias, seg)
+
+  kernel_cases.check_outputs_and_grads(
+      fused, reference, dict(x=x.astype(case.dtype), kernel=kernel, bias=bias),
+      case.tols or kernel_cases.tols_for(TOLS, case.dtype))
 
 
 def test_tiles_and_unsupported_shapes():
@@ -98,17 +131,3 @@ def test_kernels_lower_for_cuda(with_segments, cuda_lowering):
 
   text = cuda_lowering(jax.value_and_grad(loss, argnums=(0, 1, 2)), x, kernel, bias)
   assert "conv_silu_fwd" in text and "conv_silu_bwd" in text
-
-
-@pytest.mark.gpu
-def test_compiled_kernel_matches_xla_on_gpu():
-  if jax.default_backend() != "gpu":
-    pytest.skip("needs a GPU")
-  x, kernel, bias, cot = _problem(b=4, t=1024, c=640)
-  fused = jax.jit(lambda x, k, b: conv_pallas_gpu.causal_conv_silu(x, k, b, None, jnp.float32))
-  plain = jax.jit(lambda x, k, b: _plain(x, k, b, None))
-  out, vjp = jax.vjp(fused, x, kernel, bias)
-  want, vjp_want = jax.vjp(plain, x, kernel, bias)
-  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
-  for got, ref in zip(vjp(cot), vjp_want(cot)):
-    np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-3)

@@ -1,14 +1,19 @@
 """Tests of the Pallas SSD kernels against the sequential oracle.
 
-One test class, run twice: compiled on a GPU (skipped without one) and with
-`interpret=True`, which runs the same kernel logic on the CPU. The CPU run is
-kept small (blocks of 16 tokens so that short sequences still span several
-chunks and splits); the whole file takes well under a minute there.
+One case set, run in both modes of `kernel_cases`: compiled on a GPU
+(skipped without one) and with `interpret=True`, which runs the same kernel
+logic on the CPU; each case compares outputs and gradients w.r.t. every
+input. The CPU run is kept small: blocks of 16 tokens, so that short
+sequences still span several chunks and splits.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import conftest
+import kernel_cases
 import numpy as np
 import pytest
 
@@ -21,19 +26,15 @@ from kernels import ssd_pallas_tpu
 from kernels.ssd_reference import ssd_sequential
 
 SSDGpuConfig = ssd_pallas_gpu.SSDGpuConfig
-_HAS_GPU = jax.default_backend() == "gpu"
 
-# Relative L2 error bounds (||out - ref|| / ||ref||). float32 kernels use IEEE
-# float32 products and agree to ~1e-6; bf16 operands round inputs of the
-# products to 8 bits (~4e-3 per rounding).
-_TOL = {jnp.float32: 2e-5, jnp.bfloat16: 1.5e-2}
-_NAMES = ("x", "dt", "A", "B", "C", "D", "dt_bias", "initial_state")
-
-
-def _rel(a, b):
-  a = np.asarray(a, np.float64)
-  b = np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-30))
+# Relative L2 error bounds (||out - ref|| / ||ref||), outputs and gradients.
+# float32 kernels use IEEE float32 products and agree to ~1e-6; bf16
+# operands round inputs of the products to 8 bits (~4e-3 per rounding).
+TOLS = {
+    jnp.float32: kernel_cases.Tols(out=kernel_cases.RelL2(2e-5), grad=kernel_cases.RelL2(2e-5)),
+    jnp.bfloat16: kernel_cases.Tols(out=kernel_cases.RelL2(1.5e-2),
+                                    grad=kernel_cases.RelL2(1.5e-2)),
+}
 
 
 def _inputs(seed, b, l, h, p, g, n, dtype, *, seg, init):
@@ -56,168 +57,100 @@ def _inputs(seed, b, l, h, p, g, n, dtype, *, seg, init):
   return (x, dt, A, B, C, D, dt_bias, s0), sid
 
 
-class _SSDPallasCases:
-  """The test cases; subclasses choose compiled or interpreted kernels."""
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One SSD problem; shape is (b, l, h, p, g, n)."""
+  shape: tuple[int, int, int, int, int, int]
+  dtype: Any
+  cfg: SSDGpuConfig = SSDGpuConfig(block_q=16, bwd_block_q=16)
+  seg: bool = False  # segment ids, resets at random and at token 16
+  init: bool = False  # an initial state
+  final: bool = False  # return the final state too
+  # D, dt_bias and the softplus: all optional; without them the kernels
+  # drop the skip connection and the gradient flows to the raw dt.
+  skip_bias_softplus: bool = True
+  seed: int = 0
 
-  interpret: bool
-  small_cfg = SSDGpuConfig(block_q=16, bwd_block_q=16)
 
-  def _fns(self, sid, final, cfg):
-    kw = dict(dt_softplus=True, segment_ids=sid, return_final_state=final)
-
-    def kernel(x, dt, A, B, C, D, dt_bias, s0):
-      return ssd_pallas_mod.ssd_pallas(
-          x, dt, A, B, C, D, dt_bias=dt_bias, initial_state=s0, **kw,
-          interpret=self.interpret, config=cfg)
-
-    def oracle(x, dt, A, B, C, D, dt_bias, s0):
-      return ssd_sequential(x, dt, A, B, C, D, dt_bias=dt_bias,
-                            initial_state=s0, **kw)
-
-    return kernel, oracle
-
-  def _check_forward(self, shape, dtype, *, seg, init, final, cfg, seed=0):
-    args, sid = _inputs(seed, *shape, dtype, seg=seg, init=init)
-    kernel, oracle = self._fns(sid, final, cfg)
-    out = jax.jit(kernel)(*args)
-    ref = oracle(*args)
-    out_l, ref_l = jax.tree.leaves(out), jax.tree.leaves(ref)
-    assert len(out_l) == len(ref_l) == (2 if final else 1)
-    assert out_l[0].dtype == args[0].dtype and out_l[0].shape == args[0].shape
-    for o, r in zip(out_l, ref_l):
-      assert np.all(np.isfinite(np.asarray(o, np.float32)))
-      assert _rel(o, r) < _TOL[dtype], _rel(o, r)
-    if final:
-      assert out_l[1].dtype == jnp.float32
-
-  def _check_grads(self, shape, dtype, *, seg, init, final, cfg, seed=1):
-    args, sid = _inputs(seed, *shape, dtype, seg=seg, init=init)
-    kernel, oracle = self._fns(sid, final, cfg)
-    ref, ref_vjp = jax.vjp(oracle, *args)
-    cot = jax.tree.map(
-        lambda o: jax.random.normal(jax.random.PRNGKey(seed + 7), o.shape,
-                                    o.dtype), ref)
-
-    @jax.jit
-    def run(*a):
-      out, vjp = jax.vjp(kernel, *a)
-      return out, vjp(cot)
-
-    out, grads = run(*args)
-    ref_grads = ref_vjp(cot)
-    for o, r in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
-      assert _rel(o, r) < _TOL[dtype]
-    for name, g, r in zip(_NAMES, grads, ref_grads):
-      if r is None:
-        assert g is None, name
-        continue
-      assert g.shape == r.shape and g.dtype == r.dtype, name
-      assert np.all(np.isfinite(np.asarray(g, np.float32))), name
-      # A zero gradient would pass a loose bound against a tiny reference.
-      assert np.linalg.norm(np.asarray(r, np.float32)) > 0, name
-      err = _rel(g, r)
-      assert err < _TOL[dtype], f"d{name}: rel err {err:.2e}"
-
-  # ---- forward ------------------------------------------------------------
-
-  def test_forward_odd_length_f32(self):
-    self._check_forward((2, 37, 2, 16, 1, 16), jnp.float32, seg=False,
-                        init=False, final=False, cfg=self.small_cfg)
-
-  def test_forward_split_groups_segments_bf16(self):
-    cfg = SSDGpuConfig(block_q=16, bwd_block_q=16, split_chunks=2)
-    self._check_forward((2, 100, 4, 16, 2, 32), jnp.bfloat16, seg=True,
-                        init=True, final=True, cfg=cfg)
-
-  def test_forward_unpadded_dims_f32(self):
+CASES = {
+    "odd_length_f32": Case((2, 37, 2, 16, 1, 16), jnp.float32),
+    "split_groups_segments_bf16": Case(
+        (2, 100, 4, 16, 2, 32), jnp.bfloat16, seg=True, init=True, final=True,
+        cfg=SSDGpuConfig(block_q=16, bwd_block_q=16, split_chunks=2)),
     # headdim 24 and d_state 8 are padded inside to 32 and 16.
-    self._check_forward((1, 33, 2, 24, 1, 8), jnp.float32, seg=False,
-                        init=True, final=True, cfg=self.small_cfg)
-
-  # ---- gradients w.r.t. every input --------------------------------------
-
-  def test_grads_segments_final_f32(self):
-    self._check_grads((1, 70, 2, 32, 1, 16), jnp.float32, seg=True,
-                      init=False, final=True, cfg=self.small_cfg)
-
-  def test_grads_split_groups_initial_f32(self):
-    cfg = SSDGpuConfig(block_q=16, bwd_block_q=16, split_chunks=1)
-    self._check_grads((2, 53, 4, 16, 2, 16), jnp.float32, seg=True,
-                      init=True, final=True, cfg=cfg)
-
-  def test_grads_bf16(self):
-    cfg = SSDGpuConfig(block_q=32, bwd_block_q=16, split_chunks=1)
-    self._check_grads((1, 75, 2, 16, 1, 32), jnp.bfloat16, seg=False,
-                      init=True, final=False, cfg=cfg)
-
-  def test_packed_bc_matches_separate_b_and_c(self):
-    # B and C in one (b, l, 2 g, n) array, C's groups read at an offset: two
-    # groups of two heads, a split length and segments, so every index map
-    # and the gradient's packing are exercised.
-    cfg = SSDGpuConfig(block_q=16, bwd_block_q=16, split_chunks=1)
-    args, sid = _inputs(4, 2, 53, 4, 16, 2, 16, jnp.float32, seg=True, init=False)
-    x, dt, A, B, C, D, dt_bias, _ = args
-    kw = dict(dt_bias=dt_bias, dt_softplus=True, segment_ids=sid,
-              interpret=self.interpret, config=cfg)
-    separate = lambda x, dt, B, C: ssd_pallas_mod.ssd_pallas(x, dt, A, B, C, D, **kw)
-    packed = lambda x, dt, bc: ssd_pallas_mod.ssd_pallas(x, dt, A, bc, None, D, **kw)
-    y, vjp = jax.vjp(separate, x, dt, B, C)
-    y_packed, vjp_packed = jax.vjp(packed, x, dt, jnp.concatenate([B, C], axis=2))
-    np.testing.assert_allclose(y_packed, y, rtol=1e-6, atol=1e-6)
-    cot = jax.random.normal(jax.random.PRNGKey(5), y.shape)
-    dx, ddt, dB, dC = vjp(cot)
-    dx_p, ddt_p, dbc = vjp_packed(cot)
-    assert dbc.shape == (2, 53, 4, 16)
-    for got, want in ((dx_p, dx), (ddt_p, ddt), (dbc, jnp.concatenate([dB, dC], axis=2))):
-      np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
-
-  def test_grads_no_skip_no_bias_no_softplus_f32(self):
-    # D, dt_bias and the softplus are all optional: the kernels drop the
-    # skip connection and the gradient flows to the raw dt.
-    args, _ = _inputs(3, 1, 40, 2, 16, 1, 16, jnp.float32, seg=False,
-                      init=False)
-    x, dt, A, B, C = args[:5]
-    dt = jax.nn.softplus(dt)
-
-    def kernel(x, dt, A, B, C):
-      return ssd_pallas_mod.ssd_pallas(x, dt, A, B, C, interpret=self.interpret,
-                                       config=self.small_cfg)
-
-    ref, ref_vjp = jax.vjp(ssd_sequential, x, dt, A, B, C)
-    cot = jax.random.normal(jax.random.PRNGKey(9), ref.shape, ref.dtype)
-    out, grads = jax.jit(lambda *a: (kernel(*a), jax.vjp(kernel, *a)[1](cot)))(
-        x, dt, A, B, C)
-    assert _rel(out, ref) < _TOL[jnp.float32]
-    for name, g, r in zip(_NAMES, grads, ref_vjp(cot)):
-      assert _rel(g, r) < _TOL[jnp.float32], name
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not _HAS_GPU, reason="needs a GPU")
-class TestSSDPallasCompiled(_SSDPallasCases):
-  """The kernels compiled by Triton on the GPU."""
-
-  interpret = False
-
-  def test_default_config_mambaeye_like(self):
+    "unpadded_dims_f32": Case((1, 33, 2, 24, 1, 8), jnp.float32, init=True, final=True),
+    "segments_final_f32": Case((1, 70, 2, 32, 1, 16), jnp.float32, seg=True, final=True,
+                               seed=1),
+    "split_groups_initial_f32": Case(
+        (2, 53, 4, 16, 2, 16), jnp.float32, seg=True, init=True, final=True, seed=1,
+        cfg=SSDGpuConfig(block_q=16, bwd_block_q=16, split_chunks=1)),
+    "bf16": Case((1, 75, 2, 16, 1, 32), jnp.bfloat16, init=True, seed=1,
+                 cfg=SSDGpuConfig(block_q=32, bwd_block_q=16, split_chunks=1)),
+    "no_skip_no_bias_no_softplus_f32": Case((1, 40, 2, 16, 1, 16), jnp.float32,
+                                            skip_bias_softplus=False, seed=3),
+}
+COMPILED_ONLY = {
     # Default tiles (64-token chunks), MambaEye head sizes, several chunks.
-    self._check_grads((2, 300, 8, 64, 1, 64), jnp.bfloat16, seg=True,
-                      init=True, final=True, cfg=SSDGpuConfig())
-
-  def test_default_config_lm_state_bf16(self):
+    "default_config_mambaeye_like": Case((2, 300, 8, 64, 1, 64), jnp.bfloat16, seg=True,
+                                         init=True, final=True, cfg=SSDGpuConfig(), seed=1),
     # d_state 128: the backward resolves to 32-token chunks, no pipelining.
-    self._check_grads((1, 300, 4, 64, 1, 128), jnp.bfloat16, seg=True,
-                      init=True, final=True, cfg=SSDGpuConfig())
+    "default_config_lm_state_bf16": Case((1, 300, 4, 64, 1, 128), jnp.bfloat16, seg=True,
+                                         init=True, final=True, cfg=SSDGpuConfig(), seed=1),
+    "default_config_long_split_f32": Case((1, 2000, 2, 64, 1, 128), jnp.float32, final=True,
+                                          cfg=SSDGpuConfig()),
+}
 
-  def test_default_config_long_split_f32(self):
-    self._check_forward((1, 2000, 2, 64, 1, 128), jnp.float32, seg=False,
-                        init=False, final=True, cfg=SSDGpuConfig())
+
+@kernel_cases.parametrize(CASES, COMPILED_ONLY)
+def test_kernel_matches_oracle(mode, case):
+  (x, dt, A, B, C, D, dt_bias, s0), sid = _inputs(case.seed, *case.shape, case.dtype,
+                                                  seg=case.seg, init=case.init)
+  args = dict(x=x, dt=dt, A=A, B=B, C=C)
+  if case.skip_bias_softplus:
+    args.update(D=D, dt_bias=dt_bias)
+  else:
+    args["dt"] = jax.nn.softplus(dt)
+  if case.init:
+    args["initial_state"] = s0
+  kw = dict(dt_softplus=case.skip_bias_softplus, segment_ids=sid,
+            return_final_state=case.final)
+
+  def named(out):
+    return dict(y=out[0], final=out[1]) if case.final else dict(y=out)
+
+  def kernel(x, dt, A, B, C, D=None, **opt):
+    return named(ssd_pallas_mod.ssd_pallas(x, dt, A, B, C, D, **opt, **kw, config=case.cfg,
+                                           interpret=kernel_cases.interpret(mode)))
+
+  def oracle(x, dt, A, B, C, D=None, **opt):
+    return named(ssd_sequential(x, dt, A, B, C, D, **opt, **kw))
+
+  kernel_cases.check_outputs_and_grads(kernel, oracle, args,
+                                       kernel_cases.tols_for(TOLS, case.dtype),
+                                       seed=case.seed + 7)
 
 
-class TestSSDPallasInterpret(_SSDPallasCases):
-  """The same kernel logic through the Pallas interpreter (CPU)."""
-
-  interpret = True
+@pytest.mark.parametrize("mode", kernel_cases.MODES)
+def test_packed_bc_matches_separate_b_and_c(mode):
+  # B and C in one (b, l, 2 g, n) array, C's groups read at an offset: two
+  # groups of two heads, a split length and segments, so every index map
+  # and the gradient's packing are exercised.
+  cfg = SSDGpuConfig(block_q=16, bwd_block_q=16, split_chunks=1)
+  args, sid = _inputs(4, 2, 53, 4, 16, 2, 16, jnp.float32, seg=True, init=False)
+  x, dt, A, B, C, D, dt_bias, _ = args
+  kw = dict(dt_bias=dt_bias, dt_softplus=True, segment_ids=sid,
+            interpret=kernel_cases.interpret(mode), config=cfg)
+  separate = lambda x, dt, B, C: ssd_pallas_mod.ssd_pallas(x, dt, A, B, C, D, **kw)
+  packed = lambda x, dt, bc: ssd_pallas_mod.ssd_pallas(x, dt, A, bc, None, D, **kw)
+  y, vjp = jax.vjp(separate, x, dt, B, C)
+  y_packed, vjp_packed = jax.vjp(packed, x, dt, jnp.concatenate([B, C], axis=2))
+  np.testing.assert_allclose(y_packed, y, rtol=1e-6, atol=1e-6)
+  cot = jax.random.normal(jax.random.PRNGKey(5), y.shape)
+  dx, ddt, dB, dC = vjp(cot)
+  dx_p, ddt_p, dbc = vjp_packed(cot)
+  assert dbc.shape == (2, 53, 4, 16)
+  for got, want in ((dx_p, dx), (ddt_p, ddt), (dbc, jnp.concatenate([dB, dC], axis=2))):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
 # ---- configuration and dispatch (no kernels run) ---------------------------

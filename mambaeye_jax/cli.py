@@ -126,6 +126,32 @@ def parse(flag_values: flags.FlagValues, argv: Sequence[str], prog: str) -> list
     raise UsageError(" ".join(str(e).split())) from e
 
 
+def parse_command(flag_values: flags.FlagValues, argv: Sequence[str] | None, *,
+                  prog: str, usage: str, description: str,
+                  positional: Sequence[str]) -> list[str] | int:
+  """A command line with exactly `positional` arguments (the converters').
+
+  argv: without the program name (None: sys.argv[1:]). Returns the
+  positional arguments, or the exit status after printing: 0 for --help
+  (the help on stdout), 2 for a bad command line (one `error: ...` line
+  with the usage on stderr). positional: the arguments' names, for the
+  message ("SRC.pt", "DST_DIR").
+  """
+  argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+  if wants_help(argv):
+    print_help(help_text(flag_values, usage, description))
+    return 0
+  try:
+    rest = parse(flag_values, argv, prog)
+    if len(rest) != len(positional):
+      raise UsageError(f"expected {' '.join(positional)}, got {len(rest)} argument(s)"
+                       f"{': ' if rest else ''}{' '.join(rest)}")
+  except UsageError as e:
+    print(f"error: {e} (usage: {usage}; --help lists the flags)", file=sys.stderr)
+    return 2
+  return rest
+
+
 def print_usage_error(prog: str, message: str) -> int:
   """One `prog: error: message` line on stderr; the exit status, 2."""
   print(f"{prog}: error: {message} ({prog} --help lists the flags)", file=sys.stderr)

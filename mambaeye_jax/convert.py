@@ -41,19 +41,10 @@ flags.DEFINE_integer("ngroups", 1, "B/C groups of the checkpoint's Mamba2 (1 for
 
 def main(argv=None):
   """The command line (argv without the program name); the exit status."""
-  argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-  if cli.wants_help(argv):
-    cli.print_help(cli.help_text(FLAGS, _USAGE, _DESCRIPTION))
-    return 0
-  try:
-    positional = cli.parse(FLAGS, argv, _PROG)
-    if len(positional) != 2:
-      raise cli.UsageError(f"expected SRC.pt DST_DIR, got {len(positional)} "
-                           f"argument(s){': ' if positional else ''}"
-                           f"{' '.join(positional)}")
-  except cli.UsageError as e:
-    print(f"error: {e} (usage: {_USAGE}; --help lists the flags)", file=sys.stderr)
-    return 2
+  positional = cli.parse_command(FLAGS, argv, prog=_PROG, usage=_USAGE,
+                                 description=_DESCRIPTION, positional=("SRC.pt", "DST_DIR"))
+  if isinstance(positional, int):  # --help, or a bad command line: printed.
+    return positional
   args = types.SimpleNamespace(src=positional[0], dst=positional[1],
                                ngroups=FLAGS.ngroups)
   try:

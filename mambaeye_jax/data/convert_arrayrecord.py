@@ -106,18 +106,10 @@ flags.DEFINE_bool("strict", False, "fail on the first unreadable image",
 
 def main(argv=None) -> int:
   """The command line (argv without the program name); the exit status."""
-  argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-  if cli.wants_help(argv):
-    cli.print_help(cli.help_text(FLAGS, _USAGE, __doc__))
-    return 0
-  try:
-    positional = cli.parse(FLAGS, argv, _PROG)
-    if len(positional) != 2:
-      raise cli.UsageError(f"expected SRC_DIR DST_PREFIX, got "
-                           f"{len(positional)} argument(s)")
-  except cli.UsageError as e:
-    print(f"error: {e} (usage: {_USAGE}; --help lists the flags)", file=sys.stderr)
-    return 2
+  positional = cli.parse_command(FLAGS, argv, prog=_PROG, usage=_USAGE, description=__doc__,
+                                 positional=("SRC_DIR", "DST_PREFIX"))
+  if isinstance(positional, int):  # --help, or a bad command line: printed.
+    return positional
   args = types.SimpleNamespace(src_dir=positional[0], dst_prefix=positional[1],
                                shards=FLAGS.shards, verify=not FLAGS["no-verify"].value,
                                strict=FLAGS.strict)

@@ -170,8 +170,14 @@ def run(argv: list[str]) -> int:
     if verbose:
       raise
     print(error_line(e), file=sys.stderr, flush=True)
-    return 1
-  return 0
+  else:
+    return 0
+  # Only now: the error's traceback held the data workers' last batches
+  # (frames of the loop), so the release in train_and_evaluate's `finally`
+  # could not free them, and the exit would report leaked shared memory.
+  from mambaeye_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  pipeline.release_shared_memory()
+  return 1
 
 
 if __name__ == "__main__":

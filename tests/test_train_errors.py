@@ -262,6 +262,19 @@ def test_an_overflowing_update_is_never_saved(tmp_path):
   assert not os.listdir(tmp_path / "checkpoints")
 
 
+def test_an_error_exit_with_data_workers_leaks_no_shared_memory(tmp_path):
+  """The error's traceback holds the workers' last batches: train.py frees
+  them after printing its line, so the exit reports no leaked memory."""
+  root = image_folder(tmp_path / "data", num_classes=2, per_class=4)
+  proc = run_train_py("--config", "configs/smoke.py", "--workdir", str(tmp_path / "w"),
+                      "--config.data.source=folder", f"--config.data.path={root}",
+                      "--config.data.worker_count=1", "--config.num_train_steps=3",
+                      "--config.optim.learning_rate=1e39", "--config.optim.warmup_steps=0")
+  assert proc.returncode == 1, proc.stderr
+  assert "error: the update of step 1 made" in proc.stderr
+  assert "leaked shared_memory" not in proc.stderr, proc.stderr
+
+
 def test_finished_run_rerun_says_where_the_model_is(tmp_path, capsys, caplog):
   c = fake_config(steps=1)
   train_lib.train_and_evaluate(c, str(tmp_path))

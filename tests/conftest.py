@@ -144,6 +144,15 @@ def subprocess_env(cache_dir, devices: int = 1, environ: dict | None = None,
   return env
 
 
+def smoke_train_cmd(workdir, steps: int, *extra: str) -> list[str]:
+  """train.py on configs/smoke.py for a multi-process test: `steps` steps,
+  a checkpoint every 2, the stop agreement every step; `extra` flags after."""
+  return [sys.executable, os.path.join(REPO_ROOT, "train.py"),
+          "--config", os.path.join(REPO_ROOT, "configs", "smoke.py"),
+          "--workdir", str(workdir), f"--config.num_train_steps={steps}",
+          "--config.checkpoint_every_steps=2", "--config.sync_stop_every_steps=1", *extra]
+
+
 def free_port() -> int:
   """A TCP port free on localhost now (for a coordinator)."""
   with socket.socket() as s:

@@ -234,13 +234,9 @@ def test_environment_variable_path_trains_two_processes(cache_dir, tmp_path):
   port = conftest.free_port()
   runs = []
   for pid in range(2):
-    cmd = [sys.executable, os.path.join(REPO_ROOT, "train.py"),
-           "--config", os.path.join(REPO_ROOT, "configs", "smoke.py"),
-           "--workdir", str(workdir), "--config.num_train_steps=2",
-           "--config.checkpoint_every_steps=2", "--config.sync_stop_every_steps=1",
-           # In-process batches: the Grain pipeline on two processes is
-           # tests/test_sharding.py's; this test is about the launch.
-           "--config.data.source=fake"]
+    # In-process batches: the Grain pipeline on two processes is
+    # tests/test_sharding.py's; this test is about the launch.
+    cmd = conftest.smoke_train_cmd(workdir, 2, "--config.data.source=fake")
     env = _env(cache_dir, MAMBAEYE_COORDINATOR=f"localhost:{port}",
                MAMBAEYE_NUM_PROCESSES="2", MAMBAEYE_PROCESS_ID=str(pid))
     runs.append((cmd, env))

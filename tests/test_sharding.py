@@ -128,12 +128,8 @@ def test_two_processes_train_and_checkpoint(cache_dir, tmp_path):
   port = conftest.free_port()
   runs = []
   for pid in range(2):
-    cmd = [sys.executable, os.path.join(REPO_ROOT, "train.py"),
-           "--config", os.path.join(REPO_ROOT, "configs", "smoke.py"),
-           "--workdir", str(workdir), "--config.num_train_steps=4",
-           "--config.checkpoint_every_steps=2", "--config.sync_stop_every_steps=1",
-           "--coordinator_address", f"127.0.0.1:{port}", "--num_processes=2",
-           f"--process_id={pid}"]
+    cmd = conftest.smoke_train_cmd(workdir, 4, "--coordinator_address", f"127.0.0.1:{port}",
+                                   "--num_processes=2", f"--process_id={pid}")
     runs.append((cmd, _env(cache_dir)))
   results = conftest.run_processes(runs, tmp_path, timeout=300)
   for rc, out in results:

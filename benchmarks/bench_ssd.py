@@ -20,21 +20,23 @@ float32 dt with dt_bias and softplus, as in the model.
 
 Examples:
   python benchmarks/bench_ssd.py                       # everything on the GPU
-  python benchmarks/bench_ssd.py --shapes mambaeye --lengths 4096 16384
-  python benchmarks/bench_ssd.py --impls pallas mamba_ssm --modes fwd
-  python benchmarks/bench_ssd.py --configs "block_q=64" "block_q=128,num_warps=8"
+  python benchmarks/bench_ssd.py --shapes mambaeye --lengths 4096,16384
+  python benchmarks/bench_ssd.py --impls pallas,mamba_ssm --modes fwd
+  python benchmarks/bench_ssd.py --configs block_q=64 --configs block_q=128,num_warps=8
   python benchmarks/bench_ssd.py --smoke               # tiny, CPU, interpret
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
 import types
 
 import numpy as np
+from absl import flags
+
+from mambaeye_jax import cli
 
 import timing  # benchmarks/timing.py: benchmarks/ is sys.path[0].
 
@@ -362,28 +364,38 @@ def print_table(rows):
     print(_fmt_row(row))
 
 
+# Flags of this script only (mambaeye_jax.cli says why not absl's global FLAGS).
+FLAGS = flags.FlagValues()
+flags.DEFINE_enum("shapes", "all", ["mambaeye", "lm", "all"], "shape families",
+                  flag_values=FLAGS)
+cli.define_int_list("lengths", None, "sequence lengths (default: each family's)",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("tokens", 65536, "batch * length of every shape", flag_values=FLAGS)
+cli.define_name_list("impls", IMPLS, "implementations", flag_values=FLAGS, choices=IMPLS)
+cli.define_name_list("modes", ("fwd", "fwdbwd"), "what is timed", flag_values=FLAGS,
+                     choices=("fwd", "fwdbwd"))
+# Repeated, not comma-separated: one tile config is itself a comma list.
+flags.DEFINE_multi_string("configs", ["default"], "a Pallas tile config, e.g. "
+                          "'block_q=128,num_warps=8'; repeat the flag for more",
+                          flag_values=FLAGS)
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "x / B / C dtype",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("reps", 15, "timed repetitions", flag_values=FLAGS)
+flags.DEFINE_integer("inner", 10, "calls per repetition", flag_values=FLAGS)
+flags.DEFINE_bool("check", True, "compare every implementation with ssd_chunked "
+                  "(--nocheck: time only)", flag_values=FLAGS)
+flags.DEFINE_string("log", None, "append raw rows to this file", flag_values=FLAGS)
+flags.DEFINE_bool("breakdown", False, "also time the Pallas training forward and "
+                  "backward alone", flag_values=FLAGS)
+flags.DEFINE_bool("smoke", False, "tiny shapes on CPU, Pallas in interpret mode",
+                  flag_values=FLAGS)
+
+
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--shapes", choices=("mambaeye", "lm", "all"), default="all")
-  ap.add_argument("--lengths", type=int, nargs="*", default=None)
-  ap.add_argument("--tokens", type=int, default=65536,
-                  help="batch * length of every shape")
-  ap.add_argument("--impls", nargs="*", default=list(IMPLS), choices=IMPLS)
-  ap.add_argument("--modes", nargs="*", default=["fwd", "fwdbwd"],
-                  choices=("fwd", "fwdbwd"))
-  ap.add_argument("--configs", nargs="*", default=["default"],
-                  help="pallas tile configs, e.g. 'block_q=128,num_warps=8'")
-  ap.add_argument("--dtype", default="bfloat16",
-                  choices=("bfloat16", "float32"))
-  ap.add_argument("--reps", type=int, default=15)
-  ap.add_argument("--inner", type=int, default=10)
-  ap.add_argument("--no-check", dest="check", action="store_false")
-  ap.add_argument("--log", default=None, help="append raw rows to this file")
-  ap.add_argument("--breakdown", action="store_true",
-                  help="also time the Pallas training forward and backward alone")
-  ap.add_argument("--smoke", action="store_true",
-                  help="tiny shapes on CPU, Pallas in interpret mode")
-  args = ap.parse_args(argv)
+  args = cli.parse_args(FLAGS, argv, prog="bench_ssd.py",
+                        usage="python benchmarks/bench_ssd.py [--shapes S] [--lengths L,L] "
+                              "[--impls I,I] [--configs CFG]... [--smoke]",
+                        description=__doc__)
   if args.smoke:
     args.reps, args.inner = 2, 1
   rows = run(args)

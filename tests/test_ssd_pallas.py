@@ -215,9 +215,25 @@ def test_tpu_dispatch(monkeypatch):
 def test_bench_smoke_runs_and_checks():
   """`python benchmarks/bench_ssd.py --smoke` checks the kernel and times it."""
   bench_ssd = conftest.load_benchmark("bench_ssd")
-  rows = bench_ssd.main(["--smoke", "--impls", "pallas", "chunked",
+  rows = bench_ssd.main(["--smoke", "--impls", "pallas,chunked",
                          "--modes", "fwdbwd"])
   pallas = [r for r in rows if r["impl"].startswith("pallas")]
   assert len(pallas) == 2 and all("error" not in r for r in rows)
   for r in pallas:
     assert r["err_y"] < 1e-2 and r["err_g"] < 1.5e-2 and r["fwdbwd"] > 0
+
+
+def test_bench_flags_parse_lists_and_repeated_configs():
+  """bench_ssd's absl flags: comma lists, a repeated --configs (each one a
+  comma list itself), and a clear exit 2 on an unknown implementation."""
+  bench_ssd = conftest.load_benchmark("bench_ssd")
+  args = bench_ssd.cli.parse_args(
+      bench_ssd.FLAGS, ["--lengths", "256,1024", "--impls", "pallas,chunked",
+                        "--configs", "block_q=64", "--configs", "block_q=128,num_warps=8"],
+      prog="bench_ssd.py", usage="", description="")
+  assert args.lengths == (256, 1024) and args.impls == ("pallas", "chunked")
+  assert args.configs == ["block_q=64", "block_q=128,num_warps=8"]
+  assert [s.l for s in bench_ssd.shapes_for("mambaeye", args.lengths, 65536)] == [256, 1024]
+  with pytest.raises(SystemExit) as exit_info:
+    bench_ssd.main(["--impls", "pallas,triton"])
+  assert exit_info.value.code == 2

@@ -63,6 +63,13 @@ def make_example(pixels: np.ndarray, canvas_hw: tuple[int, int],
   }
 
 
+def padded_canvas(pixels: np.ndarray, box: geometry.ImageBox, side: int) -> np.ndarray:
+  """(h, w, 3) uint8 pixels at `box` on a zero (side, side, 3) uint8 canvas."""
+  canvas = np.zeros((side, side, 3), np.uint8)
+  canvas[box.top:box.top + box.height, box.left:box.left + box.width] = pixels
+  return canvas
+
+
 def make_canvas_example(pixels: np.ndarray, canvas_hw: tuple[int, int],
                         box: geometry.ImageBox, positions: np.ndarray, label: int,
                         padded_side: int) -> dict[str, np.ndarray]:
@@ -95,10 +102,8 @@ def make_canvas_example(pixels: np.ndarray, canvas_hw: tuple[int, int],
   geometry.check_glimpses(canvas_hw, box, positions)
   if pixels.shape[:2] != (box.height, box.width):
     raise ValueError(f"pixels {pixels.shape} do not match box {box}")
-  canvas = np.zeros((padded_side, padded_side, 3), np.uint8)
-  canvas[box.top:box.top + box.height, box.left:box.left + box.width] = pixels
   return {
-      "canvas": canvas,
+      "canvas": padded_canvas(pixels, box, padded_side),
       "positions": positions,
       "ratio": geometry.information_ratio(positions, box),
       "label": np.int32(label),

@@ -18,7 +18,9 @@ section 3a).
 Hardware and time (2026-12-05, one H200, 16 CPU cores, 16 data workers):
 489 s of wall time, start-up and the decoded-image cache included. Steps
 take about 28 ms, 40-50% of it waiting for the workers' augmentation; the
-GPU is not the limit here. The last log line was "step 14000/14000 (100.0%)
+GPU is not the limit here (since then the batches carry canvases, not
+patches: `data.ship`, docs/training.md "Data wait"; the wait with it is to
+be measured). The last log line was "step 14000/14000 (100.0%)
 | loss 1.6985 | acc@last 44.3% | 11212 img/s".
 
 Result: on the 10,000 test images (`python eval.py --workdir WORKDIR --data

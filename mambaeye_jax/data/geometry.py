@@ -70,7 +70,7 @@ def move_embedding(moves: np.ndarray) -> np.ndarray:
 
 
 def check_glimpses(canvas_hw: tuple[int, int], box: ImageBox,
-           positions: np.ndarray) -> None:
+                   positions: np.ndarray) -> None:
   """Raises ValueError unless the box lies inside the (H, W) canvas and the
   (T, 2) corners keep every patch inside it."""
   height, width = canvas_hw

@@ -10,17 +10,23 @@ transform (T = 1024, canvas 256..1024 by default; `--preset cifar10`: T =
 128, canvas 32..64, batch 256 as configs/cifar10.py) over the images:
 
   1. stage by stage (file read, header + plan, decode, transform, positions,
-     patch gather, information ratio), timing each; then the per-batch
-     stages per sample: batching (`rows_to_batch`) and the worker -> main
-     process transfer (Grain's copy into shared memory and its opening);
+     patch gather, information ratio), timing each, and the canvas that
+     `DataConfig.ship="canvas"` builds instead of the gather; then the
+     per-batch stages per sample in both ship modes: batching
+     (`rows_to_batch`) and the worker -> main process transfer (Grain's copy
+     into shared memory and its opening);
   2. the same work in the official order and sizes (`apply_reference`, the
      full canvas, geometry.py's ratio), for comparison on the same machine;
   3. end to end through the Grain pipeline (`make_train_iterator`,
-     in-process, one thread), batches included; what it costs beyond the
-     stages is Grain's own per-record overhead;
+     in-process, one thread), batches included, in both ship modes; what it
+     costs beyond the stages is Grain's own per-record overhead;
   4. with --workers N, wall-clock throughput with N worker processes, and
      the CPU time of all of them (main process and workers) per sample,
-     which does not depend on what else runs on the machine.
+     which does not depend on what else runs on the machine (both modes).
+
+In "canvas" mode the patches are gathered on the accelerator inside the
+train step (`train_step.batch_patches`), which this host benchmark does not
+time.
 
 Prints ms/sample and samples/s for one core. Nothing is written outside the
 temporary directory. Times are CPU time of this process (see `_clock`).
@@ -42,6 +48,7 @@ from mambaeye_jax import cli
 from mambaeye_jax.data import augment
 from mambaeye_jax.data import batching
 from mambaeye_jax.data import geometry
+from mambaeye_jax.data import glimpses
 from mambaeye_jax.data import pipeline
 from mambaeye_jax.data import scan_patterns
 from mambaeye_jax.data import sources
@@ -85,12 +92,17 @@ class _MemorySource:
     return self._records[index]
 
 
+# The stage that replaces "patch gather" with ship="canvas".
+CANVAS_STAGE = "canvas (ship=canvas)"
+
+
 def bench_stages(files, cfg: pipeline.DataConfig, samples: int, seed: int):
   """Times each stage of TrainTransform on `samples` records.
 
   Returns:
     (totals: stage -> seconds, path_times: path -> list of transform
-    seconds, n).
+    seconds, n). totals[CANVAS_STAGE] is the padded canvas of ship="canvas",
+    which replaces "patch gather" (not both in one sample's cost).
   """
   aug = cfg.augment_config()
   totals = collections.defaultdict(float)
@@ -124,6 +136,8 @@ def bench_stages(files, cfg: pipeline.DataConfig, samples: int, seed: int):
     t5 = _clock()
     geometry.information_ratio(positions, box)
     t6 = _clock()
+    glimpses.padded_canvas(pixels, box, cfg.canvas_max)  # ship="canvas"'s.
+    t7 = _clock()
     plan_s = marks["plan1"] - marks["plan0"]
     totals["read file"] += t1 - t0
     totals["header + plan"] += plan_s
@@ -132,6 +146,7 @@ def bench_stages(files, cfg: pipeline.DataConfig, samples: int, seed: int):
     totals["positions"] += t4 - t3
     totals["patch gather"] += t5 - t4
     totals["information ratio"] += t6 - t5
+    totals[CANVAS_STAGE] += t7 - t6
     if params["perspective"] is not None:
       paths["with perspective"].append(t3 - t2)
     elif params["blur_sigma"] is not None:
@@ -178,7 +193,8 @@ def bench_batches(files, cfg: pipeline.DataConfig, seed: int,
                   repeats: int = 5) -> dict[str, float]:
   """CPU seconds per sample of the per-batch stages, on one batch.
 
-  "batching": `rows_to_batch` of `cfg.batch_size` examples (padded rows).
+  "batching": `rows_to_batch` of `cfg.batch_size` examples (padded rows; of
+  patches or, with cfg.ship "canvas", of canvases).
   "transfer to main process": with worker processes, each batch is copied
   into new shared memory by the worker (`copy_to_shm`) and opened by the
   main process (`open_from_shm`); timed here in one process, with the main
@@ -194,10 +210,11 @@ def bench_batches(files, cfg: pipeline.DataConfig, seed: int,
     if batching.SKIP_KEY not in ex:
       examples.append(ex)
   rows = [[ex] for ex in examples]
+  canvas_size = cfg.canvas_max if cfg.ship == "canvas" else 0
   times = collections.defaultdict(float)
   for _ in range(repeats):
     t0 = _clock()
-    batch = batching.rows_to_batch(rows, cfg.batch_size, cfg.row_length)
+    batch = batching.rows_to_batch(rows, cfg.batch_size, cfg.row_length, canvas_size)
     t1 = _clock()
     metadata = shared_memory_array.copy_to_shm(batch)
     opened = shared_memory_array.open_from_shm(metadata)
@@ -343,17 +360,22 @@ def main(argv=None):
           f"{args.canvas_min}..{args.canvas_max}, full training transform")
     bench_stages(files, cfg, min(20, args.samples), args.seed + 1)  # Warm.
     totals, paths, n = bench_stages(files, cfg, args.samples, args.seed)
-    total = sum(totals.values())
-    print(f"\nstage by stage, {n} samples, one core:")
+    # Per-sample host work of each ship mode: the canvas replaces the gather.
+    total = {"patches": sum(totals.values()) - totals[CANVAS_STAGE],
+             "canvas": sum(totals.values()) - totals["patch gather"]}
+    print(f"\nstage by stage, {n} samples, one core (share of ship=patches):")
     for stage, seconds in totals.items():
       print(f"  {stage:<22} {seconds / n * 1e3:7.2f} ms/sample "
-            f"({seconds / total:5.1%})")
-    print(f"  {'total':<22} {total / n * 1e3:7.2f} ms/sample = "
-          f"{n / total:6.1f} samples/s per core")
-    per_batch = bench_batches(files, cfg, args.seed)
+            f"({seconds / total['patches']:5.1%})")
+    for ship in pipeline.SHIP_MODES:
+      print(f"  {'total, ship=' + ship:<22} {total[ship] / n * 1e3:7.2f} ms/sample = "
+            f"{n / total[ship]:6.1f} samples/s per core")
+    per_batch = {ship: bench_batches(files, dataclasses.replace(cfg, ship=ship), args.seed)
+                 for ship in pipeline.SHIP_MODES}
     print(f"per-batch stages (batch {args.batch_size}), per sample:")
-    for stage, seconds in per_batch.items():
-      print(f"  {stage:<26} {seconds * 1e3:7.3f} ms/sample")
+    for ship, stages in per_batch.items():
+      for stage, seconds in stages.items():
+        print(f"  {stage + ', ship=' + ship:<40} {seconds * 1e3:7.3f} ms/sample")
     print("transform by path (mean ms, share of samples):")
     for path, times in sorted(paths.items()):
       print(f"  {path:<36} {np.mean(times) * 1e3:7.2f} ms "
@@ -370,22 +392,24 @@ def main(argv=None):
     source = _MemorySource(files)
     if args.cache_decoded:
       source = sources.DecodedImageCache(source)
-    per_sample = bench_pipeline(source, cfg, args.pipeline_batches)
     cached = ", decoded images cached" if args.cache_decoded else ""
     print(f"\nGrain pipeline end to end (batch {args.batch_size}, in-process,"
-          f" 1 thread{cached}): {per_sample * 1e3:.2f} ms/sample = "
-          f"{1 / per_sample:.1f} samples/s per core")
-    rest = per_sample - total / n - per_batch["batching"]
-    print(f"  of which Grain's per-record overhead (end to end less the "
-          f"stages and batching): {rest * 1e3:.2f} ms/sample")
+          f" 1 thread{cached}):")
+    for ship in pipeline.SHIP_MODES:
+      ship_cfg = dataclasses.replace(cfg, ship=ship)
+      per_sample = bench_pipeline(source, ship_cfg, args.pipeline_batches)
+      rest = per_sample - total[ship] / n - per_batch[ship]["batching"]
+      print(f"  ship={ship:<8} {per_sample * 1e3:.2f} ms/sample = "
+            f"{1 / per_sample:.1f} samples/s per core; Grain's per-record overhead "
+            f"(end to end less the stages and batching): {rest * 1e3:.2f} ms/sample")
     if args.workers:
-      rate, cpu = bench_workers(source, cfg, args.workers,
-                                args.pipeline_batches)
-      print(f"Grain pipeline, {args.workers} worker processes, "
-            f"{os.cpu_count()} CPUs: {rate:.1f} samples/s wall clock; "
-            f"{cpu * 1e3:.2f} ms/sample of CPU (main process and workers) = "
-            f"{1 / cpu:.1f} samples/s per core")
-
+      for ship in pipeline.SHIP_MODES:
+        rate, cpu = bench_workers(source, dataclasses.replace(cfg, ship=ship), args.workers,
+                                  args.pipeline_batches)
+        print(f"Grain pipeline, ship={ship}, {args.workers} worker processes, "
+              f"{os.cpu_count()} CPUs: {rate:.1f} samples/s wall clock; "
+              f"{cpu * 1e3:.2f} ms/sample of CPU (main process and workers) = "
+              f"{1 / cpu:.1f} samples/s per core")
 
 if __name__ == "__main__":
   main()

@@ -7,7 +7,9 @@ r"""Whole-model throughput: MambaEye training and inference steps on one device.
 
 Training case: the real training step of mambaeye_jax.train_lib (forward,
 step-wise loss, backward, clipped AdamW; state donated) at batch b and T
-glimpses, on random uint8 patches and random positions. Each case runs in its
+glimpses, on random uint8 patches and random positions (--canvas S: on
+random S x S canvases, the patches gathered inside the step as with
+`DataConfig.ship="canvas"`). Each case runs in its
 own subprocess so that its peak device memory (`memory_stats()
 ["peak_bytes_in_use"]`, parameters and optimizer state included) is its own.
 
@@ -43,14 +45,20 @@ from mambaeye_jax import cli
 import timing  # benchmarks/timing.py: benchmarks/ is sys.path[0].
 
 
-def _random_batch(batch: int, length: int, num_classes: int, seed: int = 0):
-  """Host arrays of the batch contract: (batch, length, ...)."""
+def _random_batch(batch: int, length: int, num_classes: int, seed: int = 0,
+                  canvas: int = 0):
+  """Host arrays of the batch contract: (batch, length, ...); canvas S > 0:
+  "canvas" (batch, S, S, 3) instead of "patches" (DataConfig.ship "canvas")."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   labels = rng.integers(0, num_classes, size=(batch, 1), dtype=np.int32)
+  pixels = ({"canvas": rng.integers(0, 256, size=(batch, canvas, canvas, 3), dtype=np.uint8)}
+            if canvas else
+            {"patches": rng.integers(0, 256, size=(batch, length, 768), dtype=np.uint8)})
   return {
-      "patches": rng.integers(0, 256, size=(batch, length, 768), dtype=np.uint8),
-      "positions": rng.integers(0, 1008, size=(batch, length, 2), dtype=np.int32),
+      **pixels,
+      "positions": rng.integers(0, (canvas or 1024) - 16, size=(batch, length, 2),
+                                dtype=np.int32),
       "ratio": np.sort(rng.random((batch, length), dtype=np.float32), axis=1),
       "labels": np.repeat(labels, length, axis=1),
       "mask": np.ones((batch, length), bool),
@@ -75,7 +83,8 @@ def _peak_gb(device) -> float | None:
 
 
 def make_train_call(variant: str, dtype: str, impl: str, *, remat: bool, padded: bool,
-                    batch: int, length: int, num_devices: int = 1, scan_layers: bool = False):
+                    batch: int, length: int, num_devices: int = 1, scan_layers: bool = False,
+                    canvas: int = 0):
   """The real training step on a random batch of `batch` rows per device.
 
   Returns:
@@ -97,7 +106,7 @@ def make_train_call(variant: str, dtype: str, impl: str, *, remat: bool, padded:
       packed=not padded)
   step = train_step_lib.compile_train_step(train_step, shardings, mesh)
   global_batch = sharding.global_batch(
-      _random_batch(batch * num_devices, length, config.num_classes), mesh)
+      _random_batch(batch * num_devices, length, config.num_classes, canvas=canvas), mesh)
   holder = {"state": state}
 
   def call():
@@ -116,12 +125,12 @@ def run_train(args, dtype: str, impl: str, num_devices: int = 1) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   call, _ = make_train_call(args.variant, dtype, impl, remat=args.remat, padded=args.padded,
                             batch=args.batch, length=args.train_len, num_devices=num_devices,
-                            scan_layers=args.scan_layers)
+                            scan_layers=args.scan_layers, canvas=args.canvas)
   times = _time_calls(call, args.iters)
   median = statistics.median(times)
   global_batch = args.batch * num_devices
   return {"case": "train", "dtype": dtype, "impl": impl, "devices": num_devices,
-          "remat": args.remat,
+          "remat": args.remat, "canvas": args.canvas,
           "batch": global_batch, "length": args.train_len, "ms": 1000 * median,
           "images_per_sec": global_batch / median,
           "peak_gb": _peak_gb(jax.local_devices()[0]), "device": where()}
@@ -194,6 +203,7 @@ def _subprocess_case(args, case: str) -> list[dict]:
          f"--iters={args.iters}"]
   cmd += (["--remat"] if args.remat else []) + (["--padded"] if args.padded else [])
   cmd += ["--scan_layers"] if args.scan_layers else []
+  cmd += [f"--canvas={args.canvas}"]
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout)
   # A library may print on the same line before the JSON (no newline).
   lines = [l[l.index('{"case"'):] for l in proc.stdout.splitlines() if '{"case"' in l]
@@ -223,6 +233,7 @@ def print_table(rows: list[dict], args) -> None:
     name = f"{r['case']} T={r['length']}" + (" remat" if r.get("remat") else "")
     name += " scan" if args.scan_layers else ""
     name += " padded" if args.padded and r["case"] == "train" else ""
+    name += f" canvas {r['canvas']}" if r.get("canvas") else ""
     print(f"| {name} | {r['dtype']} | {r['impl']} | {r['devices']} | {r['ms']:.2f} | "
           f"{r['images_per_sec']:.0f} | {_fmt(r['peak_gb'], '.2f')} |")
   dp = [r for r in rows if r.get("case") == "train" and r.get("devices", 1) > 1]
@@ -250,6 +261,8 @@ flags.DEFINE_bool("padded", False, "train on padded rows (no segment ids), as co
                   "without packing do; default: segment ids, as packed rows need", flag_values=FLAGS)
 flags.DEFINE_bool("scan_layers", False, "ModelConfig.scan_layers=True: the blocks under "
                   "lax.scan, not unrolled", flag_values=FLAGS)
+flags.DEFINE_integer("canvas", 0, "training batches of S x S canvases, the patches gathered "
+                     "in the step (DataConfig.ship 'canvas'); 0: patches", flag_values=FLAGS)
 flags.DEFINE_bool("dp", False, "also data parallel on all devices", flag_values=FLAGS)
 flags.DEFINE_string("devices", "", "device counts for training cases, e.g. 1,2,4 "
                     "(replaces the single-device cases)", flag_values=FLAGS)

@@ -18,7 +18,9 @@ section 3a).
 Hardware and time (2026-12-05, one H200, 16 CPU cores, 16 data workers):
 489 s of wall time, start-up and the decoded-image cache included. Steps
 take about 28 ms, 40-50% of it waiting for the workers' augmentation; the
-GPU is not the limit here. The last log line was "step 14000/14000 (100.0%)
+GPU is not the limit here (since then the batches carry canvases, not
+patches: `data.ship`, docs/training.md "Data wait"; the wait with it is to
+be measured). The last log line was "step 14000/14000 (100.0%)
 | loss 1.6985 | acc@last 44.3% | 11212 img/s".
 
 Result: on the 10,000 test images (`python eval.py --workdir WORKDIR --data
@@ -58,6 +60,9 @@ def get_config(arg: str = ""):
   c.data.canvas_max = 64
   c.data.worker_count = 16
   c.data.cache_decoded = True
+  # Batches carry each image's 64x64 canvas (12 KB), not its 128 patches
+  # (98 KB); the train step gathers the patches on the device (issue 12).
+  c.data.ship = "canvas"
   c.train_examples = CIFAR10_TRAIN_IMAGES
   c.global_batch_size = 256
   # A step budget, not epochs: the measured recipe above (72 epochs).

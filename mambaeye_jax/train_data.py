@@ -24,7 +24,9 @@ from mambaeye_jax import sharding as sharding_lib
 from mambaeye_jax.data import pipeline
 
 
-BATCH_KEYS = ("patches", "positions", "ratio", "labels", "mask", "segment_ids")
+# What the train step reads; a batch has "patches" or (DataConfig.ship
+# "canvas") "canvas" (train_step.batch_patches).
+BATCH_KEYS = ("patches", "canvas", "positions", "ratio", "labels", "mask", "segment_ids")
 
 
 class FakeBatches:
@@ -35,19 +37,24 @@ class FakeBatches:
   label-dependent brightness so a model can learn. Checkpointable like a
   Grain iterator (get_state / set_state).
 
-  Yields dicts of host arrays: patches (b_local, T, 768) uint8, positions
+  Yields dicts of host arrays: patches (b_local, T, 768) uint8 (ship
+  "canvas": canvas (b_local, canvas, canvas, 3) uint8 instead), positions
   (b_local, T, 2) int32, ratio (b_local, T) f32, labels (b_local, T) int32,
   mask (b_local, T) bool, segment_ids (b_local, T) int32.
   """
 
   def __init__(self, batch_size: int, num_glimpses: int, num_classes: int,
-               seed: int = 0, process_index: int = 0, canvas: int = 64):
+               seed: int = 0, process_index: int = 0, canvas: int = 64,
+               ship: str = "patches"):
+    if ship not in pipeline.SHIP_MODES:
+      raise ValueError(f"ship={ship!r} must be one of {pipeline.SHIP_MODES}")
     self.batch_size = batch_size
     self.num_glimpses = num_glimpses
     self.num_classes = num_classes
     self.seed = seed
     self.process_index = process_index
     self.canvas = canvas
+    self.ship = ship
     self.index = 0
 
   def __iter__(self):
@@ -59,12 +66,13 @@ class FakeBatches:
     b, t = self.batch_size, self.num_glimpses
     labels = rng.integers(0, self.num_classes, size=(b,), dtype=np.int32)
     level = (labels * (200 // max(self.num_classes, 1)) + 20).astype(np.int32)
-    noise = rng.integers(-20, 21, size=(b, t, 768), dtype=np.int32)
-    patches = np.clip(level[:, None, None] + noise, 0, 255).astype(np.uint8)
+    pixel_shape = ((self.canvas, self.canvas, 3) if self.ship == "canvas" else (t, 768))
+    noise = rng.integers(-20, 21, size=(b, *pixel_shape), dtype=np.int32)
+    pixels = np.clip(level.reshape(b, *[1] * len(pixel_shape)) + noise, 0, 255)
     positions = rng.integers(0, self.canvas - 16, size=(b, t, 2), dtype=np.int32)
     ratio = np.broadcast_to(np.linspace(0.05, 1.0, t, dtype=np.float32), (b, t))
     return {
-        "patches": patches,
+        self.ship: pixels.astype(np.uint8),
         "positions": positions,
         "ratio": np.ascontiguousarray(ratio),
         "labels": np.repeat(labels[:, None], t, axis=1),
@@ -149,7 +157,8 @@ def make_train_iterator(config: ml_collections.ConfigDict, local_batch_size: int
   data_config = data_config_from(config, local_batch_size)
   if data_config is None:
     return FakeBatches(local_batch_size, config.data.num_glimpses, model_config.num_classes,
-                       seed=config.seed, process_index=jax.process_index())
+                       seed=config.seed, process_index=jax.process_index(),
+                       ship=config.data.ship)
   return pipeline.make_train_iterator(data_config, data_source=source)
 
 
@@ -198,7 +207,8 @@ class BatchPrefetcher:
 
   def _read(self):
     local = next(self.iterator)
-    batch = sharding_lib.global_batch({k: local[k] for k in BATCH_KEYS}, self._mesh)
+    batch = sharding_lib.global_batch({k: local[k] for k in BATCH_KEYS if k in local},
+                                      self._mesh)
     return local, batch, self.iterator.get_state()
 
   def _fill(self):

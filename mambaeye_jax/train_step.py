@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from mambaeye_jax import glimpse
 from mambaeye_jax import loss as loss_lib
 from mambaeye_jax import model as model_lib
 from mambaeye_jax import model_dir
@@ -80,6 +81,27 @@ def _is_last(segment_ids: jax.Array, mask: jax.Array) -> jax.Array:
   return mask & ((nxt != segment_ids) | ~nxt_mask)
 
 
+def batch_patches(batch: dict) -> jax.Array:
+  """The batch's patches, gathered on the device when it carries canvases.
+
+  A batch of `DataConfig.ship` "canvas" holds each row's canvas instead of
+  its patches; the gather here (`glimpse.extract_patches_jax`) gives the
+  workers' patches exactly: corners index the canvas at its top-left, and
+  padding steps, which the host leaves zero, are zeroed.
+
+  Args:
+    batch: "patches" (b, T, 768) uint8, or "canvas" (b, S, S, 3) uint8 with
+      "positions" (b, T, 2) int32 and "mask" (b, T) bool.
+
+  Returns:
+    (b, T, 768) uint8.
+  """
+  if "patches" in batch:
+    return batch["patches"]
+  patches = glimpse.extract_patches_jax(batch["canvas"], batch["positions"])
+  return jnp.where(batch["mask"][..., None], patches, jnp.zeros((), patches.dtype))
+
+
 def step_metrics(logits: jax.Array, batch: dict, accuracy_at: tuple[int, ...]) -> dict:
   """Sums for accuracy at glimpse counts, images and tokens of one batch.
 
@@ -112,7 +134,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
                     loss: str = "stepwise") -> Callable:
   """(state, batch) -> (state, metrics), to be jitted.
 
-  batch: the contract's global arrays, (b, T, ...). metrics: () arrays,
+  batch: the contract's global arrays, (b, T, ...), with "patches" or
+  "canvas" (`batch_patches`). metrics: () arrays,
   "loss", "grad_norm", "learning_rate" and the sums of `step_metrics`.
   packed: whether rows may hold several sequences. When they cannot (padded
   batches), the model is not given segment ids: a row's padding comes after
@@ -126,10 +149,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
     raise ValueError(f"unknown loss {loss_kind!r}; known: {', '.join(loss_lib.LOSSES)}")
 
   def train_step(state: TrainState, batch: dict):
+    patches = batch_patches(batch)
+
     def loss_fn(params):
       model = nnx.merge(graphdef, params)
       segment_ids = batch["segment_ids"] if packed else None
-      logits = model(batch["patches"], batch["positions"], segment_ids)
+      logits = model(patches, batch["positions"], segment_ids)
       last = (_is_last(batch["segment_ids"], batch["mask"]) if loss_kind == "ce_last_step"
               else None)
       value = loss_lib.training_loss(loss_kind, logits, batch["labels"], batch["ratio"],

@@ -413,6 +413,8 @@ def test_bench_cli_runs(messy_folder, capsys):
               "64", "--all_cores"])
   out = capsys.readouterr().out
   for line in ("stage by stage", "information ratio", "samples/s per core",
-               "official order of work", "Grain pipeline end to end"):
+               "official order of work", "Grain pipeline end to end",
+               "canvas (ship=canvas)", "total, ship=canvas", "batching, ship=canvas",
+               "transfer to main process, ship=canvas", "ship=patches  "):
     assert line in out, line
   assert out.count("leaving out") == 3  # The messy folder's bad files.

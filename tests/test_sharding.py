@@ -118,6 +118,54 @@ _RESHARD = """
 """
 
 
+_CANVAS_EIGHT = """
+    import json, jax, numpy as np
+    from mambaeye_jax import optim, sharding, train_data, train_step
+    from mambaeye_jax import model as model_lib
+    from mambaeye_jax.data import geometry
+    mc = model_lib.get_config("tiny", depth=1, dim=32, d_state=8, headdim=32,
+                              num_classes=10, chunk_size=8, ssd_impl="chunked")
+    ocfg = optim.OptimConfig(total_steps=10, warmup_steps=1)
+    tx = optim.make_optimizer(ocfg)
+    graphdef = train_step.model_graphdef(mc)
+    canvas = next(train_data.FakeBatches(16, 16, 10, seed=3, ship="canvas"))
+    canvas["mask"][3, 9:] = False  # A row with padding steps, zero patches there.
+    patches = {k: v for k, v in canvas.items() if k != "canvas"}
+    patches["patches"] = np.stack([geometry.extract_patches(c, p) for c, p in
+                                   zip(canvas["canvas"], canvas["positions"])])
+    patches["patches"][~canvas["mask"]] = 0
+    out, hlo = {}, ""
+    for n, local in ((1, canvas), (8, canvas), (8, patches)):
+      mesh = sharding.make_mesh(n)
+      state, shardings, _ = train_step.create_train_state(mc, tx, 0, mesh)
+      step = train_step.compile_train_step(
+          train_step.make_train_step(graphdef, tx, optim.learning_rate_schedule(ocfg), (4,)),
+          shardings, mesh)
+      batch = sharding.global_batch(local, mesh)
+      if "canvas" in batch and n == 8:
+        assert batch["canvas"].addressable_shards[0].data.shape == (2, 64, 64, 3)
+        with jax.set_mesh(mesh):
+          hlo = step.jitted.lower(state, batch).compile().as_text()
+      state, metrics = step(state, batch)
+      out[(n, "canvas" in local)] = float(metrics["loss"])
+    print(json.dumps({"one_canvas": out[(1, True)], "eight_canvas": out[(8, True)],
+                      "eight_patches": out[(8, False)],
+                      "all_gathers": hlo.count("all-gather-start") + hlo.count("all-gather(")}))
+"""
+
+
+def test_canvas_batches_split_over_eight_devices(cache_dir):
+  """The device gather runs on each device's rows: the losses of one device,
+  eight devices and host-gathered patches agree, and no canvas is gathered
+  across devices."""
+  import json  # pylint: disable=g-import-not-at-top
+  out = json.loads(_run(_CANVAS_EIGHT, _env(cache_dir, devices=8)).strip().splitlines()[-1])
+  assert np.isfinite(out["one_canvas"])
+  assert abs(out["eight_canvas"] - out["eight_patches"]) < 1e-6, out
+  assert abs(out["one_canvas"] - out["eight_canvas"]) < 1e-5, out
+  assert out["all_gathers"] == 0, out
+
+
 def test_restore_onto_fewer_devices(cache_dir, tmp_path):
   out = _run(_RESHARD.format(workdir=tmp_path / "w"), _env(cache_dir, devices=8))
   assert "STEPS 2 4" in out, out

@@ -11,6 +11,10 @@ Output batch (b rows of L steps):
   (1, 2, 3... per sequence in its row, 0 on padding; always 1 when padded);
   plus NUM_SKIPPED_KEY () int32, the skip markers consumed for this batch,
   which `pipeline.GlimpseIterator` removes and adds to its counter.
+With canvas_size S > 0 (examples of `glimpses.make_canvas_example`),
+"patches" is replaced by "canvas" (b, S, S, 3) uint8, one image per row
+(zeros on empty rows); the steps' patches are gathered from it on the
+device (`train_step.batch_patches`), zero on padding steps as here.
 
 Padded mode puts one example per row. Packed mode fills rows greedily in
 stream order: an example that does not fit the rest of the row starts the
@@ -40,11 +44,18 @@ NUM_SKIPPED_KEY = "num_skipped"
 Example = dict[str, Any]
 
 
-def empty_batch(batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
-  """An all-padding batch of the output contract: (b, L) rows of zeros."""
+def empty_batch(batch_size: int, seq_len: int,
+                canvas_size: int = 0) -> dict[str, np.ndarray]:
+  """An all-padding batch of the output contract: (b, L) rows of zeros.
+
+  canvas_size: S > 0 gives "canvas" (b, S, S, 3) instead of "patches"
+  (b, L, 768).
+  """
   b, L = batch_size, seq_len
+  pixels = (np.zeros((b, canvas_size, canvas_size, 3), np.uint8) if canvas_size
+            else np.zeros((b, L, geometry.PATCH_DIM), np.uint8))
   return {
-      "patches": np.zeros((b, L, geometry.PATCH_DIM), np.uint8),
+      "canvas" if canvas_size else "patches": pixels,
       "positions": np.zeros((b, L, 2), np.int32),
       "ratio": np.zeros((b, L), np.float32),
       "labels": np.zeros((b, L), np.int32),
@@ -54,7 +65,7 @@ def empty_batch(batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
 
 
 def rows_to_batch(rows: Sequence[Sequence[Example]], batch_size: int,
-                  seq_len: int) -> dict[str, np.ndarray]:
+                  seq_len: int, canvas_size: int = 0) -> dict[str, np.ndarray]:
   """Lays out rows of examples into one batch.
 
   Args:
@@ -62,24 +73,37 @@ def rows_to_batch(rows: Sequence[Sequence[Example]], batch_size: int,
       sum to at most `seq_len`; missing rows are all padding.
     batch_size: b.
     seq_len: L.
+    canvas_size: 0 for examples with "patches"; S for examples with
+      "canvas" (S, S, 3) (one example per row).
 
   Returns:
     The batch dict of the module docstring (without NUM_SKIPPED_KEY).
 
   Raises:
-    ValueError: a row longer than `seq_len`, or too many rows.
+    ValueError: a row longer than `seq_len`, too many rows, or (canvas) a
+      row of several examples or a canvas not S x S.
   """
   if len(rows) > batch_size:
     raise ValueError(f"{len(rows)} rows for {batch_size=}")
-  batch = empty_batch(batch_size, seq_len)
+  batch = empty_batch(batch_size, seq_len, canvas_size)
   for i, row in enumerate(rows):
+    if canvas_size:
+      if len(row) > 1:
+        raise ValueError(f"row {i} packs {len(row)} examples, but a canvas batch holds "
+                         "one image per row")
+      if row and row[0]["canvas"].shape != (canvas_size, canvas_size, 3):
+        raise ValueError(f"row {i}: canvas {row[0]['canvas'].shape} is not "
+                         f"{(canvas_size, canvas_size, 3)}")
     offset = 0
     for segment, ex in enumerate(row, start=1):
       n = int(ex["length"])
       if offset + n > seq_len:
         raise ValueError(f"row {i} needs {offset + n} steps > {seq_len=}")
       steps = slice(offset, offset + n)
-      batch["patches"][i, steps] = ex["patches"][:n]
+      if canvas_size:
+        batch["canvas"][i] = ex["canvas"]
+      else:
+        batch["patches"][i, steps] = ex["patches"][:n]
       batch["positions"][i, steps] = ex["positions"][:n]
       batch["ratio"][i, steps] = ex["ratio"][:n]
       batch["labels"][i, steps] = ex["label"]
@@ -94,7 +118,7 @@ class BatchIterDataset(grain.IterDataset):
 
   def __init__(self, parent: grain.IterDataset, *, batch_size: int,
                seq_len: int, packing: bool = False,
-               drop_remainder: bool = True):
+               drop_remainder: bool = True, canvas_size: int = 0):
     """Configures the batcher.
 
     Args:
@@ -104,7 +128,11 @@ class BatchIterDataset(grain.IterDataset):
       packing: several sequences per row (segment ids 1, 2, ...).
       drop_remainder: at the end of a finite input, drop the last partial
         batch (True) or pad it with empty rows (False).
+      canvas_size: 0 batches "patches"; S > 0 batches the examples'
+        "canvas" (S, S, 3) instead, one per row (no packing).
     """
+    if canvas_size and packing:
+      raise ValueError("canvas batches hold one image per row: packing is not supported")
     super().__init__(parent)
     if batch_size < 1 or seq_len < 1:
       raise ValueError(f"need batch_size, seq_len >= 1, got {batch_size=}, "
@@ -113,26 +141,31 @@ class BatchIterDataset(grain.IterDataset):
     self._seq_len = seq_len
     self._packing = packing
     self._drop_remainder = drop_remainder
+    self._canvas_size = canvas_size
 
   def __iter__(self) -> "_BatchIterator":
     return _BatchIterator(self._parent.__iter__(), self._batch_size,
-                          self._seq_len, self._packing, self._drop_remainder)
+                          self._seq_len, self._packing, self._drop_remainder,
+                          self._canvas_size)
 
   def __str__(self) -> str:
     return (f"BatchIterDataset(batch_size={self._batch_size}, "
-            f"seq_len={self._seq_len}, packing={self._packing})")
+            f"seq_len={self._seq_len}, packing={self._packing}, "
+            f"canvas_size={self._canvas_size})")
 
 
 class _BatchIterator(grain.DatasetIterator):
   """Iterator of BatchIterDataset (see the module docstring for state)."""
 
   def __init__(self, parent: grain.DatasetIterator, batch_size: int,
-               seq_len: int, packing: bool, drop_remainder: bool):
+               seq_len: int, packing: bool, drop_remainder: bool,
+               canvas_size: int = 0):
     super().__init__(parent)
     self._batch_size = batch_size
     self._seq_len = seq_len
     self._packing = packing
     self._drop_remainder = drop_remainder
+    self._canvas_size = canvas_size
     self._carry: Example | None = None
     self._carry_state: dict[str, Any] | None = None
     self._exhausted = False
@@ -204,7 +237,7 @@ class _BatchIterator(grain.DatasetIterator):
         self._carry, self._carry_state = ex, state
     if not rows or (self._drop_remainder and len(rows) < self._batch_size):
       raise StopIteration
-    batch = rows_to_batch(rows, self._batch_size, self._seq_len)
+    batch = rows_to_batch(rows, self._batch_size, self._seq_len, self._canvas_size)
     batch[NUM_SKIPPED_KEY] = np.int32(num_skipped)
     return batch
 
@@ -222,11 +255,12 @@ class _BatchIterator(grain.DatasetIterator):
 
 def batch_examples(examples: Iterable[Example], batch_size: int,
                    seq_len: int, packing: bool = False,
-                   drop_remainder: bool = False
+                   drop_remainder: bool = False, canvas_size: int = 0
                    ) -> list[dict[str, np.ndarray]]:
   """Convenience for tests and tools: batches a list of examples eagerly."""
   ds = BatchIterDataset(grain.MapDataset.source(list(examples))
                         .to_iter_dataset(),
                         batch_size=batch_size, seq_len=seq_len,
-                        packing=packing, drop_remainder=drop_remainder)
+                        packing=packing, drop_remainder=drop_remainder,
+                        canvas_size=canvas_size)
   return list(ds)

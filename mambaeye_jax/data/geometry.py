@@ -69,8 +69,10 @@ def move_embedding(moves: np.ndarray) -> np.ndarray:
   return feats.reshape(*feats.shape[:-2], MOVE_DIM).astype(np.float32)
 
 
-def _check(canvas_hw: tuple[int, int], box: ImageBox,
-           positions: np.ndarray) -> None:
+def check_glimpses(canvas_hw: tuple[int, int], box: ImageBox,
+                   positions: np.ndarray) -> None:
+  """Raises ValueError unless the box lies inside the (H, W) canvas and the
+  (T, 2) corners keep every patch inside it."""
   height, width = canvas_hw
   if box.height < 1 or box.width < 1 or box.top < 0 or box.left < 0 \
       or box.top + box.height > height or box.left + box.width > width:
@@ -100,7 +102,7 @@ def gather_patches(pixels: np.ndarray, canvas_hw: tuple[int, int],
     `extract_patches(canvas, positions)`.
   """
   positions = np.asarray(positions)
-  _check(canvas_hw, box, positions)
+  check_glimpses(canvas_hw, box, positions)
   h, w = box.height, box.width
   if pixels.shape[:2] != (h, w):
     raise ValueError(f"pixels {pixels.shape} do not match box {box}")

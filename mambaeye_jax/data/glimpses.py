@@ -18,6 +18,10 @@ Example contract (numpy, per sequence of T glimpses):
   "positions" (T, 2) int32 (row, col) canvas corners;
   "ratio" (T,) float32 information ratio;
   "label" () int32; "length" () int32 = T.
+With `make_canvas_example` (DataConfig.ship "canvas"), "patches" is
+replaced by "canvas" (S_max, S_max, 3) uint8: the zero canvas with the
+image at its box, padded with zeros to a fixed side, from which the
+training step gathers the same patches on the device.
 """
 
 from __future__ import annotations
@@ -52,6 +56,54 @@ def make_example(pixels: np.ndarray, canvas_hw: tuple[int, int],
   positions = np.asarray(positions, np.int32)
   return {
       "patches": geometry.gather_patches(pixels, canvas_hw, box, positions),
+      "positions": positions,
+      "ratio": geometry.information_ratio(positions, box),
+      "label": np.int32(label),
+      "length": np.int32(len(positions)),
+  }
+
+
+def padded_canvas(pixels: np.ndarray, box: geometry.ImageBox, side: int) -> np.ndarray:
+  """(h, w, 3) uint8 pixels at `box` on a zero (side, side, 3) uint8 canvas."""
+  canvas = np.zeros((side, side, 3), np.uint8)
+  canvas[box.top:box.top + box.height, box.left:box.left + box.width] = pixels
+  return canvas
+
+
+def make_canvas_example(pixels: np.ndarray, canvas_hw: tuple[int, int],
+                        box: geometry.ImageBox, positions: np.ndarray, label: int,
+                        padded_side: int) -> dict[str, np.ndarray]:
+  """`make_example` shipping the canvas instead of its patches.
+
+  The canvas sits at the top-left of a zero (padded_side, padded_side, 3)
+  array, so the corners index it unchanged and every patch they name lies
+  inside the real canvas: a gather there gives `make_example`'s patches
+  exactly (zero outside the image), 12 KB per example at a 64-pixel side
+  against T x 768 bytes of patches.
+
+  Args:
+    pixels, canvas_hw, box, positions, label: as `make_example`.
+    padded_side: the fixed canvas side of a batch, >= both canvas sides
+      (the training canvas_max).
+
+  Returns:
+    {"canvas" (padded_side, padded_side, 3) uint8, "positions" (T, 2)
+    int32, "ratio" (T,) float32, "label" () int32, "length" () int32}.
+
+  Raises:
+    ValueError: a canvas larger than padded_side, or pixels that do not
+      match the box.
+  """
+  height, width = canvas_hw
+  if height > padded_side or width > padded_side:
+    raise ValueError(f"canvas {height}x{width} does not fit the padded side "
+                     f"{padded_side} (the batch's canvas_max)")
+  positions = np.asarray(positions, np.int32)
+  geometry.check_glimpses(canvas_hw, box, positions)
+  if pixels.shape[:2] != (box.height, box.width):
+    raise ValueError(f"pixels {pixels.shape} do not match box {box}")
+  return {
+      "canvas": padded_canvas(pixels, box, padded_side),
       "positions": positions,
       "ratio": geometry.information_ratio(positions, box),
       "label": np.int32(label),

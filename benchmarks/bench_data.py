@@ -10,14 +10,16 @@ transform (T = 1024, canvas 256..1024 by default; `--preset cifar10`: T =
 128, canvas 32..64, batch 256 as configs/cifar10.py) over the images:
 
   1. stage by stage (file read, header + plan, decode, transform, positions,
-     patch gather, information ratio), timing each; then the per-batch
+     patch gather, information ratio), timing each, once per transform
+     backend (`DataConfig.transform_backend`: "opencv", the fast default,
+     beside "pil", the reference path), on the same samples; then the per-batch
      stages per sample: batching (`rows_to_batch`) and the worker -> main
      process transfer (Grain's copy into shared memory and its opening);
   2. the same work in the official order and sizes (`apply_reference`, the
      full canvas, geometry.py's ratio), for comparison on the same machine;
   3. end to end through the Grain pipeline (`make_train_iterator`,
-     in-process, one thread), batches included; what it costs beyond the
-     stages is Grain's own per-record overhead;
+     in-process, one thread, --transform_backend), batches included; what
+     it costs beyond the stages is Grain's own per-record overhead;
   4. with --workers N, wall-clock throughput with N worker processes, and
      the CPU time of all of them (main process and workers) per sample,
      which does not depend on what else runs on the machine.
@@ -86,7 +88,8 @@ class _MemorySource:
 
 
 def bench_stages(files, cfg: pipeline.DataConfig, samples: int, seed: int):
-  """Times each stage of TrainTransform on `samples` records.
+  """Times each stage of TrainTransform on `samples` records, with
+  `cfg.transform_backend`.
 
   Returns:
     (totals: stage -> seconds, path_times: path -> list of transform
@@ -113,7 +116,7 @@ def bench_stages(files, cfg: pipeline.DataConfig, samples: int, seed: int):
 
     image = sources.decode_image(data, path, draft_size=draft)
     t2 = _clock()
-    pixels = augment.apply(image, params, rng, aug)
+    pixels = augment.apply(image, params, rng, aug, cfg.transform_backend)
     t3 = _clock()
     canvas = params["canvas"]
     box = augment.centred_box(canvas, pixels.shape[:2])
@@ -269,6 +272,36 @@ def bench_workers(data_source, cfg: pipeline.DataConfig, workers: int,
   return samples / elapsed, cpu / samples
 
 
+_NAMES = {"opencv": "opencv (fast)", "pil": "pil (reference)"}
+
+
+def _print_stages(stages, paths, n: int) -> None:
+  """One table of the stage times, a column per backend, then the transform
+  by path.
+
+  Args:
+    stages: backend -> (stage -> seconds), from `bench_stages`.
+    paths: backend -> (path -> transform seconds of each sample).
+    n: samples per backend.
+  """
+  backends = list(stages)
+  print(f"\nstage by stage, {n} samples, one core, ms/sample (share):")
+  print(f"  {'stage':<22}" + "".join(f"{_NAMES[b]:>22}" for b in backends))
+  totals = {b: sum(stages[b].values()) for b in backends}
+  for stage in stages[backends[0]]:
+    print(f"  {stage:<22}" + "".join(
+        f"{stages[b][stage] / n * 1e3:13.2f} ({stages[b][stage] / totals[b]:5.1%})"
+        for b in backends))
+  print(f"  {'total':<22}" + "".join(f"{totals[b] / n * 1e3:13.2f}{'':9}" for b in backends))
+  print(f"  {'samples/s per core':<22}" + "".join(f"{n / totals[b]:13.1f}{'':9}"
+                                                  for b in backends))
+  print("transform by path, mean ms (share of samples):")
+  for path in sorted(paths[backends[0]]):
+    print(f"  {path:<36}" + "".join(
+        f"{np.mean(paths[b][path]) * 1e3:8.2f} ({len(paths[b][path]) / n:5.1%})"
+        for b in backends))
+
+
 # Flags of this script only (mambaeye_jax.cli says why not absl's global FLAGS).
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("images", None, "a .tar.gz of images or a directory (required)",
@@ -295,6 +328,9 @@ flags.DEFINE_integer("pipeline_batches", 10, "batches for the end-to-end Grain t
 flags.DEFINE_integer("seed", 0, "random seed", flag_values=FLAGS)
 flags.DEFINE_integer("reference_samples", 100, "samples for the step-by-step reference "
                      "timing (0 skips it)", flag_values=FLAGS)
+flags.DEFINE_enum("transform_backend", "opencv", augment.BACKENDS,
+                  "the transform backend of the end-to-end Grain timings (the stage "
+                  "table times every backend)", flag_values=FLAGS)
 flags.DEFINE_bool("all_cores", False, "do not pin the process to one core",
                   flag_values=FLAGS)
 flags.DEFINE_integer("workers", 0, "also measure wall-clock throughput with this many "
@@ -318,7 +354,8 @@ def main(argv=None):
   cfg = pipeline.DataConfig(
       num_glimpses=args.num_glimpses, canvas_min=args.canvas_min,
       canvas_max=args.canvas_max, batch_size=args.batch_size, seed=args.seed,
-      read_threads=1, read_buffer_size=1)
+      read_threads=1, read_buffer_size=1,
+      transform_backend=args.transform_backend)
   with tempfile.TemporaryDirectory() as tmp:
     if os.path.isdir(args.images):
       root = args.images
@@ -341,23 +378,19 @@ def main(argv=None):
       raise SystemExit(f"no readable images in {args.images}")
     print(f"{len(files)} images; T={args.num_glimpses}, canvas "
           f"{args.canvas_min}..{args.canvas_max}, full training transform")
-    bench_stages(files, cfg, min(20, args.samples), args.seed + 1)  # Warm.
-    totals, paths, n = bench_stages(files, cfg, args.samples, args.seed)
+    stages, paths = {}, {}
+    for backend in augment.BACKENDS:
+      cfg_b = dataclasses.replace(cfg, transform_backend=backend)
+      bench_stages(files, cfg_b, min(20, args.samples), args.seed + 1)  # Warm.
+      stages[backend], paths[backend], n = bench_stages(files, cfg_b, args.samples,
+                                                        args.seed)
+    _print_stages(stages, paths, n)
+    totals = stages[args.transform_backend]
     total = sum(totals.values())
-    print(f"\nstage by stage, {n} samples, one core:")
-    for stage, seconds in totals.items():
-      print(f"  {stage:<22} {seconds / n * 1e3:7.2f} ms/sample "
-            f"({seconds / total:5.1%})")
-    print(f"  {'total':<22} {total / n * 1e3:7.2f} ms/sample = "
-          f"{n / total:6.1f} samples/s per core")
     per_batch = bench_batches(files, cfg, args.seed)
     print(f"per-batch stages (batch {args.batch_size}), per sample:")
     for stage, seconds in per_batch.items():
       print(f"  {stage:<26} {seconds * 1e3:7.3f} ms/sample")
-    print("transform by path (mean ms, share of samples):")
-    for path, times in sorted(paths.items()):
-      print(f"  {path:<36} {np.mean(times) * 1e3:7.2f} ms "
-            f"({len(times) / n:5.1%})")
     if args.reference_samples:
       per_sample = bench_reference(files, cfg, args.reference_samples,
                                    args.seed)

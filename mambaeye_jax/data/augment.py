@@ -581,25 +581,27 @@ def _resize_axis(lo: float, hi: float, n_in: int, n_out: int
   """How `_resize_opencv` covers input span [lo, hi) with n_out pixels.
 
   Returns:
-    (start, stop, size, offset, factor): resize input pixels [start, stop)
-    to `size` pixels and keep [offset, offset + n_out); factor: input
-    pixels per output pixel. Interpolation (factor < AREA_MIN_FACTOR)
-    resizes whole pixels around the span, with the reach of its filters, to
-    a size that keeps the span's scale and cuts the span out: its edges
-    move by at most half an output pixel. Area averaging snaps the span to
-    whole input pixels: its edges move by at most half an input pixel (a
-    fraction of an output pixel).
+    (start, stop, offset, factor): resize input pixels [start, stop) and
+    keep output pixels [offset, offset + n_out); factor: input pixels per
+    output pixel. Interpolation (factor < AREA_MIN_FACTOR) resizes whole
+    pixels around the span, with the reach of its filters, at the span's
+    exact scale and cuts the span out: the span moves by at most half an
+    output pixel. Area averaging snaps the span to whole input pixels
+    (offset 0): its edges move by at most half an input pixel (a fraction
+    of an output pixel).
   """
   factor = (hi - lo) / n_out
   if factor < AREA_MIN_FACTOR:
     start = max(0, math.floor(lo) - _CUBIC_REACH)
     stop = min(n_in, math.ceil(hi) + _CUBIC_REACH)
-    offset = round((lo - start) / factor)
-    size = max(round((stop - start) / factor), offset + n_out)
-    return start, stop, size, offset, factor
+    # OpenCV's output has round((stop - start) / factor) pixels: the span
+    # fits in it, but for the rounding at the image's edge.
+    size = round((stop - start) / factor)
+    offset = max(0, min(round((lo - start) / factor), size - n_out))
+    return start, stop, offset, factor
   start = min(n_in - 1, max(0, round(lo)))
   stop = max(start + 1, min(n_in, round(hi)))
-  return start, stop, n_out, 0, factor
+  return start, stop, 0, factor
 
 
 def _resize_opencv(pixels: np.ndarray, size: tuple[int, int],
@@ -624,13 +626,13 @@ def _resize_opencv(pixels: np.ndarray, size: tuple[int, int],
     (height, width[, 3]) uint8.
   """
   (rw, rh), (x0, y0, x1, y1) = size, box
-  xa, xb, dw, ox, fx = _resize_axis(x0, x1, pixels.shape[1], rw)
-  ya, yb, dh, oy, fy = _resize_axis(y0, y1, pixels.shape[0], rh)
+  xa, xb, ox, fx = _resize_axis(x0, x1, pixels.shape[1], rw)
+  ya, yb, oy, fy = _resize_axis(y0, y1, pixels.shape[0], rh)
   out = pixels[ya:yb, xa:xb]
   area_x, area_y = fx >= AREA_MIN_FACTOR, fy >= AREA_MIN_FACTOR
   if area_x or area_y:
-    out = cv2.resize(out, (dw if area_x else out.shape[1],
-                           dh if area_y else out.shape[0]),
+    out = cv2.resize(out, (rw if area_x else out.shape[1],
+                           rh if area_y else out.shape[0]),
                      interpolation=cv2.INTER_AREA)
   sx = ANTIALIAS_SIGMA * math.sqrt(fx * fx - 1) if 1 < fx < AREA_MIN_FACTOR else 0
   sy = ANTIALIAS_SIGMA * math.sqrt(fy * fy - 1) if 1 < fy < AREA_MIN_FACTOR else 0
@@ -639,11 +641,12 @@ def _resize_opencv(pixels: np.ndarray, size: tuple[int, int],
     kx, ky = (2 * math.ceil(3 * sg) + 1 if sg else 1 for sg in (sx, sy))
     out = cv2.GaussianBlur(out, (kx, ky), sx or 1.0, sigmaY=sy or 1.0,
                            borderType=cv2.BORDER_REPLICATE)
-  if out.shape[:2] != (dh, dw):
-    out = cv2.resize(out, (dw, dh), interpolation=cv2.INTER_CUBIC)
-  if (dw, dh) != (rw, rh):
-    out = out[oy:oy + rh, ox:ox + rw]
-  return np.ascontiguousarray(out)
+  if not (area_x and area_y):
+    # No dsize: OpenCV then maps with exactly these scales (with a dsize it
+    # would use the rounded size's).
+    out = cv2.resize(out, None, fx=1.0 if area_x else 1 / fx,
+                     fy=1.0 if area_y else 1 / fy, interpolation=cv2.INTER_CUBIC)
+  return np.ascontiguousarray(out[oy:oy + rh, ox:ox + rw])
 
 
 def _resize(image: Image.Image, size: tuple[int, int],

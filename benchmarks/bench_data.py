@@ -285,20 +285,20 @@ def _print_stages(stages, paths, n: int) -> None:
     n: samples per backend.
   """
   backends = list(stages)
-  print(f"\nstage by stage, {n} samples, one core, ms/sample (share):")
-  print(f"  {'stage':<22}" + "".join(f"{_NAMES[b]:>22}" for b in backends))
   totals = {b: sum(stages[b].values()) for b in backends}
+  print(f"\nstage by stage, {n} samples, one core, ms/sample (share):")
+  print(f"  {'stage':<36}" + "".join(f"  {_NAMES[b]:>19}" for b in backends))
   for stage in stages[backends[0]]:
-    print(f"  {stage:<22}" + "".join(
-        f"{stages[b][stage] / n * 1e3:13.2f} ({stages[b][stage] / totals[b]:5.1%})"
+    print(f"  {stage:<36}" + "".join(
+        f"  {stages[b][stage] / n * 1e3:11.2f} ({stages[b][stage] / totals[b]:5.1%})"
         for b in backends))
-  print(f"  {'total':<22}" + "".join(f"{totals[b] / n * 1e3:13.2f}{'':9}" for b in backends))
-  print(f"  {'samples/s per core':<22}" + "".join(f"{n / totals[b]:13.1f}{'':9}"
+  print(f"  {'total':<36}" + "".join(f"  {totals[b] / n * 1e3:11.2f}{'':8}" for b in backends))
+  print(f"  {'samples/s per core':<36}" + "".join(f"  {n / totals[b]:11.1f}{'':8}"
                                                   for b in backends))
   print("transform by path, mean ms (share of samples):")
   for path in sorted(paths[backends[0]]):
     print(f"  {path:<36}" + "".join(
-        f"{np.mean(paths[b][path]) * 1e3:8.2f} ({len(paths[b][path]) / n:5.1%})"
+        f"  {np.mean(paths[b][path]) * 1e3:11.2f} ({len(paths[b][path]) / n:5.1%})"
         for b in backends))
 
 

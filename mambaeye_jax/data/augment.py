@@ -649,31 +649,46 @@ def _resize_opencv(pixels: np.ndarray, size: tuple[int, int],
   return np.ascontiguousarray(out[oy:oy + rh, ox:ox + rw])
 
 
-def _resize(image: Image.Image, size: tuple[int, int],
+# An image between the steps of `apply`: PIL (RGB or L), or, out of the
+# OpenCV backend's last resampling, (h, w, 3) or (h, w) uint8 (converting
+# a large output to PIL and back would cost ~0.5 ms).
+AnyImage = Image.Image | np.ndarray
+
+
+def _size(image: AnyImage) -> tuple[int, int]:
+  """(width, height) of either kind of image."""
+  return image.size if isinstance(image, Image.Image) else image.shape[1::-1]
+
+
+def _resize(image: AnyImage, size: tuple[int, int],
             resample: Image.Resampling, box: tuple[float, float, float, float]
-            | None = None, backend: str = "pil") -> Image.Image:
+            | None = None, backend: str = "pil", as_array: bool = False
+            ) -> AnyImage:
   """`image.resize(size, resample, box=box)` in the given backend.
 
   resample (LANCZOS or BICUBIC) is the PIL backend's filter; OpenCV's
-  choice follows each axis's scale (`_resize_opencv`).
+  choice follows each axis's scale (`_resize_opencv`). An array `image`
+  (OpenCV backend only) is taken as it is; as_array: the OpenCV backend
+  returns the array (the PIL backend always returns PIL).
   """
   if backend == "pil":
     return image.resize(size, resample, box=box)
-  box = box if box is not None else (0, 0, *image.size)
-  return Image.fromarray(_resize_opencv(np.asarray(image), size, box),
-                         image.mode)
+  box = box if box is not None else (0, 0, *_size(image))
+  out = _resize_opencv(np.asarray(image), size, box)
+  return out if as_array else Image.fromarray(out)
 
 
-def _warp(image: Image.Image, size: tuple[int, int], m: np.ndarray,
-          backend: str = "pil") -> Image.Image:
+def _warp(image: AnyImage, size: tuple[int, int], m: np.ndarray,
+          backend: str = "pil", as_array: bool = False) -> AnyImage:
   """Bicubic perspective warp, black fill, in the given backend.
 
   Args:
-    image: RGB or L.
+    image: RGB or L (an array only with the OpenCV backend).
     size: (width, height) of the output.
     m: (3, 3) output -> input homography on PIL's continuous coordinates
       (pixel i spans [i, i + 1)), m[2, 2] = 1: PIL's PERSPECTIVE
       coefficients.
+    backend, as_array: as `_resize`.
 
   Returns:
     The warped image, `image`'s mode.
@@ -688,7 +703,7 @@ def _warp(image: Image.Image, size: tuple[int, int], m: np.ndarray,
   out = cv2.warpPerspective(np.asarray(image), m, size,
                             flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP,
                             borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-  return Image.fromarray(out, image.mode)
+  return out if as_array else Image.fromarray(out)
 
 
 # ---------------------------------------------------------------- transform
@@ -806,7 +821,7 @@ def _thumbnail(image: Image.Image) -> Image.Image:
 
 
 def _apply_axis_aligned(image: Image.Image, params: dict[str, Any],
-                        cfg: AugmentConfig, backend: str) -> Image.Image:
+                        cfg: AugmentConfig, backend: str) -> AnyImage:
   """No perspective: flip + crop + resize are one axis-aligned box.
 
   Flip then crop equals crop at the mirrored offset then flip. The fitted
@@ -862,7 +877,10 @@ def _apply_axis_aligned(image: Image.Image, params: dict[str, Any],
   if colour and base.size[0] * base.size[1] <= rw * rh:
     base = _fast_colour(base, jitter, gray, thumbnail, backend)
     colour = False
-  out = _resize(base, (rw, rh), Image.Resampling.LANCZOS, box, backend)
+  out = _resize(base, (rw, rh), Image.Resampling.LANCZOS, box, backend,
+                as_array=not colour)
+  if isinstance(out, np.ndarray):
+    return cv2.flip(out, 1) if params["flip"] else out
   if params["flip"]:
     out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
   if colour:  # The output is smaller than the input: colour it instead.
@@ -871,7 +889,7 @@ def _apply_axis_aligned(image: Image.Image, params: dict[str, Any],
 
 
 def _apply_perspective(image: Image.Image, params: dict[str, Any],
-                       cfg: AugmentConfig, backend: str) -> Image.Image:
+                       cfg: AugmentConfig, backend: str) -> AnyImage:
   """With perspective: flip, warp, crop and resize composed into one warp.
 
   The official warps the whole fitted image at its scale, then LANCZOS-
@@ -935,7 +953,8 @@ def _apply_perspective(image: Image.Image, params: dict[str, Any],
   if max(fx, fy) > 1.25:
     bw, bh = base.size
     size = (max(1, round(bw / fx)), max(1, round(bh / fy)))
-    base = _resize(base, size, Image.Resampling.LANCZOS, backend=backend)
+    base = _resize(base, size, Image.Resampling.LANCZOS, backend=backend,
+                   as_array=True)
     to_base = np.diag([size[0] / bw, size[1] / bh, 1.0]) @ to_base
     crop_w, crop_h = crop_w * size[0] / bw, crop_h * size[1] / bh
   grid = (min(rw, max(1, round(crop_w))), min(rh, max(1, round(crop_h))))
@@ -947,9 +966,10 @@ def _apply_perspective(image: Image.Image, params: dict[str, Any],
   to_crop = np.array([[cw / grid[0], 0, x], [0, ch / grid[1], y], [0, 0, 1]],
                      np.float64)
   m = to_base @ warp @ to_crop
-  out = _warp(base, grid, m / m[2, 2], backend)
+  out = _warp(base, grid, m / m[2, 2], backend, as_array=True)
   if grid != (rw, rh):
-    out = _resize(out, (rw, rh), Image.Resampling.LANCZOS, backend=backend)
+    out = _resize(out, (rw, rh), Image.Resampling.LANCZOS, backend=backend,
+                  as_array=True)
   return out
 
 
@@ -977,9 +997,12 @@ def apply(image: Image.Image, params: dict[str, Any], rng: np.random.Generator,
     out = _apply_axis_aligned(image, params, cfg, backend)
   else:
     out = _apply_perspective(image, params, cfg, backend)
-  if out.mode == "L":  # Grayscale, kept as one band since the colour step.
-    out = out.convert("RGB")
-  pixels = np.array(out, np.uint8)  # Writable copy for erasing.
+  if isinstance(out, np.ndarray):  # OpenCV's own output: writable.
+    pixels = cv2.cvtColor(out, cv2.COLOR_GRAY2RGB) if out.ndim == 2 else out
+  else:
+    if out.mode == "L":  # Grayscale, kept as one band since the colour step.
+      out = out.convert("RGB")
+    pixels = np.array(out, np.uint8)  # Writable copy for erasing.
   if params["erase"]:
     _random_erase(pixels, rng, cfg)
   return pixels

@@ -1,4 +1,4 @@
-"""The official training transform (DESIGN.md section 3), fast, PIL + numpy.
+"""The official training transform (DESIGN.md section 3), fast: PIL, numpy, OpenCV.
 
 Official order (`mambaeye/dataset.py`, `ImagenetDatasetSinusoidal`):
 
@@ -33,7 +33,8 @@ What this implementation does differently, and why it is the same data:
     only the window the crop sees (plus the filters' reach) is built,
     coloured and blurred. Resampling once instead of two or three times
     changes pixels by ~1 gray level on average (tests/test_data_augment.py
-    bounds it against `apply_reference`, the step-by-step chain).
+    bounds it against `apply_reference`, the step-by-step chain; backend
+    "pil", the same filters).
   * Point-wise colour steps (jitter, grayscale) run on the smallest image
     where the official order allows: before the geometry (the official
     order; on the decoded pixels, before the fit, when the fit enlarges),
@@ -49,7 +50,8 @@ What this implementation does differently, and why it is the same data:
     continuous map behind PIL's HSV round trip: half its cost, ~0.3 levels
     from it on average (`apply_reference` keeps the exact round trip).
     Images of at most HUE_EXACT_MAX_PIXELS (CIFAR) take the exact round
-    trip instead, where the table's per-call setup costs more.
+    trip instead, where the table's per-call setup costs more. (Backend
+    "opencv": OpenCV's own 8-bit HSV round trip, ~15x PIL's speed.)
   * Grayscale samples run as one L band from the grayscale step on (its
     three channels are equal; a third of the resampling work), and from
     before the fit when there is no jitter (point-wise, as above). The
@@ -65,6 +67,21 @@ What this implementation does differently, and why it is the same data:
     the official code raises there and drops the sample.
   * Images smaller than a patch need nothing special: step 2 upsamples every
     image to touch the canvas, and step 5 makes both sides >= 16.
+
+Two backends (`apply(..., backend)`, `DataConfig.transform_backend`) run
+the same plan through the same steps and differ only in the few filters:
+
+  * "opencv" (the default): OpenCV's resize (per axis: bicubic when it
+    enlarges, blur + bicubic when it shrinks by less than 2x, area averaging
+    from 2x), bicubic perspective warp, separable blur and 8-bit HSV round
+    trip for the hue; ~3x less CPU than "pil" on ImageNet photos. Its pixels
+    are statistically those of "pil" (per-channel means and stds within a
+    tenth of a level on average, sharpness ~2-3% lower, the same black
+    fill), not identical: the kernels differ, and a resized box may sit up
+    to half an output pixel from PIL's (`_resize_axis`).
+  * "pil": Pillow's LANCZOS / BICUBIC filters as the official uses them,
+    the hue by the lookup table below: the reference path, the one
+    `apply_reference` is compared with.
 
 Every random choice comes from the `np.random.Generator` passed in (Grain's
 per-record generator), so a (seed, record index) pair fixes the output.

@@ -36,6 +36,10 @@ their effect bounds still hold them small; see KNOWN_DIFFERENCES):
     docstring); on the same plans augment.apply_reference, the step-by-step
     chain, is as much less sharp (CIFAR without perspective: 0.0366 vs
     0.0382).
+    Those figures are the "pil" backend's; the "opencv" backend is ~2-3%
+    less sharp than it (test_backends_equal_sample_by_sample), so closer
+    to the official (ImageNet 0.0215 against 0.0212, CIFAR 0.0416 against
+    0.0400, 300 and 2,000 samples, 2026-12-05).
   * more exactly-black pixels ("zero_frac") in samples warped by the
     perspective and not cropped (CIFAR 0.326 vs 0.231 of the pixels; all
     samples 0.0997 vs 0.0934, p 1e-7): the project warps straight to the

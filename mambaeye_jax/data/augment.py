@@ -575,11 +575,6 @@ def _random_erase(pixels: np.ndarray, rng: np.random.Generator,
 # ---------------------------------------------------------------- resampling
 
 
-# Input pixels kept beyond a box's edges for OpenCV's interpolation: the
-# bicubic taps reach 2 pixels out, the antialiasing blur before it 3 more
-# (as PIL's filters read the whole image around the box).
-_CUBIC_REACH = 5
-
 # Per axis, OpenCV reduces by area averaging from this reduction factor on;
 # below it, by a Gaussian blur then bicubic interpolation (area averaging at
 # factors near 1 blends neighbours like a bilinear filter: 20% less
@@ -591,6 +586,13 @@ AREA_MIN_FACTOR = 2.0
 # neighbour difference) of PIL's LANCZOS reduction within ~5% on ImageNet
 # photos from f 1.1 to 2.
 ANTIALIAS_SIGMA = 0.35
+
+
+def _antialias_sigma(factor: float) -> float:
+  """The blur before a bicubic reduction by `factor` (0: none)."""
+  if 1 < factor < AREA_MIN_FACTOR:
+    return ANTIALIAS_SIGMA * math.sqrt(factor * factor - 1)
+  return 0.0
 
 
 def _resize_axis(lo: float, hi: float, n_in: int, n_out: int
@@ -609,8 +611,11 @@ def _resize_axis(lo: float, hi: float, n_in: int, n_out: int
   """
   factor = (hi - lo) / n_out
   if factor < AREA_MIN_FACTOR:
-    start = max(0, math.floor(lo) - _CUBIC_REACH)
-    stop = min(n_in, math.ceil(hi) + _CUBIC_REACH)
+    # Input pixels the filters read beyond the span (as PIL's read the
+    # image around a box): the bicubic taps 2, the blur its kernel's radius.
+    reach = 2 + math.ceil(3 * _antialias_sigma(factor))
+    start = max(0, math.floor(lo) - reach)
+    stop = min(n_in, math.ceil(hi) + reach)
     # OpenCV's output has round((stop - start) / factor) pixels: the span
     # fits in it, but for the rounding at the image's edge.
     size = round((stop - start) / factor)
@@ -651,8 +656,7 @@ def _resize_opencv(pixels: np.ndarray, size: tuple[int, int],
     out = cv2.resize(out, (rw if area_x else out.shape[1],
                            rh if area_y else out.shape[0]),
                      interpolation=cv2.INTER_AREA)
-  sx = ANTIALIAS_SIGMA * math.sqrt(fx * fx - 1) if 1 < fx < AREA_MIN_FACTOR else 0
-  sy = ANTIALIAS_SIGMA * math.sqrt(fy * fy - 1) if 1 < fy < AREA_MIN_FACTOR else 0
+  sx, sy = _antialias_sigma(fx), _antialias_sigma(fy)
   if sx or sy:
     # 3 sigma each side (OpenCV's own 8-bit rule); 1: not this axis.
     kx, ky = (2 * math.ceil(3 * sg) + 1 if sg else 1 for sg in (sx, sy))

@@ -12,7 +12,8 @@ transform (T = 1024, canvas 256..1024 by default; `--preset cifar10`: T =
   1. stage by stage (file read, header + plan, decode, transform, positions,
      patch gather, information ratio), timing each, once per transform
      backend (`DataConfig.transform_backend`: "opencv", the fast default,
-     beside "pil", the reference path), on the same samples; then the per-batch
+     beside "pil", the reference path), on the same samples, the backends
+     taking turns on blocks of them (STAGE_ROUNDS); then the per-batch
      stages per sample: batching (`rows_to_batch`) and the worker -> main
      process transfer (Grain's copy into shared memory and its opening);
   2. the same work in the official order and sizes (`apply_reference`, the
@@ -87,8 +88,10 @@ class _MemorySource:
     return self._records[index]
 
 
-def bench_stages(files, cfg: pipeline.DataConfig, samples: int, seed: int):
-  """Times each stage of TrainTransform on `samples` records, with
+def bench_stages(files, cfg: pipeline.DataConfig, samples: int, seed: int,
+                 first: int = 0):
+  """Times each stage of TrainTransform on `samples` records (sample i
+  reads file i and draws from default_rng([seed, i]), i from `first`), with
   `cfg.transform_backend`.
 
   Returns:
@@ -98,7 +101,7 @@ def bench_stages(files, cfg: pipeline.DataConfig, samples: int, seed: int):
   aug = cfg.augment_config()
   totals = collections.defaultdict(float)
   paths = collections.defaultdict(list)
-  for i in range(samples):
+  for i in range(first, first + samples):
     rng = np.random.default_rng([seed, i])
     path = files[i % len(files)]
     t0 = _clock()
@@ -274,6 +277,9 @@ def bench_workers(data_source, cfg: pipeline.DataConfig, workers: int,
 
 _NAMES = {"opencv": "opencv (fast)", "pil": "pil (reference)"}
 
+# Turns the backends take in the stage table (see main).
+STAGE_ROUNDS = 8
+
 
 def _print_stages(stages, paths, n: int) -> None:
   """One table of the stage times, a column per backend, then the transform
@@ -378,12 +384,23 @@ def main(argv=None):
       raise SystemExit(f"no readable images in {args.images}")
     print(f"{len(files)} images; T={args.num_glimpses}, canvas "
           f"{args.canvas_min}..{args.canvas_max}, full training transform")
-    stages, paths = {}, {}
-    for backend in augment.BACKENDS:
-      cfg_b = dataclasses.replace(cfg, transform_backend=backend)
+    backends = {b: dataclasses.replace(cfg, transform_backend=b) for b in augment.BACKENDS}
+    stages = {b: collections.defaultdict(float) for b in backends}
+    paths = {b: collections.defaultdict(list) for b in backends}
+    for cfg_b in backends.values():
       bench_stages(files, cfg_b, min(20, args.samples), args.seed + 1)  # Warm.
-      stages[backend], paths[backend], n = bench_stages(files, cfg_b, args.samples,
-                                                        args.seed)
+    # The backends take turns on blocks of the same samples, so that a change
+    # of the machine's load in the run weighs on both alike.
+    block = max(1, -(-args.samples // STAGE_ROUNDS))
+    n = args.samples
+    for first in range(0, n, block):
+      for backend, cfg_b in backends.items():
+        totals_b, paths_b, _ = bench_stages(files, cfg_b, min(block, n - first), args.seed,
+                                            first)
+        for stage, seconds in totals_b.items():
+          stages[backend][stage] += seconds
+        for path, times in paths_b.items():
+          paths[backend][path].extend(times)
     _print_stages(stages, paths, n)
     totals = stages[args.transform_backend]
     total = sum(totals.values())

@@ -11,14 +11,18 @@ transform (T = 1024, canvas 256..1024 by default; `--preset cifar10`: T =
 
   1. stage by stage (file read, header + plan, decode, transform, positions,
      patch gather, information ratio), timing each, and the canvas that
-     `DataConfig.ship="canvas"` builds instead of the gather; then the
+     `DataConfig.ship="canvas"` builds instead of the gather, once per
+     transform backend (`DataConfig.transform_backend`: "opencv", the fast
+     default, beside "pil", the reference path), on the same samples, the
+     backends taking turns on blocks of them (STAGE_ROUNDS); then the
      per-batch stages per sample in both ship modes: batching
      (`rows_to_batch`) and the worker -> main process transfer (Grain's copy
      into shared memory and its opening);
   2. the same work in the official order and sizes (`apply_reference`, the
      full canvas, geometry.py's ratio), for comparison on the same machine;
   3. end to end through the Grain pipeline (`make_train_iterator`,
-     in-process, one thread), batches included, in both ship modes; what it
+     in-process, one thread, --transform_backend), batches included, in both
+     ship modes; what it
      costs beyond the stages is Grain's own per-record overhead;
   4. with --workers N, wall-clock throughput with N worker processes, and
      the CPU time of all of them (main process and workers) per sample,
@@ -96,8 +100,11 @@ class _MemorySource:
 CANVAS_STAGE = "canvas (ship=canvas)"
 
 
-def bench_stages(files, cfg: pipeline.DataConfig, samples: int, seed: int):
-  """Times each stage of TrainTransform on `samples` records.
+def bench_stages(files, cfg: pipeline.DataConfig, samples: int, seed: int,
+                 first: int = 0):
+  """Times each stage of TrainTransform on `samples` records (sample i
+  reads file i and draws from default_rng([seed, i]), i from `first`), with
+  `cfg.transform_backend`.
 
   Returns:
     (totals: stage -> seconds, path_times: path -> list of transform
@@ -107,7 +114,7 @@ def bench_stages(files, cfg: pipeline.DataConfig, samples: int, seed: int):
   aug = cfg.augment_config()
   totals = collections.defaultdict(float)
   paths = collections.defaultdict(list)
-  for i in range(samples):
+  for i in range(first, first + samples):
     rng = np.random.default_rng([seed, i])
     path = files[i % len(files)]
     t0 = _clock()
@@ -125,7 +132,7 @@ def bench_stages(files, cfg: pipeline.DataConfig, samples: int, seed: int):
 
     image = sources.decode_image(data, path, draft_size=draft)
     t2 = _clock()
-    pixels = augment.apply(image, params, rng, aug)
+    pixels = augment.apply(image, params, rng, aug, cfg.transform_backend)
     t3 = _clock()
     canvas = params["canvas"]
     box = augment.centred_box(canvas, pixels.shape[:2])
@@ -286,6 +293,48 @@ def bench_workers(data_source, cfg: pipeline.DataConfig, workers: int,
   return samples / elapsed, cpu / samples
 
 
+_NAMES = {"opencv": "opencv (fast)", "pil": "pil (reference)"}
+
+# Turns the backends take in the stage table (see main).
+STAGE_ROUNDS = 8
+
+
+def _ship_totals(stages) -> dict[str, float]:
+  """Host seconds of each ship mode, summed over the samples: the canvas
+  replaces the gather (a sample costs one of them, not both)."""
+  every = sum(stages.values())
+  return {"patches": every - stages[CANVAS_STAGE], "canvas": every - stages["patch gather"]}
+
+
+def _print_stages(stages, paths, n: int) -> None:
+  """One table of the stage times, a column per backend, the total of each
+  ship mode, then the transform by path.
+
+  Args:
+    stages: backend -> (stage -> seconds), from `bench_stages`.
+    paths: backend -> (path -> transform seconds of each sample).
+    n: samples per backend.
+  """
+  backends = list(stages)
+  totals = {b: _ship_totals(stages[b]) for b in backends}
+  print(f"\nstage by stage, {n} samples, one core, ms/sample (share of ship=patches):")
+  print(f"  {'stage':<36}" + "".join(f"  {_NAMES[b]:>19}" for b in backends))
+  for stage in stages[backends[0]]:
+    print(f"  {stage:<36}" + "".join(
+        f"  {stages[b][stage] / n * 1e3:11.2f} ({stages[b][stage] / totals[b]['patches']:5.1%})"
+        for b in backends))
+  for ship in pipeline.SHIP_MODES:
+    print(f"  {'total, ship=' + ship:<36}" + "".join(
+        f"  {totals[b][ship] / n * 1e3:11.2f}{'':8}" for b in backends))
+    print(f"  {'samples/s per core, ship=' + ship:<36}" + "".join(
+        f"  {n / totals[b][ship]:11.1f}{'':8}" for b in backends))
+  print("transform by path, mean ms (share of samples):")
+  for path in sorted(paths[backends[0]]):
+    print(f"  {path:<36}" + "".join(
+        f"  {np.mean(paths[b][path]) * 1e3:11.2f} ({len(paths[b][path]) / n:5.1%})"
+        for b in backends))
+
+
 # Flags of this script only (mambaeye_jax.cli says why not absl's global FLAGS).
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("images", None, "a .tar.gz of images or a directory (required)",
@@ -309,6 +358,9 @@ flags.DEFINE_bool("cache_decoded", False, "the pipeline runs read images decoded
                   "(sources.DecodedImageCache, DataConfig.cache_decoded)", flag_values=FLAGS)
 flags.DEFINE_integer("pipeline_batches", 10, "batches for the end-to-end Grain timings "
                      "(0 skips them)", flag_values=FLAGS)
+flags.DEFINE_enum("transform_backend", "opencv", augment.BACKENDS,
+                  "the transform backend of the end-to-end Grain timings (the stage "
+                  "table times every backend)", flag_values=FLAGS)
 flags.DEFINE_integer("seed", 0, "random seed", flag_values=FLAGS)
 flags.DEFINE_integer("reference_samples", 100, "samples for the step-by-step reference "
                      "timing (0 skips it)", flag_values=FLAGS)
@@ -335,7 +387,8 @@ def main(argv=None):
   cfg = pipeline.DataConfig(
       num_glimpses=args.num_glimpses, canvas_min=args.canvas_min,
       canvas_max=args.canvas_max, batch_size=args.batch_size, seed=args.seed,
-      read_threads=1, read_buffer_size=1)
+      read_threads=1, read_buffer_size=1,
+      transform_backend=args.transform_backend)
   with tempfile.TemporaryDirectory() as tmp:
     if os.path.isdir(args.images):
       root = args.images
@@ -358,28 +411,31 @@ def main(argv=None):
       raise SystemExit(f"no readable images in {args.images}")
     print(f"{len(files)} images; T={args.num_glimpses}, canvas "
           f"{args.canvas_min}..{args.canvas_max}, full training transform")
-    bench_stages(files, cfg, min(20, args.samples), args.seed + 1)  # Warm.
-    totals, paths, n = bench_stages(files, cfg, args.samples, args.seed)
-    # Per-sample host work of each ship mode: the canvas replaces the gather.
-    total = {"patches": sum(totals.values()) - totals[CANVAS_STAGE],
-             "canvas": sum(totals.values()) - totals["patch gather"]}
-    print(f"\nstage by stage, {n} samples, one core (share of ship=patches):")
-    for stage, seconds in totals.items():
-      print(f"  {stage:<22} {seconds / n * 1e3:7.2f} ms/sample "
-            f"({seconds / total['patches']:5.1%})")
-    for ship in pipeline.SHIP_MODES:
-      print(f"  {'total, ship=' + ship:<22} {total[ship] / n * 1e3:7.2f} ms/sample = "
-            f"{n / total[ship]:6.1f} samples/s per core")
+    backends = {b: dataclasses.replace(cfg, transform_backend=b) for b in augment.BACKENDS}
+    stages = {b: collections.defaultdict(float) for b in backends}
+    paths = {b: collections.defaultdict(list) for b in backends}
+    for cfg_b in backends.values():
+      bench_stages(files, cfg_b, min(20, args.samples), args.seed + 1)  # Warm.
+    # The backends take turns on blocks of the same samples, so that a change
+    # of the machine's load in the run weighs on both alike.
+    block = max(1, -(-args.samples // STAGE_ROUNDS))
+    n = args.samples
+    for first in range(0, n, block):
+      for backend, cfg_b in backends.items():
+        totals_b, paths_b, _ = bench_stages(files, cfg_b, min(block, n - first), args.seed,
+                                            first)
+        for stage, seconds in totals_b.items():
+          stages[backend][stage] += seconds
+        for path, times in paths_b.items():
+          paths[backend][path].extend(times)
+    _print_stages(stages, paths, n)
+    total = _ship_totals(stages[args.transform_backend])
     per_batch = {ship: bench_batches(files, dataclasses.replace(cfg, ship=ship), args.seed)
                  for ship in pipeline.SHIP_MODES}
     print(f"per-batch stages (batch {args.batch_size}), per sample:")
     for ship, stages in per_batch.items():
       for stage, seconds in stages.items():
         print(f"  {stage + ', ship=' + ship:<40} {seconds * 1e3:7.3f} ms/sample")
-    print("transform by path (mean ms, share of samples):")
-    for path, times in sorted(paths.items()):
-      print(f"  {path:<36} {np.mean(times) * 1e3:7.2f} ms "
-            f"({len(times) / n:5.1%})")
     if args.reference_samples:
       per_sample = bench_reference(files, cfg, args.reference_samples,
                                    args.seed)

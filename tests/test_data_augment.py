@@ -1,12 +1,16 @@
 """The official training transform: ranges, determinism, colour/blur ops,
-and the one-resampling geometry against the step-by-step reference."""
+the one-resampling geometry against the step-by-step reference (on the PIL
+backend, whose filters the reference uses), and the OpenCV backend against
+the PIL one (same geometry, statistically equal pixels)."""
 
 import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
+from scipy import ndimage
 
 from mambaeye_jax.data import augment
 from mambaeye_jax.data import geometry
+from mambaeye_jax.data import pipeline
 from mambaeye_jax.data import synthetic
 
 
@@ -33,17 +37,21 @@ def _photo(seed: int, height: int, width: int) -> Image.Image:
 SMALL = augment.AugmentConfig(canvas_min=48, canvas_max=160)
 
 
-def _run(image, seed, cfg=SMALL, reference=False):
+def _run(image, seed, cfg=SMALL, reference=False, backend="pil"):
+  """(plan, output) of sample `seed`: `apply` with `backend`, or
+  `apply_reference`."""
   rng = np.random.default_rng(seed)
   params = augment.plan(rng, *image.size, cfg)
-  fn = augment.apply_reference if reference else augment.apply
-  return params, fn(image, params, rng, cfg)
+  if reference:
+    return params, augment.apply_reference(image, params, rng, cfg)
+  return params, augment.apply(image, params, rng, cfg, backend)
 
 
-def test_output_ranges_and_determinism():
+@pytest.mark.parametrize("backend", augment.BACKENDS)
+def test_output_ranges_and_determinism(backend):
   image = _photo(0, 90, 130)
   for seed in range(40):
-    params, pixels = _run(image, seed)
+    params, pixels = _run(image, seed, backend=backend)
     canvas = params["canvas"]
     assert SMALL.canvas_min <= canvas <= SMALL.canvas_max
     rh, rw = pixels.shape[:2]
@@ -51,10 +59,11 @@ def test_output_ranges_and_determinism():
     assert (rw, rh) == params["out_size"]
     assert geometry.PATCH_SIZE <= rh <= canvas
     assert geometry.PATCH_SIZE <= rw <= canvas
-    _, again = _run(image, seed)
+    _, again = _run(image, seed, backend=backend)
     np.testing.assert_array_equal(pixels, again)
   # Different seeds give different outputs (the transform is random).
-  assert not np.array_equal(_run(image, 1)[1], _run(image, 2)[1])
+  assert not np.array_equal(_run(image, 1, backend=backend)[1],
+                            _run(image, 2, backend=backend)[1])
 
 
 def test_plan_probabilities_match_official():
@@ -87,11 +96,13 @@ def test_fit_size_is_official():
   assert augment.fit_size(1, 1000, 256) == (1, 256)  # Kept >= 1.
 
 
+@pytest.mark.parametrize("backend", augment.BACKENDS)
 @pytest.mark.parametrize("size", [(1, 1), (3, 2), (1, 700), (900, 4)])
-def test_tiny_and_needle_images_work(size):
+def test_tiny_and_needle_images_work(size, backend):
   image = _photo(1, size[1], size[0])
   for seed in range(10):
-    params, pixels = _run(image, seed)
+    params, pixels = _run(image, seed, backend=backend)
+    assert pixels.shape[1::-1] == params["out_size"]
     assert min(pixels.shape[:2]) >= geometry.PATCH_SIZE
 
 
@@ -129,7 +140,7 @@ def test_composed_perspective_exact_at_unit_scale(seed):
                 blur_sigma=None, perspective=((wp, hp), coeffs),
                 crop=(x, y, wp - 2 * x, hp - 2 * y),
                 out_size=(wp - 2 * x, hp - 2 * y), erase=False)
-  fast = augment.apply(image, params, rng, SMALL).astype(np.int16)
+  fast = augment.apply(image, params, rng, SMALL, "pil").astype(np.int16)
   ref = augment.apply_reference(image, params, rng, SMALL)
   diff = np.abs(fast - ref)
   assert diff.mean() < 0.5 and np.percentile(diff, 99) <= 2, diff.mean()
@@ -152,9 +163,10 @@ def test_composed_perspective_geometry_on_a_ramp(flip):
             "perspective": ((180, 120), identity),
             "crop": (20, 10, 100, 80), "out_size": (50, 40), "erase": False}
   rng = np.random.default_rng(0)
-  fast = augment.apply(ramp, params, rng, cfg)
   ref = augment.apply_reference(ramp, params, rng, cfg)
-  np.testing.assert_array_equal(fast[3:-3, 3:-3], ref[3:-3, 3:-3])
+  for backend in augment.BACKENDS:
+    fast = augment.apply(ramp, params, rng, cfg, backend)
+    np.testing.assert_array_equal(fast[3:-3, 3:-3], ref[3:-3, 3:-3], backend)
 
 
 def test_flip_crop_geometry_exact_without_resampling():
@@ -166,11 +178,11 @@ def test_flip_crop_geometry_exact_without_resampling():
             "gray": False, "blur_sigma": None, "perspective": None,
             "crop": (10, 7, 40, 30), "out_size": (40, 30), "erase": False}
   rng = np.random.default_rng(0)
-  fast = augment.apply(image, params, rng, cfg)
   ref = augment.apply_reference(image, params, rng, cfg)
   want = np.asarray(image)[:, ::-1][7:37, 10:50]
   np.testing.assert_array_equal(ref, want)
-  np.testing.assert_array_equal(fast, want)
+  for backend in augment.BACKENDS:
+    np.testing.assert_array_equal(augment.apply(image, params, rng, cfg, backend), want)
 
 
 def test_colour_ops_are_torchvision_pil_path():
@@ -276,7 +288,7 @@ def test_grayscale_runs_on_one_band_and_matches_reference(jitter):
       params["crop"] = (0, 0) + params["perspective"][0]
     for gray in (True, False):
       params["gray"] = gray
-      fast = augment.apply(image, params, rng, SMALL)
+      fast = augment.apply(image, params, rng, SMALL, "pil")
       ref = augment.apply_reference(image, params, rng, SMALL)
       if gray:
         np.testing.assert_array_equal(fast[..., 0], fast[..., 1])
@@ -409,3 +421,104 @@ def test_cifar_sized_samples_match_the_reference():
     diffs.append(np.abs(fast.astype(np.int16) - ref).mean())
   assert np.mean(diffs) < 1.5, np.mean(diffs)
   assert np.max(diffs) < 12.0, np.max(diffs)
+
+
+# ---------------------------------------------------------------- backends
+
+
+def test_transform_backend_validated():
+  with pytest.raises(ValueError, match="transform_backend='opnecv'.*'opencv', 'pil'"):
+    pipeline.DataConfig(transform_backend="opnecv")
+  image = _photo(0, 40, 50)
+  rng = np.random.default_rng(0)
+  params = augment.plan(rng, 50, 40, SMALL)
+  with pytest.raises(ValueError, match="transform_backend='PIL'"):
+    augment.apply(image, params, rng, SMALL, "PIL")
+  assert pipeline.DataConfig().transform_backend == "opencv"  # The fast path.
+
+
+def test_opencv_resize_and_warp_geometry_on_a_ramp():
+  # Every filter reproduces a linear ramp (up to rounding), so a slip of
+  # the pixel-centre conventions shows as an offset: OpenCV's resize places
+  # a box within half an output pixel of PIL's (`augment._resize_axis`),
+  # whatever its scales (area, blur + bicubic, bicubic; one of each across
+  # and down), on and off the pixel grid; the warp maps exactly.
+  yy, xx = np.mgrid[0:60, 0:90]
+  ramp = Image.fromarray(np.stack([xx * 2, yy * 3, xx + yy], -1).astype(np.uint8))
+  for box in ((10, 5, 80, 45), (10.3, 5.7, 80.2, 50.9)):
+    for size in ((140, 80), (35, 20), (50, 28), (35, 80), (140, 20), (130, 30)):
+      want = np.asarray(ramp.resize(size, Image.Resampling.LANCZOS, box=box), np.float64)
+      got = np.asarray(augment._resize(ramp, size, Image.Resampling.LANCZOS, box, "opencv"))
+      assert got.shape == want.shape
+      # Levels per output pixel of each channel.
+      fx, fy = (box[2] - box[0]) / size[0], (box[3] - box[1]) / size[1]
+      slope = np.array([2 * fx, 3 * fy, fx + fy])
+      diff = (got - want)[3:-3, 3:-3]
+      assert np.all(np.abs(diff.mean((0, 1))) <= 0.5 * slope + 0.5), (box, size, diff.mean((0, 1)))
+      assert np.abs(diff).max() <= slope.max() + 2, (box, size, np.abs(diff).max())
+  rng = np.random.default_rng(3)
+  (w, h), coeffs = augment._perspective_plan(rng, 90, 60, 0.5)
+  m = np.append(coeffs, 1.0).reshape(3, 3)
+  want = np.asarray(augment._warp(ramp, (w, h), m, "pil"), np.int16)
+  got = np.asarray(augment._warp(ramp, (w, h), m, "opencv"))
+  # Away from the quad's edges (the bicubic reach) and the image's.
+  inside = ndimage.binary_erosion((want > 0).all(-1) & (got > 0).all(-1), iterations=3)
+  # Same pixels inside the quad (to rounding), same black outside it (to
+  # the edge's pixels).
+  assert np.abs(got - want)[inside].max() <= 2
+  # (Its perimeter is ~3% of this small image.)
+  assert abs((got == 0).all(-1).mean() - (want == 0).all(-1).mean()) < 0.035
+
+
+def test_opencv_blur_and_hue_match_pils():
+  impulse = np.zeros((31, 31, 3), np.uint8)
+  impulse[15, 15] = 255
+  want = np.asarray(augment._blur(Image.fromarray(impulse), (5, 9), 5.0), np.int16)
+  got = np.asarray(augment._blur(Image.fromarray(impulse), (5, 9), 5.0, "opencv"))
+  assert np.abs(got - want).max() <= 1  # 5 wide, 9 tall, same weights.
+  image = _photo(3, 60, 80)
+  for sigma in (0.1, 1.0, 5.0):
+    want = np.asarray(augment._blur(image, (5, 9), sigma), np.int16)
+    assert np.abs(np.asarray(augment._blur(image, (5, 9), sigma, "opencv")) - want).max() <= 1
+  for factor in (-0.1, -0.03, 0.0, 0.05, 0.1):
+    want = np.asarray(augment._adjust(image, "hue", factor), np.int16)
+    got = np.asarray(augment._hue_opencv(image, augment._hue_shift(factor)))
+    # 8-bit HSV round trips both: ~1 level apart on average.
+    assert np.abs(got - want).mean() < 1.5, (factor, np.abs(got - want).mean())
+  gray = image.convert("L").convert("RGB")
+  out = np.asarray(augment._hue_opencv(gray, augment._hue_shift(0.07)))
+  np.testing.assert_array_equal(out, np.asarray(gray))  # Grays stay gray.
+
+
+def _sample_stats(pixels: np.ndarray) -> np.ndarray:
+  """(8,): per-channel mean and std, sharpness, black fraction; [0, 1] units."""
+  f = pixels.astype(np.float64) / 255
+  grad = (np.abs(np.diff(f, axis=0)).mean() + np.abs(np.diff(f, axis=1)).mean()) / 2
+  return np.array([*f.mean((0, 1)), *f.std((0, 1)), grad, (pixels == 0).all(-1).mean()])
+
+
+def test_backends_same_geometry_and_statistically_equal():
+  # One plan, both backends: the same output size (so the same canvas box)
+  # and, over many samples of every path (perspective, blur, colour, the fit
+  # enlarging and shrinking), the same pixel statistics. Paired per sample,
+  # so the bounds resolve far less than the fidelity test's: measured mean
+  # differences +0.0005 (means), -0.0005 (stds), -2% (sharpness), 0.000
+  # (black fraction).
+  cfg = augment.AugmentConfig(canvas_min=48, canvas_max=200)
+  stats = {b: [] for b in augment.BACKENDS}
+  for seed in range(240):
+    image = _photo(seed, 60 + seed % 97, 150 - seed % 71)
+    outs = {b: _run(image, seed, cfg, backend=b) for b in augment.BACKENDS}
+    (params, fast), (same, ref) = outs["opencv"], outs["pil"]
+    assert repr(params) == repr(same)  # The plan (it holds arrays).
+    assert fast.shape == ref.shape and fast.shape[1::-1] == params["out_size"]
+    assert augment.centred_box(params["canvas"], fast.shape[:2]) == \
+        augment.centred_box(params["canvas"], ref.shape[:2])
+    for b, pixels in (("opencv", fast), ("pil", ref)):
+      stats[b].append(_sample_stats(pixels))
+  fast, ref = np.array(stats["opencv"]), np.array(stats["pil"])
+  diff = (fast - ref).mean(0)
+  assert np.all(np.abs(diff[:3]) < 0.002), diff  # Half a level.
+  assert np.all(np.abs(diff[3:6]) < 0.002), diff
+  assert abs(diff[6]) < 0.06 * ref[:, 6].mean(), (diff[6], ref[:, 6].mean())
+  assert abs(diff[7]) < 0.005, diff

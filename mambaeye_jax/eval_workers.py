@@ -6,8 +6,8 @@ For one evaluation `Setting` every record becomes a canvas (S, S, 3) uint8,
 corners (T, 2) int32 and a label (`prepare_example`: decode, resize, scan
 order; the patches are gathered on the device). `WorkerPool` runs that in
 spawned processes writing straight into shared-memory batch slots
-(`HostBatches`), or in this process with no workers. Numpy and PIL only:
-the workers never import JAX.
+(`HostBatches`), or in this process with no workers. Numpy, PIL and OpenCV
+only: the workers never import JAX.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import os
 from multiprocessing import shared_memory
 from typing import Any, Mapping, Sequence
 
+import cv2
 import numpy as np
 
 from mambaeye_jax.data import eval_transforms
@@ -31,11 +32,16 @@ from mambaeye_jax.data import sources
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-  """One evaluation setting; every example of it has the same shapes."""
+  """One evaluation setting; every example of it has the same shapes.
+
+  resampler: "fast" or "reference" (`data.eval_transforms.RESAMPLERS`): how
+  the canvas pixels are resampled; the geometry is the same either way.
+  """
   canvas_size: int
   resize: str
   scan: str
   num_glimpses: int
+  resampler: str = "fast"
 
   def label(self) -> str:
     return f"{self.scan}/{self.resize}/{self.canvas_size}"
@@ -44,9 +50,15 @@ class Setting:
 def prepare_example(record: Mapping[str, Any], setting: Setting, seed: int,
                     index: int) -> tuple[np.ndarray, np.ndarray, geometry.ImageBox]:
   """One record -> (canvas (S, S, 3) uint8, positions (T, 2) int32, box)."""
+
+  def draft(width: int, height: int):  # The fast resampler's reduced-scale JPEG decoding.
+    return eval_transforms.draft_size(width, height, setting.resize, setting.canvas_size,
+                                      resampler=setting.resampler)
+
   canvas, box, positions = glimpses.eval_canvas_and_positions(
-      eval_transforms.record_image(record), canvas_size=setting.canvas_size, resize=setting.resize,
-      scan=setting.scan, num_glimpses=setting.num_glimpses, seed=seed, index=index)
+      eval_transforms.record_image(record, draft_size=draft), canvas_size=setting.canvas_size,
+      resize=setting.resize, scan=setting.scan, num_glimpses=setting.num_glimpses, seed=seed,
+      index=index, resampler=setting.resampler)
   return canvas, positions, box
 
 
@@ -141,6 +153,9 @@ def _worker_init(source):
   # Workers only prepare numpy data (this module imports no JAX); should
   # anything import it and start a backend, keep it off the accelerator.
   os.environ["JAX_PLATFORMS"] = "cpu"
+  # One thread per worker: the pool already has a process per core, and
+  # OpenCV's own thread pool in each would oversubscribe them.
+  cv2.setNumThreads(1)
   _WORKER["source"] = source
   _WORKER["spec"] = None
 

@@ -48,8 +48,12 @@ class Setting:
 
 
 def prepare_example(record: Mapping[str, Any], setting: Setting, seed: int,
-                    index: int) -> tuple[np.ndarray, np.ndarray, geometry.ImageBox]:
-  """One record -> (canvas (S, S, 3) uint8, positions (T, 2) int32, box)."""
+                    index: int, out: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, geometry.ImageBox]:
+  """One record -> (canvas (S, S, 3) uint8, positions (T, 2) int32, box).
+
+  The canvas is written into `out` (S, S, 3) uint8 when given (a batch row).
+  """
 
   def draft(width: int, height: int):  # The fast resampler's reduced-scale JPEG decoding.
     return eval_transforms.draft_size(width, height, setting.resize, setting.canvas_size,
@@ -58,7 +62,7 @@ def prepare_example(record: Mapping[str, Any], setting: Setting, seed: int,
   canvas, box, positions = glimpses.eval_canvas_and_positions(
       eval_transforms.record_image(record, draft_size=draft), canvas_size=setting.canvas_size,
       resize=setting.resize, scan=setting.scan, num_glimpses=setting.num_glimpses, seed=seed,
-      index=index, resampler=setting.resampler)
+      index=index, resampler=setting.resampler, out=out)
   return canvas, positions, box
 
 
@@ -128,7 +132,7 @@ def _fill(source, arrays, setting: Setting, seed: int, slot: int,
   for row, index in enumerate(indices, start=offset):
     record = source[index]
     try:
-      canvas, pos, _ = prepare_example(record, setting, seed, index)
+      _, pos, _ = prepare_example(record, setting, seed, index, out=canvases[slot, row])
     except sources.BadImageError:
       if not skip_bad:
         raise
@@ -139,7 +143,6 @@ def _fill(source, arrays, setting: Setting, seed: int, slot: int,
       ok[slot, row] = 0
       bad += 1
       continue
-    canvases[slot, row] = canvas
     positions[slot, row] = pos
     labels[slot, row] = int(record["label"])
     ok[slot, row] = 1

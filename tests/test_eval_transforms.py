@@ -94,6 +94,18 @@ def test_full_stretches_and_the_dataset_path_shrinks_first():
   assert not np.array_equal(dataset, single)
 
 
+@pytest.mark.parametrize("resampler", et.RESAMPLERS)
+def test_out_receives_the_canvas_and_loses_what_it_held(resampler):
+  image = _image(30, 50)
+  want, box = et.eval_canvas(image, "fit", 64, resampler=resampler)
+  out = np.full((64, 64, 3), 7, np.uint8)  # A batch row's previous image.
+  canvas, out_box = et.eval_canvas(image, "fit", 64, resampler=resampler, out=out)
+  assert canvas is out and out_box == box
+  np.testing.assert_array_equal(out, want)
+  with pytest.raises(ValueError, match="not uint8"):
+    et.eval_canvas(image, "fit", 64, out=np.zeros((48, 48, 3), np.uint8))
+
+
 def test_canvas_of_exactly_one_patch():
   canvas, box = et.eval_canvas(_image(10, 16), "none", 16)
   assert canvas.shape == (16, 16, 3) and box == ImageBox(3, 0, 10, 16)

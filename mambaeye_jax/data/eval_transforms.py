@@ -217,13 +217,15 @@ def draft_size(width: int, height: int, mode: str, canvas_size: int | None, *,
   return final_width * _DRAFT_MARGIN, final_height * _DRAFT_MARGIN
 
 
-def paste_centred(image: np.ndarray, canvas_size: int
+def paste_centred(image: np.ndarray, canvas_size: int, out: np.ndarray | None = None
                   ) -> tuple[np.ndarray, geometry.ImageBox]:
   """Pastes an image centred on a zero square canvas (official rounding).
 
   Args:
     image: (h, w, 3) uint8 with h, w <= canvas_size.
     canvas_size: S.
+    out: (S, S, 3) uint8 to write the canvas into (e.g. a shared-memory
+      batch row: no new canvas and no second copy); None: a new array.
 
   Returns:
     (canvas (S, S, 3) uint8, box) with box.top = (S - h) // 2 and
@@ -234,14 +236,25 @@ def paste_centred(image: np.ndarray, canvas_size: int
     raise ValueError(f"image {height}x{width} does not fit a {canvas_size}"
                      f"x{canvas_size} canvas")
   box = augment.centred_box(canvas_size, (height, width))
-  canvas = np.zeros((canvas_size, canvas_size, 3), np.uint8)
+  if out is None:
+    canvas = np.zeros((canvas_size, canvas_size, 3), np.uint8)
+  else:
+    if out.shape != (canvas_size, canvas_size, 3) or out.dtype != np.uint8:
+      raise ValueError(f"out is {out.dtype} {out.shape}, not uint8 "
+                       f"{(canvas_size, canvas_size, 3)}")
+    canvas = out
+    canvas[:box.top] = 0
+    canvas[box.top + height:] = 0
+    canvas[box.top:box.top + height, :box.left] = 0
+    canvas[box.top:box.top + height, box.left + width:] = 0
   canvas[box.top:box.top + height, box.left:box.left + width] = image
   return canvas, box
 
 
 def eval_canvas(image: Image.Image | np.ndarray, mode: str = "none",
                 canvas_size: int | None = None, *, shrink_first: bool = True,
-                resampler: str = "fast") -> tuple[np.ndarray, geometry.ImageBox]:
+                resampler: str = "fast", out: np.ndarray | None = None
+                ) -> tuple[np.ndarray, geometry.ImageBox]:
   """The official evaluation canvas of one image.
 
   Args:
@@ -256,6 +269,7 @@ def eval_canvas(image: Image.Image | np.ndarray, mode: str = "none",
       official single-image mode for "fit" and "full".
     resampler: "fast" (OpenCV, one resize) or "reference" (PIL LANCZOS, the
       official steps); the same sizes and box either way (module docstring).
+    out: (S, S, 3) uint8 to write the canvas into, as `paste_centred`.
 
   Returns:
     (canvas (S, S, 3) uint8, zero outside the image; box, the image's place
@@ -272,6 +286,7 @@ def eval_canvas(image: Image.Image | np.ndarray, mode: str = "none",
   if resampler == "reference":
     for size in steps:
       pil = _resize(pil, size)
-    return paste_centred(np.asarray(pil), canvas_size)
+    return paste_centred(np.asarray(pil), canvas_size, out)
   pixels = np.asarray(pil)
-  return paste_centred(_resize_fast(pixels, steps[-1]) if steps else pixels, canvas_size)
+  return paste_centred(_resize_fast(pixels, steps[-1]) if steps else pixels, canvas_size,
+                       out)

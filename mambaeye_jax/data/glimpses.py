@@ -83,7 +83,8 @@ def example_rng(seed: int, index: int) -> np.random.Generator:
 
 def eval_canvas_and_positions(image, *, canvas_size: int | None, resize: str,
                               scan: str, num_glimpses: int, seed: int, index: int,
-                              shrink_first: bool = True, resampler: str = "fast"
+                              shrink_first: bool = True, resampler: str = "fast",
+                              out: np.ndarray | None = None
                               ) -> tuple[np.ndarray, geometry.ImageBox, np.ndarray]:
   """A decoded image -> its evaluation canvas and glimpse corners.
 
@@ -93,7 +94,7 @@ def eval_canvas_and_positions(image, *, canvas_size: int | None, resize: str,
 
   Args:
     image: a PIL image or a uint8 array (see `glimpses_from_image`).
-    canvas_size, resize, shrink_first, resampler: as
+    canvas_size, resize, shrink_first, resampler, out: as
       `data.eval_transforms.eval_canvas`.
     scan: a registered scan pattern.
     num_glimpses: T.
@@ -103,7 +104,8 @@ def eval_canvas_and_positions(image, *, canvas_size: int | None, resize: str,
     (canvas (S, S, 3) uint8, box, positions (T, 2) int32).
   """
   canvas, box = eval_transforms.eval_canvas(image, resize, canvas_size,
-                                            shrink_first=shrink_first, resampler=resampler)
+                                            shrink_first=shrink_first, resampler=resampler,
+                                            out=out)
   positions = scan_patterns.generate(scan, example_rng(seed, index), canvas.shape[:2],
                                      box, num_glimpses)
   return canvas, box, positions

@@ -16,8 +16,9 @@ T = 4096, as the official evaluation):
            path, with the fastest device variant.
 
 A last table gives, per path, host, device and end-to-end images/s, the
-host's core-milliseconds per image (workers / host rate) and end to end as a
-percentage of device-only throughput (the target is >= 90%).
+worker-milliseconds per image (workers / host rate: a core's milliseconds
+where each worker has a core) and end to end as a percentage of
+device-only throughput (the target is >= 90%).
 
 Without --checkpoint the model is a randomly initialised MambaEye of the
 named size: the throughput does not depend on the weights, the accuracy is
@@ -225,10 +226,10 @@ def main(argv=None) -> int:
   print(f"worker pool start: {pool_start:.1f} s (not counted)")
   print()
   workers = max(args.workers, 1)
-  print(f"{'path':10s} {'host img/s':>11s} {'host core-ms/img':>17s} {'device img/s':>13s} "
+  print(f"{'path':10s} {'host img/s':>11s} {'worker-ms/img':>14s} {'device img/s':>13s} "
         f"{'e2e img/s':>10s} {'e2e % of device':>16s}")
   for path in paths:
-    print(f"{path:10s} {host_rates[path]:11.1f} {1e3 * workers / host_rates[path]:17.2f} "
+    print(f"{path:10s} {host_rates[path]:11.1f} {1e3 * workers / host_rates[path]:14.2f} "
           f"{device_rate:13.1f} {e2e_rates[path]:10.1f} "
           f"{100 * e2e_rates[path] / device_rate:15.1f}%")
   for path in paths:

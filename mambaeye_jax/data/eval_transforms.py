@@ -35,9 +35,10 @@ the pixels come from one of two resamplers (`RESAMPLERS`):
   enlargement). A JPEG much larger than its final size is decoded at 1/2 to
   1/8 scale (`draft_size`), never below twice the final size, so the area
   average still spans >= 2 x 2 decoded pixels: decoding straight to the
-  final size doubled the difference to the reference. About 3x (canvas
-  512) to 5x (1024) faster than the reference on ImageNet photos; the
-  pixels differ by about 0.7 (enlarging) to 2 (shrinking) grey levels on
+  final size doubled the difference to the reference. On ImageNet photos
+  the evaluator's host step (decode, fit, scan order) is 1.7x (canvas 224),
+  2.4x (512) and 4.6x (1024) faster than with the reference; the pixels
+  differ by about 0.7 (enlarging) to 1.8 (shrinking) grey levels on
   average, with no bias (docs/evaluation.md has the figures;
   tests/test_eval_resamplers.py holds them to tolerances).
 """

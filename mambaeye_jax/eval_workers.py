@@ -60,7 +60,9 @@ def prepare_example(record: Mapping[str, Any], setting: Setting, seed: int,
                                       resampler=setting.resampler)
 
   canvas, box, positions = glimpses.eval_canvas_and_positions(
-      eval_transforms.record_image(record, draft_size=draft), canvas_size=setting.canvas_size,
+      eval_transforms.record_image(record, draft_size=draft,
+                                   fast_jpeg=setting.resampler == "fast"),
+      canvas_size=setting.canvas_size,
       resize=setting.resize, scan=setting.scan, num_glimpses=setting.num_glimpses, seed=seed,
       index=index, resampler=setting.resampler, out=out)
   return canvas, positions, box

@@ -22,6 +22,7 @@ from PIL import Image
 
 from mambaeye_jax import eval_workers
 from mambaeye_jax.data import eval_transforms as et
+from mambaeye_jax.data import sources
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
                       "imagenet_sample_100.tar.gz")
@@ -209,3 +210,27 @@ def test_evaluator_settings_choose_the_resampler():
     assert box == want_box
     np.testing.assert_array_equal(canvases[resampler], want)
   assert not np.array_equal(canvases["fast"], canvases["reference"])
+
+
+@pytest.mark.parametrize("draft", [None, (448, 336), (100, 75), (10, 10)])
+def test_fast_jpeg_decoding_gives_pils_pixels(draft):
+  gray = _jpeg(_natural(300, 400, 3)[..., 0])
+  for data in _photos() + [gray]:
+    pixels = sources.decode_jpeg_fast(data, draft_size=draft)
+    want = np.asarray(sources.decode_image(data, draft_size=draft))
+    assert pixels is not None and pixels.dtype == np.uint8
+    np.testing.assert_array_equal(pixels, want)
+
+
+def test_fast_jpeg_decoding_leaves_the_rest_to_pil():
+  data = _jpeg(_natural(60, 80, 4))
+  png = io.BytesIO()
+  Image.fromarray(_natural(60, 80, 4)).save(png, "PNG")
+  cmyk = io.BytesIO()
+  Image.fromarray(_natural(60, 80, 4)).convert("CMYK").save(cmyk, "JPEG")
+  for other in (data[:len(data) // 2], png.getvalue(), cmyk.getvalue(), b"", b"\xff\xd9"):
+    assert sources.decode_jpeg_fast(other) is None
+  assert sources.decode_jpeg_fast(data, max_pixels=60 * 80 - 1) is None
+  # record_image falls back to PIL, which reports the truncation.
+  with pytest.raises(sources.BadImageError, match="cannot decode|truncated"):
+    et.record_image({"image": data[:len(data) // 2], "key": "cut"}, fast_jpeg=True)

@@ -97,6 +97,10 @@ def _define_flags() -> None:
                       "(default: the checkpoint's)", flag_values=f)
   flags.DEFINE_integer("chunk-size", None, "SSD chunk length override (default: "
                        "the checkpoint's)", flag_values=f)
+  flags.DEFINE_bool("reference", False, "resample the canvases with PIL LANCZOS "
+                    "as the official code (slower) instead of the default OpenCV "
+                    "resampler, whose pixels differ slightly (docs/evaluation.md)",
+                    flag_values=f)
   flags.DEFINE_bool("skip-bad-images", False, "leave unreadable images out "
                     "(counted) instead of stopping", flag_values=f)
   flags.DEFINE_string("tfds-data-dir", None, "TFDS data directory for --data "
@@ -215,7 +219,8 @@ def _main(args) -> int:
         canvas_sizes=args.canvas_sizes, resize_modes=args.resize,
         scan_patterns=args.scan, glimpse_counts=glimpses,
         batch_size=batch_size, num_workers=args.workers, seed=args.seed,
-        max_examples=args.max_examples, skip_bad_images=args.skip_bad_images)
+        max_examples=args.max_examples, skip_bad_images=args.skip_bad_images,
+        resampler=_resampler(args))
     # The data first: a bad dataset should fail before the model loads.
     source = eval_data.open_source(args.data, class_map=args.class_map,
                                    tfds_data_dir=args.tfds_data_dir)
@@ -254,6 +259,10 @@ def _main(args) -> int:
   return 0
 
 
+def _resampler(args) -> str:
+  return "reference" if args.reference else "fast"
+
+
 def _single_image(args, model, output, num_glimpses: int) -> int:
   """Prints the top-5 classes and saves the glimpse-path picture."""
   from mambaeye_jax import eval_data  # pylint: disable=g-import-not-at-top
@@ -267,7 +276,7 @@ def _single_image(args, model, output, num_glimpses: int) -> int:
   result = eval_image.classify_image(
       model, args.image, canvas_size=args.canvas_sizes[0], resize=args.resize[0],
       scan=args.scan[0], num_glimpses=num_glimpses, seed=args.seed,
-      class_map=class_map)
+      class_map=class_map, resampler=_resampler(args))
   print(f"{args.image}: top-5 after {len(result.positions)} glimpses "
         f"(canvas {result.canvas.shape[0]}, {args.resize[0]}, {args.scan[0]})")
   for rank, (index, name, prob) in enumerate(result.top, start=1):

@@ -5,12 +5,20 @@
 Measures, for one setting (default: canvas 512, resize fit, random scan,
 T = 4096, as the official evaluation):
 
-  host     decode + resize + scan order in the worker pool alone;
+  host     decode + resize + scan order in the worker pool alone, per
+           resampler path (--paths: "fast", OpenCV, the default of eval.py;
+           "reference", PIL LANCZOS, eval.py --reference);
   copy     host -> device transfer of one batch of uint8 canvases + corners;
   device   patch gather + forward + scoring on a batch already on the device
            (one line per --variants entry: SSD implementation and chunk);
   e2e      `eval_lib.evaluate_setting` over the whole (repeated) image list,
-           everything overlapped, compilation excluded (done before).
+           everything overlapped, compilation excluded (done before), per
+           path, with the fastest device variant.
+
+A last table gives, per path, host, device and end-to-end images/s, the
+worker-milliseconds per image (workers / host rate: a core's milliseconds
+where each worker has a core) and end to end as a percentage of
+device-only throughput (the target is >= 90%).
 
 Without --checkpoint the model is a randomly initialised MambaEye of the
 named size: the throughput does not depend on the weights, the accuracy is
@@ -21,6 +29,7 @@ the page cache.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -36,6 +45,7 @@ from mambaeye_jax import eval_lib
 from mambaeye_jax import eval_workers
 from mambaeye_jax import model as model_lib
 from mambaeye_jax import progress as progress_lib
+from mambaeye_jax.data import eval_transforms
 
 import timing  # benchmarks/timing.py: benchmarks/ is sys.path[0].
 
@@ -54,8 +64,9 @@ def _model(args, ssd_impl: str | None, chunk: int | None):
                             rngs=nnx.Rngs(0))
 
 
-def _host_stage(pool, source, setting, config, num_images) -> float:
-  """Images/s of the worker pool filling batch slots, nothing else."""
+def _host_stage(pool, source, setting, config, num_images) -> tuple[float, tuple]:
+  """Images/s of the worker pool filling batch slots, nothing else, and the
+  first slot's (canvases (b, S, S, 3), positions (b, T, 2), labels (b,))."""
   batches = eval_workers.HostBatches.create(
       config.slots, config.batch_size, setting, shared=pool.num_workers > 0)
   try:
@@ -105,6 +116,21 @@ flags.DEFINE_string("variants", "auto", "comma list of SSD_IMPL[:CHUNK] for the 
                     "stage; the first is used end to end", flag_values=FLAGS)
 flags.DEFINE_integer("device-repeats", 10, "timed repeats of the device stage",
                      flag_values=FLAGS)
+flags.DEFINE_string("paths", "fast,reference", "comma list of resampler paths to time "
+                    "(host and end to end): fast (OpenCV), reference (PIL LANCZOS)",
+                    flag_values=FLAGS)
+flags.DEFINE_bool("reference", False, "time the reference path only (--paths reference)",
+                  flag_values=FLAGS)
+
+
+def _paths(args) -> list[str]:
+  """The resampler paths to time, checked."""
+  paths = ["reference"] if args.reference else [p for p in args.paths.split(",") if p]
+  if not paths:
+    raise ValueError("--paths is empty")
+  for path in paths:
+    eval_transforms.check_resampler(path)
+  return paths
 
 
 def main(argv=None) -> int:
@@ -112,6 +138,7 @@ def main(argv=None) -> int:
                         usage="python -m mambaeye_jax.bench_eval --images SPEC [--flag=value ...]",
                         description=__doc__, required=("images",))
 
+  paths = _paths(args)
   source = eval_data.open_source(args.images, unknown_synsets="sorted")
   source = eval_data.RepeatSource(source, args.repeat)
   num = len(source)
@@ -119,24 +146,31 @@ def main(argv=None) -> int:
       canvas_sizes=(args.canvas,), resize_modes=(args.resize,),
       scan_patterns=(args.scan,), glimpse_counts=(args.glimpses,),
       batch_size=args.batch_size, num_workers=args.workers)
-  setting = config.settings()[0]
+  settings = {path: dataclasses.replace(config.settings()[0], resampler=path)
+              for path in paths}
+  setting = settings[paths[0]]
   device = jax.devices()[0]
   weights = args.checkpoint or f"random {args.size} weights (throughput only)"
   print(f"device: {device.device_kind} x{jax.local_device_count()}, "
         f"{os.cpu_count()} CPUs, jax {jax.__version__}")
   print(f"setting: canvas {args.canvas}, resize {args.resize}, scan {args.scan}, "
         f"T={args.glimpses}, batch {args.batch_size}, {args.workers} workers, "
-        f"{weights}, images: {source.description} = {num}")
+        f"{weights}, images: {source.description} = {num}, paths {','.join(paths)}")
   rows = []
+  host_rates, e2e_rates = {}, {}
 
   start = time.perf_counter()
   with eval_workers.WorkerPool(source, args.workers) as pool:
     # Warm the pool (process start, imports) on a few images, untimed.
     _host_stage(pool, source, setting, config, min(num, 2 * args.batch_size))
     pool_start = time.perf_counter() - start
-    host_rate, sample = _host_stage(pool, source, setting, config,
-                                    min(num, 20 * args.batch_size))
-    rows.append((f"host: decode+resize+scan ({args.workers} workers)", host_rate, ""))
+    samples = {}
+    for path in paths:
+      host_rates[path], samples[path] = _host_stage(pool, source, settings[path], config,
+                                                    min(num, 20 * args.batch_size))
+      rows.append((f"host: decode+resize+scan, {path} ({args.workers} workers)",
+                   host_rates[path], ""))
+    sample = samples[paths[0]]
 
     variants = [v.split(":") for v in args.variants.split(",") if v]
     best = None  # (img/s, runner): the fastest variant runs end to end.
@@ -175,21 +209,31 @@ def main(argv=None) -> int:
     if best is None:
       print("no device variant ran")
       return 1
-    e2e_runner = best[1]
+    device_rate, e2e_runner = best[0], best[1]
     print(f"end to end with the fastest: {best[2]}", flush=True)
 
-    e2e = eval_lib.evaluate_setting(e2e_runner, pool, source, setting, config,
-                                    progress_lib.Progress(num, interval=5.0))
-    e2e_rate = e2e.num_examples / e2e.seconds
-    rows.append(("end to end (decode ... device, overlapped)", e2e_rate,
-                 f"{e2e.num_examples} images in {e2e.seconds:.1f} s"))
+    for path in paths:
+      e2e = eval_lib.evaluate_setting(e2e_runner, pool, source, settings[path], config,
+                                      progress_lib.Progress(num, interval=5.0))
+      e2e_rates[path] = e2e.num_examples / e2e.seconds
+      rows.append((f"end to end, {path} (decode ... device, overlapped)", e2e_rates[path],
+                   f"{e2e.num_examples} images in {e2e.seconds:.1f} s"))
 
   print()
   print(f"{'stage':62s} {'images/s':>10s}  notes")
   for name, rate, note in rows:
     print(f"{name:62s} {rate:10.1f}  {note}")
   print(f"worker pool start: {pool_start:.1f} s (not counted)")
-  print(f"END-TO-END: {e2e_rate:.1f} images/s")
+  print()
+  workers = max(args.workers, 1)
+  print(f"{'path':10s} {'host img/s':>11s} {'worker-ms/img':>14s} {'device img/s':>13s} "
+        f"{'e2e img/s':>10s} {'e2e % of device':>16s}")
+  for path in paths:
+    print(f"{path:10s} {host_rates[path]:11.1f} {1e3 * workers / host_rates[path]:14.2f} "
+          f"{device_rate:13.1f} {e2e_rates[path]:10.1f} "
+          f"{100 * e2e_rates[path] / device_rate:15.1f}%")
+  for path in paths:
+    print(f"END-TO-END {path}: {e2e_rates[path]:.1f} images/s")
   return 0
 
 

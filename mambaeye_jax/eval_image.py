@@ -57,11 +57,13 @@ def classify_image(model: nnx.Module, path: str, *, canvas_size: int | None = 51
                    resize: str = "fit", scan: str = "random",
                    num_glimpses: int = 4096, seed: int = 0,
                    class_map: ClassMap | None = None,
-                   top_k: int = 5) -> ImagePrediction:
+                   top_k: int = 5, resampler: str = "fast") -> ImagePrediction:
   """Classifies one image file as the official single-image mode does.
 
   With resize "none" the canvas is the image's longer side (canvas_size is
-  ignored); "fit" / "full" resize the original straight to the canvas.
+  ignored); "fit" / "full" resize the original straight to the canvas, with
+  `resampler` "fast" (OpenCV) or "reference" (PIL LANCZOS, the official
+  pixels).
 
   Raises:
     DataError: missing or unreadable image.
@@ -78,7 +80,8 @@ def classify_image(model: nnx.Module, path: str, *, canvas_size: int | None = 51
     raise DataError(f"unreadable image {e}") from e
   canvas, _, positions = glimpses.eval_canvas_and_positions(
       pil, canvas_size=None if resize == "none" else canvas_size, resize=resize,
-      scan=scan, num_glimpses=num_glimpses, seed=seed, index=0, shrink_first=False)
+      scan=scan, num_glimpses=num_glimpses, seed=seed, index=0, shrink_first=False,
+      resampler=resampler)
   graphdef, state = nnx.split(model)
   probs = np.asarray(_image_logits(graphdef, state, canvas[None], positions[None]))[0]
   final = probs[-1]

@@ -168,6 +168,8 @@ class EvalConfig:
     skip_bad_images: leave unreadable images out (counted) instead of
       stopping.
     slots: batch buffers in flight (prefetch depth + 1).
+    resampler: "fast" (OpenCV) or "reference" (PIL LANCZOS, the official
+      pixels): how canvases are resampled (`data.eval_transforms`).
   """
   canvas_sizes: tuple[int, ...] = DEFAULT_CANVAS_SIZES
   resize_modes: tuple[str, ...] = DEFAULT_RESIZE_MODES
@@ -179,6 +181,7 @@ class EvalConfig:
   max_examples: int | None = None
   skip_bad_images: bool = False
   slots: int = 4
+  resampler: str = "fast"
 
   def __post_init__(self):
     for name in ("canvas_sizes", "resize_modes", "scan_patterns",
@@ -198,6 +201,7 @@ class EvalConfig:
         scan_patterns.get(name)
       except KeyError as e:
         raise ValueError(e.args[0]) from None
+    eval_transforms.check_resampler(self.resampler)
     if min(self.glimpse_counts) < 1:
       raise ValueError(f"glimpse counts {self.glimpse_counts} must be >= 1")
     if self.max_examples is not None and self.max_examples < 1:
@@ -212,8 +216,8 @@ class EvalConfig:
 
   def settings(self) -> list[eval_workers.Setting]:
     """Every (canvas, resize, scan) combination, canvas sizes outermost."""
-    return [eval_workers.Setting(s, r, p, self.num_glimpses) for s in self.canvas_sizes
-            for r in self.resize_modes for p in self.scan_patterns]
+    return [eval_workers.Setting(s, r, p, self.num_glimpses, self.resampler)
+            for s in self.canvas_sizes for r in self.resize_modes for p in self.scan_patterns]
 
 
 # ------------------------------------------------------------------ device side

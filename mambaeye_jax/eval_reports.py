@@ -22,7 +22,7 @@ def results_to_json(results: Sequence[Any], config: Any,
   """A JSON-ready report.
 
   Layout: {"meta": {...}, "config": {...}, "results": [{"canvas_size",
-  "resize", "scan", "num_glimpses", "num_examples", "num_skipped",
+  "resize", "scan", "num_glimpses", "resampler", "num_examples", "num_skipped",
   "top1": {g: acc}, "top5": {g: acc}, "top1_curve": [T floats],
   "top5_curve": [...], "seconds", "images_per_second"}]}; accuracies are
   fractions in [0, 1], keys of "top1"/"top5" the glimpse counts as strings.

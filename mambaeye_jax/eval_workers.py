@@ -6,8 +6,8 @@ For one evaluation `Setting` every record becomes a canvas (S, S, 3) uint8,
 corners (T, 2) int32 and a label (`prepare_example`: decode, resize, scan
 order; the patches are gathered on the device). `WorkerPool` runs that in
 spawned processes writing straight into shared-memory batch slots
-(`HostBatches`), or in this process with no workers. Numpy and PIL only:
-the workers never import JAX.
+(`HostBatches`), or in this process with no workers. Numpy, PIL and OpenCV
+only: the workers never import JAX.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import os
 from multiprocessing import shared_memory
 from typing import Any, Mapping, Sequence
 
+import cv2
 import numpy as np
 
 from mambaeye_jax.data import eval_transforms
@@ -31,22 +32,39 @@ from mambaeye_jax.data import sources
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-  """One evaluation setting; every example of it has the same shapes."""
+  """One evaluation setting; every example of it has the same shapes.
+
+  resampler: "fast" or "reference" (`data.eval_transforms.RESAMPLERS`): how
+  the canvas pixels are resampled; the geometry is the same either way.
+  """
   canvas_size: int
   resize: str
   scan: str
   num_glimpses: int
+  resampler: str = "fast"
 
   def label(self) -> str:
     return f"{self.scan}/{self.resize}/{self.canvas_size}"
 
 
 def prepare_example(record: Mapping[str, Any], setting: Setting, seed: int,
-                    index: int) -> tuple[np.ndarray, np.ndarray, geometry.ImageBox]:
-  """One record -> (canvas (S, S, 3) uint8, positions (T, 2) int32, box)."""
+                    index: int, out: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, geometry.ImageBox]:
+  """One record -> (canvas (S, S, 3) uint8, positions (T, 2) int32, box).
+
+  The canvas is written into `out` (S, S, 3) uint8 when given (a batch row).
+  """
+
+  def draft(width: int, height: int):  # The fast resampler's reduced-scale JPEG decoding.
+    return eval_transforms.draft_size(width, height, setting.resize, setting.canvas_size,
+                                      resampler=setting.resampler)
+
   canvas, box, positions = glimpses.eval_canvas_and_positions(
-      eval_transforms.record_image(record), canvas_size=setting.canvas_size, resize=setting.resize,
-      scan=setting.scan, num_glimpses=setting.num_glimpses, seed=seed, index=index)
+      eval_transforms.record_image(record, draft_size=draft,
+                                   fast_jpeg=setting.resampler == "fast"),
+      canvas_size=setting.canvas_size,
+      resize=setting.resize, scan=setting.scan, num_glimpses=setting.num_glimpses, seed=seed,
+      index=index, resampler=setting.resampler, out=out)
   return canvas, positions, box
 
 
@@ -116,7 +134,7 @@ def _fill(source, arrays, setting: Setting, seed: int, slot: int,
   for row, index in enumerate(indices, start=offset):
     record = source[index]
     try:
-      canvas, pos, _ = prepare_example(record, setting, seed, index)
+      _, pos, _ = prepare_example(record, setting, seed, index, out=canvases[slot, row])
     except sources.BadImageError:
       if not skip_bad:
         raise
@@ -127,7 +145,6 @@ def _fill(source, arrays, setting: Setting, seed: int, slot: int,
       ok[slot, row] = 0
       bad += 1
       continue
-    canvases[slot, row] = canvas
     positions[slot, row] = pos
     labels[slot, row] = int(record["label"])
     ok[slot, row] = 1
@@ -141,6 +158,9 @@ def _worker_init(source):
   # Workers only prepare numpy data (this module imports no JAX); should
   # anything import it and start a backend, keep it off the accelerator.
   os.environ["JAX_PLATFORMS"] = "cpu"
+  # One thread per worker: the pool already has a process per core, and
+  # OpenCV's own thread pool in each would oversubscribe them.
+  cv2.setNumThreads(1)
   _WORKER["source"] = source
   _WORKER["spec"] = None
 

@@ -53,6 +53,7 @@ def test_dataset_mode_writes_json_markdown_and_plots(model_dir, tmp_path, capsys
       (32, "random"), (32, "hilbert"), (48, "random"), (48, "hilbert")]
   for r in rows:
     assert r["resize"] == "fit" and r["num_glimpses"] == 12
+    assert r["resampler"] == "fast"
     assert r["num_examples"] == 6
     assert len(r["top1_curve"]) == len(r["top5_curve"]) == 12
     assert set(r["top1"]) == {"4", "12"}
@@ -60,6 +61,22 @@ def test_dataset_mode_writes_json_markdown_and_plots(model_dir, tmp_path, capsys
   for name in ("accuracy_vs_resolution.png", "accuracy_vs_glimpses.png"):
     with Image.open(out_dir / name) as im:
       assert im.format == "PNG"
+
+
+def test_reference_flag_selects_the_pil_resampler(model_dir, tmp_path, capsys):
+  # Synthetic images are 24..160 px, so canvas 48 shrinks some and enlarges
+  # others: the two resamplers' accuracies may differ, their reports say which.
+  reports = {}
+  for flag in ([], ["--reference"]):
+    out_dir = tmp_path / ("ref" if flag else "fast")
+    rc, _, err = run(capsys, "--checkpoint", model_dir, "--data", "synthetic:4",
+                     "--canvas-sizes", "48", "--glimpses", "4", "--batch-size", "4",
+                     "--workers", "0", "--no-plots", "--output", out_dir, *flag)
+    assert rc == 0, err
+    reports[bool(flag)] = json.loads((out_dir / "results.json").read_text())
+  assert reports[False]["config"]["resampler"] == "fast"
+  assert reports[True]["config"]["resampler"] == "reference"
+  assert [r["resampler"] for r in reports[True]["results"]] == ["reference"]
 
 
 @pytest.mark.parametrize("train_lib_imports", [True, False])

@@ -8,6 +8,11 @@ from mambaeye_jax.data import eval_transforms as et
 from mambaeye_jax.data.geometry import ImageBox
 
 
+# The tests comparing pixels with PIL LANCZOS check the reference resampler,
+# the official pixels; test_eval_resamplers compares the fast one with it.
+REF = "reference"
+
+
 def _image(height, width, seed=0):
   return np.random.default_rng(seed).integers(0, 256, (height, width, 3),
                                               dtype=np.uint8)
@@ -47,7 +52,7 @@ def test_none_keeps_small_images_and_centres_them_with_floor():
 
 def test_none_shrinks_images_larger_than_the_canvas():
   image = _image(100, 200)
-  canvas, box = et.eval_canvas(image, "none", 64)
+  canvas, box = et.eval_canvas(image, "none", 64, resampler=REF)
   # ratio = min(64/200, 64/100) = 0.32 -> 64 x 32, LANCZOS.
   assert box == ImageBox(16, 0, 32, 64)
   _check_paste(canvas, box, _lanczos(image, 64, 32))
@@ -55,7 +60,7 @@ def test_none_shrinks_images_larger_than_the_canvas():
 
 def test_fit_enlarges_with_lanczos_and_truncates_like_the_official_code():
   image = _image(30, 50)
-  canvas, box = et.eval_canvas(image, "fit", 64)
+  canvas, box = et.eval_canvas(image, "fit", 64, resampler=REF)
   # ratio = 1.28 -> width 64, height int(38.4) = 38.
   assert box == ImageBox(13, 0, 38, 64)
   _check_paste(canvas, box, _lanczos(image, 64, 38))
@@ -64,28 +69,41 @@ def test_fit_enlarges_with_lanczos_and_truncates_like_the_official_code():
   assert (box.height, box.width) == (52, 63)
 
 
-def test_fit_on_a_large_image_matches_with_or_without_the_shrink():
+@pytest.mark.parametrize("resampler", et.RESAMPLERS)
+def test_fit_on_a_large_image_matches_with_or_without_the_shrink(resampler):
   image = _image(90, 150)
-  a, box_a = et.eval_canvas(image, "fit", 64)
-  b, box_b = et.eval_canvas(image, "fit", 64, shrink_first=False)
+  a, box_a = et.eval_canvas(image, "fit", 64, resampler=resampler)
+  b, box_b = et.eval_canvas(image, "fit", 64, shrink_first=False, resampler=resampler)
   assert box_a == box_b == ImageBox(13, 0, 38, 64)
   np.testing.assert_array_equal(a, b)
 
 
 def test_full_stretches_and_the_dataset_path_shrinks_first():
   image = _image(30, 50)
-  canvas, box = et.eval_canvas(image, "full", 64)
+  canvas, box = et.eval_canvas(image, "full", 64, resampler=REF)
   assert box == ImageBox(0, 0, 64, 64)
   np.testing.assert_array_equal(canvas, _lanczos(image, 64, 64))
   # A large non-square image: the dataset path stretches its 64 x 32 shrunk
   # copy, the single-image path the original.
   big = _image(100, 200)
-  dataset, _ = et.eval_canvas(big, "full", 64)
-  single, _ = et.eval_canvas(big, "full", 64, shrink_first=False)
+  dataset, _ = et.eval_canvas(big, "full", 64, resampler=REF)
+  single, _ = et.eval_canvas(big, "full", 64, shrink_first=False, resampler=REF)
   np.testing.assert_array_equal(dataset, _lanczos(_lanczos(big, 64, 32), 64,
                                                   64))
   np.testing.assert_array_equal(single, _lanczos(big, 64, 64))
   assert not np.array_equal(dataset, single)
+
+
+@pytest.mark.parametrize("resampler", et.RESAMPLERS)
+def test_out_receives_the_canvas_and_loses_what_it_held(resampler):
+  image = _image(30, 50)
+  want, box = et.eval_canvas(image, "fit", 64, resampler=resampler)
+  out = np.full((64, 64, 3), 7, np.uint8)  # A batch row's previous image.
+  canvas, out_box = et.eval_canvas(image, "fit", 64, resampler=resampler, out=out)
+  assert canvas is out and out_box == box
+  np.testing.assert_array_equal(out, want)
+  with pytest.raises(ValueError, match="not uint8"):
+    et.eval_canvas(image, "fit", 64, out=np.zeros((48, 48, 3), np.uint8))
 
 
 def test_canvas_of_exactly_one_patch():
@@ -119,6 +137,8 @@ def test_rgba_drops_alpha_like_pil_convert():
     (dict(mode="fit"), ValueError, "needs a canvas_size"),
     (dict(mode="none", canvas_size=20, shrink_first=False), ValueError,
      "exceeds"),
+    (dict(mode="fit", canvas_size=64, resampler="lanczos"), ValueError,
+     "unknown resampler 'lanczos'; known resamplers: fast, reference"),
 ])
 def test_bad_arguments(kwargs, error, match):
   with pytest.raises(error, match=match):

@@ -135,7 +135,8 @@ def example_rng(seed: int, index: int) -> np.random.Generator:
 
 def eval_canvas_and_positions(image, *, canvas_size: int | None, resize: str,
                               scan: str, num_glimpses: int, seed: int, index: int,
-                              shrink_first: bool = True
+                              shrink_first: bool = True, resampler: str = "fast",
+                              out: np.ndarray | None = None
                               ) -> tuple[np.ndarray, geometry.ImageBox, np.ndarray]:
   """A decoded image -> its evaluation canvas and glimpse corners.
 
@@ -145,7 +146,8 @@ def eval_canvas_and_positions(image, *, canvas_size: int | None, resize: str,
 
   Args:
     image: a PIL image or a uint8 array (see `glimpses_from_image`).
-    canvas_size, resize, shrink_first: as `data.eval_transforms.eval_canvas`.
+    canvas_size, resize, shrink_first, resampler, out: as
+      `data.eval_transforms.eval_canvas`.
     scan: a registered scan pattern.
     num_glimpses: T.
     seed, index: the scan's randomness (`example_rng`).
@@ -154,7 +156,8 @@ def eval_canvas_and_positions(image, *, canvas_size: int | None, resize: str,
     (canvas (S, S, 3) uint8, box, positions (T, 2) int32).
   """
   canvas, box = eval_transforms.eval_canvas(image, resize, canvas_size,
-                                            shrink_first=shrink_first)
+                                            shrink_first=shrink_first, resampler=resampler,
+                                            out=out)
   positions = scan_patterns.generate(scan, example_rng(seed, index), canvas.shape[:2],
                                      box, num_glimpses)
   return canvas, box, positions
@@ -163,7 +166,8 @@ def eval_canvas_and_positions(image, *, canvas_size: int | None, resize: str,
 def glimpses_from_image(image, *, canvas_size: int | None = 512,
                         resize: str = "fit", scan: str = "random",
                         num_glimpses: int = 4096, seed: int = 0,
-                        index: int = 0, shrink_first: bool = True) -> Glimpses:
+                        index: int = 0, shrink_first: bool = True,
+                        resampler: str = "fast") -> Glimpses:
   """An image -> the glimpses eval.py feeds the model.
 
   The canvas follows the official evaluation (`data.eval_transforms`), the
@@ -187,6 +191,8 @@ def glimpses_from_image(image, *, canvas_size: int | None = 512,
     shrink_first: shrink an image larger than the canvas before the resize,
       as eval.py's dataset mode does; False resizes the original directly,
       as its single-image mode does.
+    resampler: "fast" (OpenCV) or "reference" (PIL LANCZOS, the official
+      pixels); see `data.eval_transforms`.
 
   Returns:
     `Glimpses(patches (T, 768) uint8, positions (T, 2) int32, canvas, box)`.
@@ -209,5 +215,6 @@ def glimpses_from_image(image, *, canvas_size: int | None = 512,
       image = sources.decode_image(f.read(), path)  # BadImageError: a ValueError.
   canvas, box, positions = eval_canvas_and_positions(
       image, canvas_size=canvas_size, resize=resize, scan=scan,
-      num_glimpses=num_glimpses, seed=seed, index=index, shrink_first=shrink_first)
+      num_glimpses=num_glimpses, seed=seed, index=index, shrink_first=shrink_first,
+      resampler=resampler)
   return Glimpses(geometry.extract_patches(canvas, positions), positions, canvas, box)

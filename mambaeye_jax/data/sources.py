@@ -38,6 +38,7 @@ import tempfile
 import weakref
 from typing import Any, Callable, Sequence
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -176,6 +177,58 @@ def decode_image(data: bytes, key: str = "<bytes>", *,
   except Exception as e:  # Truncated or corrupt data.
     raise BadImageError(key, f"cannot decode ({e})") from e
   return _to_uint8_rgb(image, key)
+
+
+# OpenCV's flags for a JPEG decoded at 1/s scale by the decoder's DCT
+# scaling, s = 1, 2, 4, 8 (as PIL's draft); EXIF orientation is ignored, as
+# PIL ignores it.
+_CV2_JPEG_FLAGS = {
+    1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+    8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+def decode_jpeg_fast(data: bytes, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                     draft_size: (tuple[int, int] | Callable[[int, int],
+                                  tuple[int, int]] | None) = None
+                     ) -> np.ndarray | None:
+  """OpenCV's decoding of a plain JPEG: the pixels `decode_image` gives, as
+  an array, without PIL's copy out of its image (about 25% less time).
+
+  Only a complete JPEG (it ends with the end-of-image marker) in YCbCr/RGB
+  or grayscale within `max_pixels` qualifies; the reduced scale for
+  `draft_size` is chosen as PIL's `draft` chooses it. Both decoders are
+  libjpeg-turbo with the same settings (identical pixels on the ImageNet
+  sample; tests/test_eval_resamplers.py checks).
+
+  Args:
+    data: the file's bytes.
+    max_pixels, draft_size: as `decode_image`.
+
+  Returns:
+    (h, w, 3) uint8 RGB, or None for anything else, truncated or unreadable
+    data included: decode those with `decode_image`, which reports errors.
+  """
+  if not data.endswith(b"\xff\xd9"):
+    return None  # Not a JPEG, or truncated (PIL reports that).
+  try:
+    image = Image.open(io.BytesIO(data))
+  except Exception:  # pylint: disable=broad-except
+    return None
+  width, height = image.size
+  if (image.format != "JPEG" or image.mode not in ("RGB", "L") or width < 1 or height < 1
+      or width * height > max_pixels):
+    return None
+  if callable(draft_size):
+    draft_size = draft_size(width, height)
+  scale = 1
+  if draft_size is not None:
+    ratio = min(width // max(1, int(draft_size[0])), height // max(1, int(draft_size[1])))
+    scale = next((s for s in (8, 4, 2) if ratio >= s), 1)
+  pixels = cv2.imdecode(np.frombuffer(data, np.uint8),
+                        _CV2_JPEG_FLAGS[scale] | cv2.IMREAD_IGNORE_ORIENTATION)
+  if pixels is None or pixels.shape != (-(-height // scale), -(-width // scale), 3):
+    return None
+  return cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
 
 
 # ---------------------------------------------------------------- folder

@@ -48,11 +48,12 @@ their effect bounds still hold them small; see KNOWN_DIFFERENCES):
     with the image. The mean pixel value moves by 0.002. On the same CIFAR
     plans apply_reference has 0.171 there, apply 0.270.
 
-Seen but too small for these statistics: the hue shift's 3D lookup table
-(augment._hue_lut, which the fast path uses on all but small images) is not
-exactly neutral on the gray axis, so ~12% of the jittered samples of a
+Seen but too small for these statistics: with the "pil" backend, the hue
+shift's 3D lookup table (augment._hue_lut, used on all but small images) is
+not exactly neutral on the gray axis, so ~12% of the jittered samples of a
 grayscale photo get pixels whose channels differ by 1-3 levels (the
-official keeps them exactly gray; apply_reference too).
+official keeps them exactly gray; apply_reference and the "opencv"
+backend's HSV round trip too).
 """
 
 from __future__ import annotations

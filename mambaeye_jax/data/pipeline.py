@@ -104,8 +104,9 @@ class DataConfig:
     shuffle: shuffle training records (reshuffled every epoch).
     num_epochs: training epochs; 0 repeats forever.
     worker_count: worker processes (grain mp_prefetch); 0 runs in process.
-      One core runs ~100-130 training samples/s at T = 1024, canvas
-      256..1024 (mambaeye_jax.data.bench), so use about as many workers as
+      One core runs ~210 training samples/s at T = 1024, canvas 256..1024
+      with the OpenCV backend (~110 with "pil"; benchmarks/bench_data.py),
+      so use about as many workers as
       the host has cores to spare for the accelerators' appetite.
     worker_buffer_size: batches buffered per worker (each b x L x 768
       bytes of patches: 50 MB at b = 64, L = 1024).

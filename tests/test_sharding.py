@@ -49,7 +49,9 @@ def test_make_mesh_rejects_too_many_devices():
     sharding.make_mesh(len(jax.devices()) + 1)
 
 
-_EIGHT_DEVICES = """
+# The subprocess scripts' common start: a one-block model and
+# `compiled_step(n)`, the train step compiled over a mesh of n devices.
+_STEP_ON_MESH = """
     import json, jax, numpy as np
     from mambaeye_jax import optim, sharding, train_data, train_step
     from mambaeye_jax import model as model_lib
@@ -59,14 +61,22 @@ _EIGHT_DEVICES = """
     ocfg = optim.OptimConfig(total_steps=10, warmup_steps=1)
     tx = optim.make_optimizer(ocfg)
     graphdef = train_step.model_graphdef(mc)
-    local = next(train_data.FakeBatches(16, 16, 10, seed=3))
-    out = {}
-    for n in (1, 8):
+
+    def compiled_step(n):
       mesh = sharding.make_mesh(n)
       state, shardings, _ = train_step.create_train_state(mc, tx, 0, mesh)
       step = train_step.compile_train_step(
           train_step.make_train_step(graphdef, tx, optim.learning_rate_schedule(ocfg), (4,)),
           shardings, mesh)
+      return mesh, state, step
+"""
+
+
+_EIGHT_DEVICES = _STEP_ON_MESH + """
+    local = next(train_data.FakeBatches(16, 16, 10, seed=3))
+    out = {}
+    for n in (1, 8):
+      mesh, state, step = compiled_step(n)
       batch = sharding.global_batch(local, mesh)
       assert len(batch["patches"].sharding.device_set) == n
       assert batch["patches"].addressable_shards[0].data.shape[0] == 16 // n
@@ -118,16 +128,8 @@ _RESHARD = """
 """
 
 
-_CANVAS_EIGHT = """
-    import json, jax, numpy as np
-    from mambaeye_jax import optim, sharding, train_data, train_step
-    from mambaeye_jax import model as model_lib
+_CANVAS_EIGHT = _STEP_ON_MESH.replace("SSD_IMPL", repr("chunked")) + """
     from mambaeye_jax.data import geometry
-    mc = model_lib.get_config("tiny", depth=1, dim=32, d_state=8, headdim=32,
-                              num_classes=10, chunk_size=8, ssd_impl="chunked")
-    ocfg = optim.OptimConfig(total_steps=10, warmup_steps=1)
-    tx = optim.make_optimizer(ocfg)
-    graphdef = train_step.model_graphdef(mc)
     canvas = next(train_data.FakeBatches(16, 16, 10, seed=3, ship="canvas"))
     canvas["mask"][3, 9:] = False  # A row with padding steps, zero patches there.
     patches = {k: v for k, v in canvas.items() if k != "canvas"}
@@ -136,11 +138,7 @@ _CANVAS_EIGHT = """
     patches["patches"][~canvas["mask"]] = 0
     out, hlo = {}, ""
     for n, local in ((1, canvas), (8, canvas), (8, patches)):
-      mesh = sharding.make_mesh(n)
-      state, shardings, _ = train_step.create_train_state(mc, tx, 0, mesh)
-      step = train_step.compile_train_step(
-          train_step.make_train_step(graphdef, tx, optim.learning_rate_schedule(ocfg), (4,)),
-          shardings, mesh)
+      mesh, state, step = compiled_step(n)
       batch = sharding.global_batch(local, mesh)
       if "canvas" in batch and n == 8:
         assert batch["canvas"].addressable_shards[0].data.shape == (2, 64, 64, 3)

@@ -1,0 +1,69 @@
+r"""Training runs' data wait, step time and throughput side by side.
+
+    python benchmarks/data_wait.py patches=/tmp/dw_patches canvas=/tmp/dw_canvas --from_step 500
+
+Each `NAME=WORKDIR` is a train.py work directory (or its metrics.jsonl). Over
+the log windows after --from_step (the first windows hold compilation and
+the decoded-image cache), prints one row per run: the mean share of wall
+time spent waiting for batches (`perf/data_wait_fraction`), the mean step
+time and images/s, and the number of windows. Issue 12 asks for a data wait
+of at most 10% of the step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+
+from absl import flags
+
+from mambaeye_jax import cli
+
+KEYS = ("perf/data_wait_fraction", "perf/step_time_ms", "perf/images_per_sec")
+
+
+def load_windows(spec: str, from_step: int) -> tuple[str, list[dict]]:
+  """'NAME=PATH' -> (NAME, the metrics rows past from_step that carry every KEY)."""
+  name, sep, path = spec.partition("=")
+  if not sep or not name or not path:
+    raise SystemExit(f"give NAME=WORKDIR (a train.py work directory), got {spec!r}")
+  if os.path.isdir(path):
+    path = os.path.join(path, "metrics.jsonl")
+  if not os.path.isfile(path):
+    raise SystemExit(f"{name}: {path} does not exist")
+  with open(path) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  rows = [r for r in rows if r.get("step", 0) > from_step and all(k in r for k in KEYS)]
+  if not rows:
+    raise SystemExit(f"{name}: {path} has no log window with {', '.join(KEYS)} "
+                     f"after step {from_step}")
+  return name, rows
+
+
+def table(runs: dict[str, list[dict]]) -> str:
+  """Markdown: a row per run, means over its windows."""
+  lines = ["| run | data wait | step ms | images/s | windows |", "|---|---|---|---|---|"]
+  for name, rows in runs.items():
+    wait, step_ms, rate = (statistics.fmean(r[k] for r in rows) for k in KEYS)
+    lines.append(f"| {name} | {100 * wait:.1f}% | {step_ms:.1f} | {rate:.0f} | {len(rows)} |")
+  return "\n".join(lines)
+
+
+# Flags of this script only (mambaeye_jax.cli says why not absl's global FLAGS).
+FLAGS = flags.FlagValues()
+flags.DEFINE_integer("from_step", 500, "use the log windows after this step", flag_values=FLAGS)
+
+
+def main(argv=None) -> str:
+  args = cli.parse_args(FLAGS, argv, prog="data_wait.py", positional="runs",
+                        positional_meta="NAME=WORKDIR",
+                        usage="python benchmarks/data_wait.py NAME=WORKDIR... [--from_step N]",
+                        description=__doc__)
+  out = table(dict(load_windows(spec, args.from_step) for spec in args.runs))
+  print(out)
+  return out
+
+
+if __name__ == "__main__":
+  main()

@@ -17,7 +17,6 @@ ablation was made with:
 from __future__ import annotations
 
 import json
-import os
 
 from absl import flags
 
@@ -27,13 +26,8 @@ from mambaeye_jax import plots
 
 def load_report(spec: str) -> tuple[str, dict]:
   """'NAME=PATH' -> (NAME, the report dict); PATH a folder or a JSON file."""
-  name, sep, path = spec.partition("=")
-  if not sep or not name or not path:
-    raise SystemExit(f"give NAME=PATH (an eval.py output folder or results.json), got {spec!r}")
-  if os.path.isdir(path):
-    path = os.path.join(path, "results.json")
-  if not os.path.isfile(path):
-    raise SystemExit(f"{name}: {path} does not exist")
+  name, path = cli.named_path(spec, "results.json",
+                              "NAME=PATH (an eval.py output folder or results.json)")
   with open(path) as f:
     report = json.load(f)
   if "results" not in report:

@@ -13,7 +13,6 @@ of at most 10% of the step.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 
 from absl import flags
@@ -25,13 +24,8 @@ KEYS = ("perf/data_wait_fraction", "perf/step_time_ms", "perf/images_per_sec")
 
 def load_windows(spec: str, from_step: int) -> tuple[str, list[dict]]:
   """'NAME=PATH' -> (NAME, the metrics rows past from_step that carry every KEY)."""
-  name, sep, path = spec.partition("=")
-  if not sep or not name or not path:
-    raise SystemExit(f"give NAME=WORKDIR (a train.py work directory), got {spec!r}")
-  if os.path.isdir(path):
-    path = os.path.join(path, "metrics.jsonl")
-  if not os.path.isfile(path):
-    raise SystemExit(f"{name}: {path} does not exist")
+  name, path = cli.named_path(spec, "metrics.jsonl",
+                              "NAME=WORKDIR (a train.py work directory)")
   with open(path) as f:
     rows = [json.loads(line) for line in f if line.strip()]
   rows = [r for r in rows if r.get("step", 0) > from_step and all(k in r for k in KEYS)]

@@ -152,6 +152,24 @@ def parse_command(flag_values: flags.FlagValues, argv: Sequence[str] | None, *,
   return rest
 
 
+def named_path(spec: str, default_file: str, usage: str) -> tuple[str, str]:
+  """A 'NAME=PATH' argument -> (NAME, the file): a folder PATH stands for its
+  `default_file`.
+
+  Raises SystemExit naming the problem (usage, e.g. "NAME=PATH (an eval.py
+  output folder or results.json)", says what was expected) when the
+  argument has no NAME or PATH or the file does not exist.
+  """
+  name, sep, path = spec.partition("=")
+  if not sep or not name or not path:
+    raise SystemExit(f"give {usage}, got {spec!r}")
+  if os.path.isdir(path):
+    path = os.path.join(path, default_file)
+  if not os.path.isfile(path):
+    raise SystemExit(f"{name}: {path} does not exist")
+  return name, path
+
+
 def print_usage_error(prog: str, message: str) -> int:
   """One `prog: error: message` line on stderr; the exit status, 2."""
   print(f"{prog}: error: {message} ({prog} --help lists the flags)", file=sys.stderr)

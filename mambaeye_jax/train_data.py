@@ -46,8 +46,7 @@ class FakeBatches:
   def __init__(self, batch_size: int, num_glimpses: int, num_classes: int,
                seed: int = 0, process_index: int = 0, canvas: int = 64,
                ship: str = "patches"):
-    if ship not in pipeline.SHIP_MODES:
-      raise ValueError(f"ship={ship!r} must be one of {pipeline.SHIP_MODES}")
+    pipeline.check_ship(ship)
     self.batch_size = batch_size
     self.num_glimpses = num_glimpses
     self.num_classes = num_classes

@@ -70,6 +70,12 @@ SOURCES = ("folder", "tfds", "arrayrecord", "synthetic")
 SHIP_MODES = ("patches", "canvas")
 
 
+def check_ship(ship: str) -> None:
+  """Raises ValueError naming the ship modes when `ship` is not one."""
+  if ship not in SHIP_MODES:
+    raise ValueError(f"ship={ship!r} must be one of {SHIP_MODES}")
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """Everything a pipeline needs; build with `DataConfig.from_any`.
@@ -184,8 +190,7 @@ class DataConfig:
     for name, low in at_least.items():
       if getattr(self, name) < low:
         raise ValueError(f"{name}={getattr(self, name)} must be >= {low}")
-    if self.ship not in SHIP_MODES:
-      raise ValueError(f"ship={self.ship!r} must be one of {SHIP_MODES}")
+    check_ship(self.ship)
     if self.ship == "canvas" and self.packing:
       raise ValueError("ship='canvas' carries one canvas per batch row, so it cannot pack "
                        "several images per row: set packing=False or ship='patches'")

@@ -116,20 +116,18 @@ flags.DEFINE_string("variants", "auto", "comma list of SSD_IMPL[:CHUNK] for the 
                     "stage; the first is used end to end", flag_values=FLAGS)
 flags.DEFINE_integer("device-repeats", 10, "timed repeats of the device stage",
                      flag_values=FLAGS)
-flags.DEFINE_string("paths", "fast,reference", "comma list of resampler paths to time "
-                    "(host and end to end): fast (OpenCV), reference (PIL LANCZOS)",
-                    flag_values=FLAGS)
+cli.define_name_list("paths", eval_transforms.RESAMPLERS, "resampler paths to time (host "
+                     "and end to end): fast (OpenCV), reference (PIL LANCZOS)",
+                     flag_values=FLAGS, choices=eval_transforms.RESAMPLERS)
 flags.DEFINE_bool("reference", False, "time the reference path only (--paths reference)",
                   flag_values=FLAGS)
 
 
 def _paths(args) -> list[str]:
-  """The resampler paths to time, checked."""
-  paths = ["reference"] if args.reference else [p for p in args.paths.split(",") if p]
+  """The resampler paths to time (the flag checked their names)."""
+  paths = ["reference"] if args.reference else list(args.paths)
   if not paths:
     raise ValueError("--paths is empty")
-  for path in paths:
-    eval_transforms.check_resampler(path)
   return paths
 
 

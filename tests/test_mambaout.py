@@ -4,12 +4,12 @@ import dataclasses
 import functools
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from mambaeye_jax import macs
 from mambaeye_jax import mambaout
 
 # The compiled tests' model: a stem, two stages of one block (so one
@@ -242,30 +242,13 @@ def test_drop_path(tiny):
   np.testing.assert_allclose(step(model, images), forward(tiny, images), atol=1e-6, rtol=1e-6)
 
 
-def _count_macs(jaxpr) -> int:
-  """Multiply-accumulates of every dot and conv of a jaxpr, nested ones too."""
-  macs = 0
-  for eqn in jaxpr.eqns:
-    out = eqn.outvars[0].aval.shape
-    if eqn.primitive.name == "dot_general":
-      (contract, _), _ = eqn.params["dimension_numbers"]
-      lhs = eqn.invars[0].aval.shape
-      macs += int(np.prod(out)) * int(np.prod([lhs[d] for d in contract]))
-    elif eqn.primitive.name == "conv_general_dilated":
-      rhs = eqn.invars[1].aval.shape  # (kh, kw, in / groups, out) in flax's layout.
-      macs += int(np.prod(out)) * int(np.prod(rhs[:-1]))
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      macs += _count_macs(sub)
-  return macs
-
-
 @pytest.mark.parametrize("config", [TINY, mambaout.get_config("femto")], ids=["tiny", "femto"])
 def test_forward_macs_counts_the_traced_products(config):
   model = nnx.eval_shape(lambda: mambaout.MambaOut(config, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(model)
   jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(
       state, jax.ShapeDtypeStruct((1, 40, 72, 3), jnp.float32))
-  assert _count_macs(jaxpr.jaxpr) == mambaout.forward_macs(config, 40, 72)
+  assert macs.jaxpr_macs(jaxpr) == mambaout.forward_macs(config, 40, 72)
 
 
 @pytest.mark.parametrize("fields,match", [

@@ -27,9 +27,9 @@ float32 images rounded to 8 bits wherever PIL's uint8 images round:
      axis, reflect padding at the fitted image's own edges (torchvision's);
   4. the perspective warp, flip composed: PIL's BICUBIC transform (its
      a = -1 cubic, edge taps clamped, black outside the fitted image), into
-     a buffer of twice the canvas side (a warped side is at most
-     (1 + distortion) times the fitted side); the identity or the flip
-     alone samples pixel centres, which is exact;
+     a buffer of (1 + distortion) canvas sides (`warp_side`: the largest
+     warped side); the identity or the flip alone samples pixel centres,
+     which is exact;
   5. the crop window resized to the output size: PIL's LANCZOS resize with
      a box, as weight matrices whose rows are the canvas rows (so the paste
      at the centred box, and the zeros around it, come with it). It
@@ -49,12 +49,13 @@ levels from that chain, 5 with perspective.)
 
 Cost: two small matmuls per axis and step (fit, blur, resize: sides of 32
 to 128), point-wise colour on the S^2 buffer and a 16-tap gather over a
-(2S)^2 buffer for the warp; see benchmarks/bench_device_augment.py.
+((1 + distortion) S)^2 buffer for the warp; see benchmarks/bench_device_augment.py.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable
 
 import jax
@@ -62,10 +63,13 @@ import jax.numpy as jnp
 
 from mambaeye_jax.data import source_plan as sp
 
-# The warp buffer's side, in canvas sides: a perspective output side is at
-# most the fitted side plus twice the corner shift, (1 + distortion) times
-# it, and augment.AugmentConfig keeps distortion <= 1.
-WARP_SIDE_FACTOR = 2
+
+def warp_side(canvas_side: int, perspective_distortion: float = 1.0) -> int:
+  """The warp buffer's side: a perspective output side is at most the
+  fitted side (<= canvas_side) plus twice the corner shift (distortion / 2 of
+  the shorter side), so (1 + distortion) times it, rounded up
+  (`augment._perspective_plan`); AugmentConfig keeps distortion <= 1."""
+  return math.ceil((1.0 + perspective_distortion) * canvas_side)
 
 
 def _round_clip(x: jax.Array) -> jax.Array:
@@ -240,14 +244,19 @@ def _warp(image: jax.Array, plan: jax.Array, side: int) -> jax.Array:
   wy = _bicubic_kernel(dy[..., None] - offsets, -1.0)
   xx = jnp.clip(x0[..., None] + offsets, 0, w1 - 1).astype(jnp.int32)
   yy = jnp.clip(y0[..., None] + offsets, 0, h1 - 1).astype(jnp.int32)
-  taps = image[yy[..., :, None], xx[..., None, :]]  # (side, side, 4, 4, 3)
+  # One gather of whole pixels (3 channels) from the flattened image.
+  n = image.shape[1]
+  flat = image.reshape(-1, image.shape[-1])
+  taps = jnp.take(flat, yy[..., :, None] * n + xx[..., None, :], axis=0,
+                  mode="clip")  # (side, side, 4, 4, 3)
   value = jnp.einsum("abijc,abi,abj->abc", taps, wy, wx, precision="highest")
   # PIL's transform truncates to 8 bits.
   return jnp.where(inside[..., None], jnp.clip(jnp.floor(value), 0.0, 255.0), 0.0)
 
 
 def render_canvas(source: jax.Array, plan: jax.Array, canvas_side: int,
-                  blur_kernel: tuple[int, int] = (5, 9)) -> jax.Array:
+                  blur_kernel: tuple[int, int] = (5, 9),
+                  perspective_distortion: float = 1.0) -> jax.Array:
   """One sample's canvas (module docstring).
 
   Args:
@@ -255,12 +264,14 @@ def render_canvas(source: jax.Array, plan: jax.Array, canvas_side: int,
     plan: (PLAN_SIZE,) float32 (`data.source_plan`).
     canvas_side: S, the padded canvas side (>= the plan's canvas).
     blur_kernel: (width, height) taps (AugmentConfig.blur_kernel).
+    perspective_distortion: AugmentConfig's (at least the plans'): sizes
+      the warp buffer (`warp_side`).
 
   Returns:
     (S, S, 3) uint8: the image at its centred box, zero elsewhere.
   """
   n, s = canvas_side, source.shape[0]
-  warp_side = WARP_SIDE_FACTOR * n
+  side = warp_side(n, perspective_distortion)
   src_h, src_w = plan[sp.SOURCE_H], plan[sp.SOURCE_W]
   w1, h1 = plan[sp.FIT_W], plan[sp.FIT_H]
   lanczos = plan[sp.FIT_LANCZOS] > 0
@@ -269,21 +280,26 @@ def render_canvas(source: jax.Array, plan: jax.Array, canvas_side: int,
   fitted = _resize(source.astype(jnp.float32), fit_rows, fit_cols)  # (n, n, 3)
   grid = jnp.arange(n, dtype=jnp.float32)
   fitted = _colour(fitted, (grid[:, None] < h1) & (grid[None, :] < w1), plan)
+  # Always the blur's matmuls (the identity without blur: exact on 8-bit
+  # values), so that the warp's gather reads a matmul's output: XLA fuses an
+  # element-wise producer (the colour steps) into a gather and recomputes it
+  # per tap, 7x the whole render's time on the CPU.
   sigma = plan[sp.BLUR_SIGMA]
-  safe_sigma = jnp.where(sigma > 0, sigma, 1.0)
+  blur = sigma > 0
+  safe_sigma = jnp.where(blur, sigma, 1.0)
   kx, ky = blur_kernel
-  blurred = _round_clip(jnp.einsum(
-      "yh,hwc,xw->yxc", blur_matrix(n, h1, ky, safe_sigma), fitted,
-      blur_matrix(n, w1, kx, safe_sigma), precision="highest"))
-  fitted = jnp.where(sigma > 0, blurred, fitted)
-  warped = _warp(fitted, plan, warp_side)
+  eye = jnp.eye(n, dtype=jnp.float32)
+  by = jnp.where(blur, blur_matrix(n, h1, ky, safe_sigma), eye)
+  bx = jnp.where(blur, blur_matrix(n, w1, kx, safe_sigma), eye)
+  fitted = _round_clip(jnp.einsum("yh,hwc,xw->yxc", by, fitted, bx, precision="highest"))
+  warped = _warp(fitted, plan, side)
   x, y, cw, ch = (plan[sp.CROP][k] for k in range(4))
   rw, rh = plan[sp.OUT_W], plan[sp.OUT_H]
   canvas = plan[sp.CANVAS]
   top, left = jnp.floor((canvas - rh) / 2), jnp.floor((canvas - rw) / 2)
-  out_rows = resample_matrix(n, warp_side, plan[sp.WARP_H], y, y + ch, rh, top,
+  out_rows = resample_matrix(n, side, plan[sp.WARP_H], y, y + ch, rh, top,
                              jnp.bool_(True))
-  out_cols = resample_matrix(n, warp_side, plan[sp.WARP_W], x, x + cw, rw, left,
+  out_cols = resample_matrix(n, side, plan[sp.WARP_W], x, x + cw, rw, left,
                              jnp.bool_(True))
   out = _resize(warped, out_rows, out_cols)
   et, el, eh, ew = (plan[sp.ERASE][k] for k in range(4))
@@ -295,23 +311,29 @@ def render_canvas(source: jax.Array, plan: jax.Array, canvas_side: int,
 
 
 def render_canvases(source: jax.Array, plan: jax.Array, canvas_side: int,
-                    blur_kernel: tuple[int, int] = (5, 9)) -> jax.Array:
+                    blur_kernel: tuple[int, int] = (5, 9),
+                    perspective_distortion: float = 1.0) -> jax.Array:
   """A batch's canvases: `render_canvas` vmapped.
 
   Args:
     source: (b, s, s, 3) uint8.
     plan: (b, PLAN_SIZE) float32; an all-zero row (a padding row) renders
       an all-zero canvas.
-    canvas_side, blur_kernel: as `render_canvas` (static).
+    canvas_side, blur_kernel, perspective_distortion: as `render_canvas`
+      (static).
 
   Returns:
     (b, S, S, 3) uint8.
   """
-  return jax.vmap(lambda s, p: render_canvas(s, p, canvas_side, blur_kernel))(source, plan)
+  return jax.vmap(lambda s, p: render_canvas(s, p, canvas_side, blur_kernel,
+                                             perspective_distortion))(source, plan)
 
 
-def renderer(canvas_side: int, blur_kernel: tuple[int, int] = (5, 9)) -> Callable:
+def renderer(canvas_side: int, blur_kernel: tuple[int, int] = (5, 9),
+             perspective_distortion: float = 1.0) -> Callable:
   """(source, plan) -> canvases: `render_canvases` with its static sizes bound,
-  for `train_step.batch_patches` (canvas_side: the data's canvas_max)."""
+  for `train_step.batch_patches` (canvas_side: the data's canvas_max; the
+  others: its AugmentConfig's)."""
   return functools.partial(render_canvases, canvas_side=int(canvas_side),
-                           blur_kernel=tuple(int(k) for k in blur_kernel))
+                           blur_kernel=tuple(int(k) for k in blur_kernel),
+                           perspective_distortion=float(perspective_distortion))

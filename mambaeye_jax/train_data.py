@@ -99,7 +99,8 @@ def device_renderer(config: ml_collections.ConfigDict):
   """The train step's canvas renderer for ship "source" (else None)."""
   if config.data.ship != "source":
     return None
-  return device_augment.renderer(config.data.canvas_max, config.data.augment.blur_kernel)
+  return device_augment.renderer(config.data.canvas_max, config.data.augment.blur_kernel,
+                                 config.data.augment.perspective_distortion)
 
 
 def data_config_from(config: ml_collections.ConfigDict, local_batch_size: int):

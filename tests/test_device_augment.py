@@ -34,11 +34,12 @@ CFG = augment.AugmentConfig(canvas_min=32, canvas_max=64)
 SIDE = 64
 
 # Bounds against apply_reference, gray levels: the mean absolute difference
-# over a path's samples, and the largest of one sample. Measured on 100
-# CIFAR images (2026-12-06): means 0.02-0.04, sample maxima 0.24-0.29 in
-# every path (float32 against PIL's fixed-point weights: a value near a
-# rounding boundary rounds the other way). The host's fast "pil" path is
-# 1.1 levels from the chain on the same plans (5 with perspective).
+# over a path's samples, and the largest of one sample. Measured here on
+# CIFAR images (2026-12-06, 28-40 samples a path): means 0.02-0.06, sample
+# maxima 0.13-0.47 in every path (float32 against PIL's fixed-point
+# weights: a value near a rounding boundary rounds the other way). The
+# host's fast "pil" path is 1.1 levels from the chain on the same plans (5
+# with perspective).
 MEAN_BOUND = 0.15
 SAMPLE_BOUND = 1.0
 
@@ -77,26 +78,32 @@ PATHS = {
     "gray": (lambda p: True, dict(jitter=None, blur_sigma=None, gray=True, erase=False)),
     "erase": (lambda p: True, dict(erase=True)),
     "all": (lambda p: True, {}),
+    # 48-pixel images on canvases of 32..40: the fit shrinks (LANCZOS).
+    "shrinking fit": (lambda p: True, {}),
 }
 
 
 def _path_samples(path: str, n: int = 40):
   """(rendered canvases, reference pixels, boxes, erase boxes) of a path."""
   keep, force = PATHS[path]
+  cfg, side = CFG, 32
+  if path == "shrinking fit":
+    cfg, side = augment.AugmentConfig(canvas_min=32, canvas_max=40), 48
   sources, plans, refs, boxes, erases = [], [], [], [], []
   for i, image in enumerate(_images(n * 2)):
+    image = image.resize((side, side), Image.Resampling.BICUBIC)
     rng = np.random.default_rng([1, i])
-    params = augment.plan(rng, *image.size, CFG)
+    params = augment.plan(rng, *image.size, cfg)
     if not keep(params):
       continue
     params.update(force)
     state = rng.bit_generator.state
-    refs.append(augment.apply_reference(image, params, rng, CFG))
+    refs.append(augment.apply_reference(image, params, rng, cfg))
     rng.bit_generator.state = state  # The same erase draws for the device.
     rw, rh = params["out_size"]
-    erase = augment.erase_box(rng, rh, rw, CFG) if params["erase"] else None
+    erase = augment.erase_box(rng, rh, rw, cfg) if params["erase"] else None
     plans.append(source_plan.encode_plan(params, erase, image.size[::-1]))
-    source = np.zeros((32, 32, 3), np.uint8)
+    source = np.zeros((side, side, 3), np.uint8)
     source[:image.size[1], :image.size[0]] = np.asarray(image)
     sources.append(source)
     boxes.append(augment.centred_box(params["canvas"], (rh, rw)))
@@ -266,3 +273,38 @@ def test_device_samples_match_the_official_statistics():
   project = _device_samples("cifar", fidelity.PROJECT_SAMPLES["cifar"])
   rows = fidelity.compare("cifar", official, project)
   assert all(r["ok"] for r in rows), fidelity.format_rows(rows)
+
+
+def _losses(workdir) -> dict[int, float]:
+  from mambaeye_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  return {r["step"]: r["train/loss"] for r in metrics_lib.read_metrics(str(workdir))}
+
+
+def test_training_in_source_mode_runs_as_canvas_mode(tmp_path):
+  """The real trainer renders on the device: the losses of ship="canvas"
+  to the pixels' rounding (the same stream, corners and labels), also
+  across a resume."""
+  c = conftest.fake_train_config(3)
+  c.data.source = "synthetic"  # Images up to 160 a side: the fit shrinks (LANCZOS).
+  c.data.source_side = 160
+  c.data.ship = "canvas"
+  train_lib.train_and_evaluate(c, str(tmp_path / "canvas"))
+  c.data.ship = "source"
+  c.num_train_steps = 2
+  train_lib.train_and_evaluate(c, str(tmp_path / "source"))
+  c.num_train_steps = 3
+  assert train_lib.train_and_evaluate(c, str(tmp_path / "source"))["step"] == 3
+  want, got = _losses(tmp_path / "canvas"), _losses(tmp_path / "source")
+  assert sorted(got) == [1, 2, 3]
+  np.testing.assert_allclose([got[s] for s in (1, 2, 3)], [want[s] for s in (1, 2, 3)],
+                             rtol=0.02)
+
+
+def test_bench_device_augment_runs(capsys):
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(conftest.REPO_ROOT, "benchmarks"))
+  import bench_device_augment  # pylint: disable=g-import-not-at-top
+  bench_device_augment.main(["--batch", "4", "--num_glimpses", "8", "--repeats", "1",
+                             "--inner", "1"])
+  out = capsys.readouterr().out
+  assert "ship=source  render + gather" in out and "render alone" in out

@@ -13,6 +13,12 @@ pipeline, in process, configs/cifar10.py's data settings by default: batch
 
 and reports ms per batch and images/s of each, the render's own cost (the
 difference) and the bytes per row each mode moves from host to device.
+With --train_step, also the whole training step (configs/cifar10.py's
+model: MambaEye-Tiny, bfloat16, chunk 128, padded rows) on each batch, so
+the render's share of a real step shows:
+
+    python benchmarks/bench_device_augment.py --images ~/data/cifar10/train --train_step
+
 Timing: `timing.call_times` (warm-up excluded; `--inner` back-to-back calls
 per timed batch, then `block_until_ready`); the median is reported.
 """
@@ -32,6 +38,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import timing  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mambaeye_jax import cli  # pylint: disable=wrong-import-position
 from mambaeye_jax import device_augment  # pylint: disable=wrong-import-position
+from mambaeye_jax import model as model_lib  # pylint: disable=wrong-import-position
+from mambaeye_jax import optim  # pylint: disable=wrong-import-position
+from mambaeye_jax import sharding  # pylint: disable=wrong-import-position
 from mambaeye_jax import train_step  # pylint: disable=wrong-import-position
 from mambaeye_jax.data import pipeline  # pylint: disable=wrong-import-position
 
@@ -46,6 +55,9 @@ flags.DEFINE_integer("source_side", 32, "DataConfig.source_side", flag_values=FL
 flags.DEFINE_integer("repeats", 7, "timed batches of calls", flag_values=FLAGS)
 flags.DEFINE_integer("inner", 10, "calls per timed batch", flag_values=FLAGS)
 flags.DEFINE_integer("seed", 0, "stream seed", flag_values=FLAGS)
+flags.DEFINE_bool("train_step", False, "also time the whole training step (MambaEye-Tiny "
+                  "bfloat16, as configs/cifar10.py) on each batch", flag_values=FLAGS)
+flags.DEFINE_string("variant", "tiny", "model size of --train_step", flag_values=FLAGS)
 
 
 class _RandomImages:
@@ -74,6 +86,30 @@ def _batch(args, ship: str, source) -> dict:
   return batch
 
 
+def _train_step_seconds(args, host: dict, render, pixel_keys) -> float:
+  """Median seconds of the real training step on one batch (state donated)."""
+  config = model_lib.get_config(args.variant, num_classes=10, dtype="bfloat16",
+                                chunk_size=128)
+  ocfg = optim.OptimConfig(total_steps=10_000, warmup_steps=100)
+  tx = optim.make_optimizer(ocfg)
+  mesh = sharding.make_mesh(1)
+  state, shardings, _ = train_step.create_train_state(config, tx, 0, mesh)
+  step = train_step.compile_train_step(
+      train_step.make_train_step(train_step.model_graphdef(config), tx,
+                                 optim.learning_rate_schedule(ocfg), (16, 64), packed=False,
+                                 render=render), shardings, mesh)
+  keys = (*pixel_keys, "positions", "ratio", "labels", "mask", "segment_ids")
+  batch = sharding.global_batch({k: host[k] for k in keys}, mesh)
+  holder = {"state": state}
+
+  def call():
+    holder["state"], metrics = step(holder["state"], batch)
+    return metrics["loss"]
+
+  return statistics.median(timing.call_times(call, repeats=args.repeats, inner=args.inner,
+                                             warmup=3, sync=jax.block_until_ready))
+
+
 def main(argv=None):
   args = cli.parse_args(FLAGS, argv, prog="bench_device_augment.py",
                         usage="python benchmarks/bench_device_augment.py [--flag=value ...]",
@@ -97,6 +133,10 @@ def main(argv=None):
     print(f"ship={ship:<7} {'render + gather' if ship == 'source' else 'gather':<16} "
           f"{results[ship] * 1e3:8.3f} ms/batch = {args.batch / results[ship]:10.0f} img/s; "
           f"pixels host -> device {row_bytes} bytes/row")
+    if args.train_step:
+      seconds = _train_step_seconds(args, host, render, pixel_keys)
+      print(f"ship={ship:<7} training step ({args.variant}, bf16) {seconds * 1e3:8.3f} "
+            f"ms/step = {args.batch / seconds:10.0f} img/s")
   render_s = results["source"] - results["canvas"]
   print(f"render alone (difference): {render_s * 1e3:.3f} ms/batch of {args.batch} "
         f"({jax.devices()[0].device_kind}, T={args.num_glimpses}, canvas "

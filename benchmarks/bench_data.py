@@ -104,7 +104,7 @@ class _MemorySource:
 # The stage that replaces "patch gather" with ship="canvas".
 CANVAS_STAGE = "canvas (ship=canvas)"
 # The stage that replaces "transform" and "patch gather" with ship="source".
-SOURCE_STAGE = "erase box + plan + source (ship=source)"
+SOURCE_STAGE = "erase + plan + source (ship=source)"
 
 
 def bench_stages(files, cfg: pipeline.DataConfig, samples: int, seed: int,

@@ -148,7 +148,7 @@ class DataConfig:
       workers draw every random choice as in the other modes (the same
       stream, the same positions) but render no pixels: the training step
       renders the canvas on the device (`mambaeye_jax.device_augment`),
-      ~2.5x less host work per CIFAR sample (docs/data.md). Images must be
+      about half the host work per CIFAR sample (docs/data.md). Images must be
       at most source_side a side; one image per row, not with packing.
     source_side: ship "source"'s padded image side s (CIFAR: 32); a larger
       decoded image stops the pipeline with an error naming it.

@@ -10,27 +10,31 @@ transform (T = 1024, canvas 256..1024 by default; `--preset cifar10`: T =
 128, canvas 32..64, batch 256 as configs/cifar10.py) over the images:
 
   1. stage by stage (file read, header + plan, decode, transform, positions,
-     patch gather, information ratio), timing each, and the canvas that
-     `DataConfig.ship="canvas"` builds instead of the gather, once per
+     patch gather, information ratio), timing each, the canvas that
+     `DataConfig.ship="canvas"` builds instead of the gather, and what
+     ship="source" does instead of the transform and the gather (the erase
+     box, the plan vector, the padded decoded image), once per
      transform backend (`DataConfig.transform_backend`: "opencv", the fast
      default, beside "pil", the reference path), on the same samples, the
      backends taking turns on blocks of them (STAGE_ROUNDS); then the
-     per-batch stages per sample in both ship modes: batching
+     per-batch stages per sample in every ship mode: batching
      (`rows_to_batch`) and the worker -> main process transfer (Grain's copy
      into shared memory and its opening);
   2. the same work in the official order and sizes (`apply_reference`, the
      full canvas, geometry.py's ratio), for comparison on the same machine;
   3. end to end through the Grain pipeline (`make_train_iterator`,
-     in-process, one thread, --transform_backend), batches included, in both
-     ship modes; what it
+     in-process, one thread, --transform_backend), batches included, in
+     every ship mode; what it
      costs beyond the stages is Grain's own per-record overhead;
   4. with --workers N, wall-clock throughput with N worker processes, and
      the CPU time of all of them (main process and workers) per sample,
-     which does not depend on what else runs on the machine (both modes).
+     which does not depend on what else runs on the machine (every mode).
 
+Ship "source" is timed only when every image fits --source_side (CIFAR).
 In "canvas" mode the patches are gathered on the accelerator inside the
-train step (`train_step.batch_patches`), which this host benchmark does not
-time.
+train step (`train_step.batch_patches`), and in "source" mode the canvases
+rendered there too, which this host benchmark does not time
+(benchmarks/bench_device_augment.py does).
 
 Prints ms/sample and samples/s for one core. Nothing is written outside the
 temporary directory. Times are CPU time of this process (see `_clock`).
@@ -55,6 +59,7 @@ from mambaeye_jax.data import geometry
 from mambaeye_jax.data import glimpses
 from mambaeye_jax.data import pipeline
 from mambaeye_jax.data import scan_patterns
+from mambaeye_jax.data import source_plan
 from mambaeye_jax.data import sources
 
 # configs/cifar10.py's data settings.
@@ -98,6 +103,8 @@ class _MemorySource:
 
 # The stage that replaces "patch gather" with ship="canvas".
 CANVAS_STAGE = "canvas (ship=canvas)"
+# The stage that replaces "transform" and "patch gather" with ship="source".
+SOURCE_STAGE = "erase + plan + source (ship=source)"
 
 
 def bench_stages(files, cfg: pipeline.DataConfig, samples: int, seed: int,
@@ -109,7 +116,9 @@ def bench_stages(files, cfg: pipeline.DataConfig, samples: int, seed: int,
   Returns:
     (totals: stage -> seconds, path_times: path -> list of transform
     seconds, n). totals[CANVAS_STAGE] is the padded canvas of ship="canvas",
-    which replaces "patch gather" (not both in one sample's cost).
+    which replaces "patch gather" (not both in one sample's cost);
+    totals[SOURCE_STAGE] is what ship="source" does instead of "transform"
+    and "patch gather" (timed when the image fits cfg.source_side).
   """
   aug = cfg.augment_config()
   totals = collections.defaultdict(float)
@@ -132,6 +141,7 @@ def bench_stages(files, cfg: pipeline.DataConfig, samples: int, seed: int,
 
     image = sources.decode_image(data, path, draft_size=draft)
     t2 = _clock()
+    before_erase = rng.bit_generator.state  # ship="source" draws the box again below.
     pixels = augment.apply(image, params, rng, aug, cfg.transform_backend)
     t3 = _clock()
     canvas = params["canvas"]
@@ -145,6 +155,17 @@ def bench_stages(files, cfg: pipeline.DataConfig, samples: int, seed: int,
     t6 = _clock()
     glimpses.padded_canvas(pixels, box, cfg.canvas_max)  # ship="canvas"'s.
     t7 = _clock()
+    source_s = None
+    if max(image.size) <= cfg.source_side:  # ship="source"'s, from the same draws.
+      erase_rng = np.random.default_rng()
+      erase_rng.bit_generator.state = before_erase
+      t8 = _clock()
+      rw, rh = params["out_size"]
+      erase = augment.erase_box(erase_rng, rh, rw, aug) if params["erase"] else None
+      source = np.zeros((cfg.source_side, cfg.source_side, 3), np.uint8)
+      source[:image.size[1], :image.size[0]] = np.asarray(image)
+      source_plan.encode_plan(params, erase, image.size[::-1])
+      source_s = _clock() - t8
     plan_s = marks["plan1"] - marks["plan0"]
     totals["read file"] += t1 - t0
     totals["header + plan"] += plan_s
@@ -154,6 +175,8 @@ def bench_stages(files, cfg: pipeline.DataConfig, samples: int, seed: int,
     totals["patch gather"] += t5 - t4
     totals["information ratio"] += t6 - t5
     totals[CANVAS_STAGE] += t7 - t6
+    if source_s is not None:
+      totals[SOURCE_STAGE] += source_s
     if params["perspective"] is not None:
       paths["with perspective"].append(t3 - t2)
     elif params["blur_sigma"] is not None:
@@ -201,7 +224,8 @@ def bench_batches(files, cfg: pipeline.DataConfig, seed: int,
   """CPU seconds per sample of the per-batch stages, on one batch.
 
   "batching": `rows_to_batch` of `cfg.batch_size` examples (padded rows; of
-  patches or, with cfg.ship "canvas", of canvases).
+  patches or, with cfg.ship "canvas" or "source", of canvases or of decoded
+  images and plans).
   "transfer to main process": with worker processes, each batch is copied
   into new shared memory by the worker (`copy_to_shm`) and opened by the
   main process (`open_from_shm`); timed here in one process, with the main
@@ -217,11 +241,12 @@ def bench_batches(files, cfg: pipeline.DataConfig, seed: int,
     if batching.SKIP_KEY not in ex:
       examples.append(ex)
   rows = [[ex] for ex in examples]
-  canvas_size = cfg.canvas_max if cfg.ship == "canvas" else 0
+  row_arrays = pipeline.row_arrays(cfg)
   times = collections.defaultdict(float)
   for _ in range(repeats):
     t0 = _clock()
-    batch = batching.rows_to_batch(rows, cfg.batch_size, cfg.row_length, canvas_size)
+    batch = batching.rows_to_batch(rows, cfg.batch_size, cfg.row_length,
+                                   row_arrays=row_arrays)
     t1 = _clock()
     metadata = shared_memory_array.copy_to_shm(batch)
     opened = shared_memory_array.open_from_shm(metadata)
@@ -301,9 +326,14 @@ STAGE_ROUNDS = 8
 
 def _ship_totals(stages) -> dict[str, float]:
   """Host seconds of each ship mode, summed over the samples: the canvas
-  replaces the gather (a sample costs one of them, not both)."""
-  every = sum(stages.values())
-  return {"patches": every - stages[CANVAS_STAGE], "canvas": every - stages["patch gather"]}
+  replaces the gather, the source stage both the transform and the gather
+  (a sample costs one of them)."""
+  every = sum(stages.values()) - stages.get(SOURCE_STAGE, 0.0)
+  totals = {"patches": every - stages[CANVAS_STAGE], "canvas": every - stages["patch gather"]}
+  if SOURCE_STAGE in stages:
+    totals["source"] = (every - stages[CANVAS_STAGE] - stages["patch gather"]
+                        - stages["transform"] + stages[SOURCE_STAGE])
+  return totals
 
 
 def _print_stages(stages, paths, n: int) -> None:
@@ -323,7 +353,7 @@ def _print_stages(stages, paths, n: int) -> None:
     print(f"  {stage:<36}" + "".join(
         f"  {stages[b][stage] / n * 1e3:11.2f} ({stages[b][stage] / totals[b]['patches']:5.1%})"
         for b in backends))
-  for ship in pipeline.SHIP_MODES:
+  for ship in totals[backends[0]]:
     print(f"  {'total, ship=' + ship:<36}" + "".join(
         f"  {totals[b][ship] / n * 1e3:11.2f}{'':8}" for b in backends))
     print(f"  {'samples/s per core, ship=' + ship:<36}" + "".join(
@@ -362,6 +392,8 @@ flags.DEFINE_enum("transform_backend", "opencv", augment.BACKENDS,
                   "the transform backend of the end-to-end Grain timings (the stage "
                   "table times every backend)", flag_values=FLAGS)
 flags.DEFINE_integer("seed", 0, "random seed", flag_values=FLAGS)
+flags.DEFINE_integer("source_side", 32, "DataConfig.source_side: ship='source' is timed "
+                     "when every image fits it", flag_values=FLAGS)
 flags.DEFINE_integer("reference_samples", 100, "samples for the step-by-step reference "
                      "timing (0 skips it)", flag_values=FLAGS)
 flags.DEFINE_bool("all_cores", False, "do not pin the process to one core",
@@ -388,7 +420,7 @@ def main(argv=None):
       num_glimpses=args.num_glimpses, canvas_min=args.canvas_min,
       canvas_max=args.canvas_max, batch_size=args.batch_size, seed=args.seed,
       read_threads=1, read_buffer_size=1,
-      transform_backend=args.transform_backend)
+      transform_backend=args.transform_backend, source_side=args.source_side)
   with tempfile.TemporaryDirectory() as tmp:
     if os.path.isdir(args.images):
       root = args.images
@@ -400,9 +432,11 @@ def main(argv=None):
     if args.max_images:
       files = files[::max(1, len(files) // args.max_images)][:args.max_images]
     readable = []
+    largest = 0
     for f in files:  # The stage timings decode directly: no bad files.
       try:
-        sources.decode_image(sources.file_record(f, 0)["image"], f)
+        largest = max(largest, *sources.decode_image(sources.file_record(f, 0)["image"],
+                                                     f).size)
         readable.append(f)
       except sources.BadImageError as e:
         print(f"leaving out {e}")
@@ -411,6 +445,11 @@ def main(argv=None):
       raise SystemExit(f"no readable images in {args.images}")
     print(f"{len(files)} images; T={args.num_glimpses}, canvas "
           f"{args.canvas_min}..{args.canvas_max}, full training transform")
+    ship_modes = [m for m in pipeline.SHIP_MODES
+                  if m != "source" or largest <= args.source_side]
+    if "source" not in ship_modes:
+      print(f"ship=source not timed: images up to {largest} pixels a side, "
+            f"source_side={args.source_side}")
     backends = {b: dataclasses.replace(cfg, transform_backend=b) for b in augment.BACKENDS}
     stages = {b: collections.defaultdict(float) for b in backends}
     paths = {b: collections.defaultdict(list) for b in backends}
@@ -431,7 +470,7 @@ def main(argv=None):
     _print_stages(stages, paths, n)
     total = _ship_totals(stages[args.transform_backend])
     per_batch = {ship: bench_batches(files, dataclasses.replace(cfg, ship=ship), args.seed)
-                 for ship in pipeline.SHIP_MODES}
+                 for ship in ship_modes}
     print(f"per-batch stages (batch {args.batch_size}), per sample:")
     for ship, stages in per_batch.items():
       for stage, seconds in stages.items():
@@ -451,7 +490,7 @@ def main(argv=None):
     cached = ", decoded images cached" if args.cache_decoded else ""
     print(f"\nGrain pipeline end to end (batch {args.batch_size}, in-process,"
           f" 1 thread{cached}):")
-    for ship in pipeline.SHIP_MODES:
+    for ship in ship_modes:
       ship_cfg = dataclasses.replace(cfg, ship=ship)
       per_sample = bench_pipeline(source, ship_cfg, args.pipeline_batches)
       rest = per_sample - total[ship] / n - per_batch[ship]["batching"]
@@ -459,7 +498,7 @@ def main(argv=None):
             f"{1 / per_sample:.1f} samples/s per core; Grain's per-record overhead "
             f"(end to end less the stages and batching): {rest * 1e3:.2f} ms/sample")
     if args.workers:
-      for ship in pipeline.SHIP_MODES:
+      for ship in ship_modes:
         rate, cpu = bench_workers(source, dataclasses.replace(cfg, ship=ship), args.workers,
                                   args.pipeline_batches)
         print(f"Grain pipeline, ship={ship}, {args.workers} worker processes, "

@@ -63,6 +63,10 @@ def get_config(arg: str = ""):
   # Batches carry each image's 64x64 canvas (12 KB), not its 128 patches
   # (98 KB); the train step gathers the patches on the device (issue 12).
   c.data.ship = "canvas"
+  # --config.data.ship=source: the workers ship the decoded 32x32 image and
+  # the transform's plan, the step renders the canvas on the device
+  # (device_augment; ~0.37 against 0.72 ms of a host core per sample,
+  # docs/data.md "Rendering on the device"); its GPU cost is to be measured.
   c.train_examples = CIFAR10_TRAIN_IMAGES
   c.global_batch_size = 256
   # A step budget, not epochs: the measured recipe above (72 epochs).

@@ -19,14 +19,17 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from mambaeye_jax import device_augment
 from mambaeye_jax import model as model_lib
 from mambaeye_jax import sharding as sharding_lib
 from mambaeye_jax.data import pipeline
 
 
-# What the train step reads; a batch has "patches" or (DataConfig.ship
-# "canvas") "canvas" (train_step.batch_patches).
-BATCH_KEYS = ("patches", "canvas", "positions", "ratio", "labels", "mask", "segment_ids")
+# What the train step reads; a batch has "patches", or (DataConfig.ship
+# "canvas") "canvas", or (ship "source") "source" and "plan"
+# (train_step.batch_patches).
+BATCH_KEYS = ("patches", "canvas", "source", "plan", "positions", "ratio", "labels", "mask",
+              "segment_ids")
 
 
 class FakeBatches:
@@ -47,6 +50,9 @@ class FakeBatches:
                seed: int = 0, process_index: int = 0, canvas: int = 64,
                ship: str = "patches"):
     pipeline.check_ship(ship)
+    if ship == "source":
+      raise ValueError("the fake source has no images to plan: ship='source' needs a real "
+                       "source (data.source folder, tfds, arrayrecord or synthetic)")
     self.batch_size = batch_size
     self.num_glimpses = num_glimpses
     self.num_classes = num_classes
@@ -87,6 +93,14 @@ class FakeBatches:
 
   def start_prefetch(self) -> None:  # Grain's checkpoint handler calls this.
     pass
+
+
+def device_renderer(config: ml_collections.ConfigDict):
+  """The train step's canvas renderer for ship "source" (else None)."""
+  if config.data.ship != "source":
+    return None
+  return device_augment.renderer(config.data.canvas_max, config.data.augment.blur_kernel,
+                                 config.data.augment.perspective_distortion)
 
 
 def data_config_from(config: ml_collections.ConfigDict, local_batch_size: int):

@@ -153,7 +153,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   graphdef = train_step.model_graphdef(model_config)
   p_step = train_step.compile_train_step(
       train_step.make_train_step(graphdef, tx, schedule, accuracy_at,
-                                 packed=bool(config.data.packing), loss=config.loss),
+                                 packed=bool(config.data.packing), loss=config.loss,
+                                 render=train_data.device_renderer(config)),
       state_shardings, mesh)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_chief)
   logger = train_loop.TrainLogger(total_steps, writer, config.log_every_steps,

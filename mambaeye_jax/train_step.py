@@ -81,24 +81,39 @@ def _is_last(segment_ids: jax.Array, mask: jax.Array) -> jax.Array:
   return mask & ((nxt != segment_ids) | ~nxt_mask)
 
 
-def batch_patches(batch: dict) -> jax.Array:
+def batch_patches(batch: dict, render: Callable | None = None) -> jax.Array:
   """The batch's patches, gathered on the device when it carries canvases.
 
   A batch of `DataConfig.ship` "canvas" holds each row's canvas instead of
   its patches; the gather here (`glimpse.extract_patches_jax`) gives the
   workers' patches exactly: corners index the canvas at its top-left, and
-  padding steps, which the host leaves zero, are zeroed.
+  padding steps, which the host leaves zero, are zeroed. A batch of ship
+  "source" holds each row's decoded image and transform plan: `render`
+  draws the canvases from them first (`device_augment.renderer`).
 
   Args:
-    batch: "patches" (b, T, 768) uint8, or "canvas" (b, S, S, 3) uint8 with
+    batch: "patches" (b, T, 768) uint8, or "canvas" (b, S, S, 3) uint8, or
+      "source" (b, s, s, 3) uint8 and "plan" (b, P) float32; with
       "positions" (b, T, 2) int32 and "mask" (b, T) bool.
+    render: (source, plan) -> (b, S, S, 3) uint8 canvases; needed for
+      "source" batches.
 
   Returns:
     (b, T, 768) uint8.
+
+  Raises:
+    ValueError: a "source" batch without `render`.
   """
   if "patches" in batch:
     return batch["patches"]
-  patches = glimpse.extract_patches_jax(batch["canvas"], batch["positions"])
+  if "source" in batch:
+    if render is None:
+      raise ValueError("a ship='source' batch needs the device renderer: pass render="
+                       "device_augment.renderer(canvas_max, blur_kernel)")
+    canvas = render(batch["source"], batch["plan"])
+  else:
+    canvas = batch["canvas"]
+  patches = glimpse.extract_patches_jax(canvas, batch["positions"])
   return jnp.where(batch["mask"][..., None], patches, jnp.zeros((), patches.dtype))
 
 
@@ -131,7 +146,7 @@ def step_metrics(logits: jax.Array, batch: dict, accuracy_at: tuple[int, ...]) -
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     accuracy_at: tuple[int, ...], packed: bool = True,
-                    loss: str = "stepwise") -> Callable:
+                    loss: str = "stepwise", render: Callable | None = None) -> Callable:
   """(state, batch) -> (state, metrics), to be jitted.
 
   batch: the contract's global arrays, (b, T, ...), with "patches" or
@@ -142,6 +157,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
   its real steps, which a causal model never lets it reach, so the ids would
   only cost masking work in the conv and the SSD kernel.
   loss: the objective, one of `loss_lib.LOSSES`.
+  render: the canvas renderer of ship "source" batches (`batch_patches`).
   """
 
   loss_kind = loss
@@ -149,7 +165,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
     raise ValueError(f"unknown loss {loss_kind!r}; known: {', '.join(loss_lib.LOSSES)}")
 
   def train_step(state: TrainState, batch: dict):
-    patches = batch_patches(batch)
+    patches = batch_patches(batch, render)
 
     def loss_fn(params):
       model = nnx.merge(graphdef, params)

@@ -36,7 +36,7 @@ LAYERS = (
     ("base", ("mambaeye_jax.progress", "mambaeye_jax.cli")),
     ("ops", ("kernels",)),
     ("data", ("mambaeye_jax.data",)),
-    ("model", ("mambaeye_jax.glimpse", "mambaeye_jax.layers",
+    ("model", ("mambaeye_jax.glimpse", "mambaeye_jax.device_augment", "mambaeye_jax.layers",
                "mambaeye_jax.ssd", "mambaeye_jax.mamba2", "mambaeye_jax.model",
                "mambaeye_jax.loss", "mambaeye_jax.mambaout")),
     ("io", ("mambaeye_jax.model_dir", "mambaeye_jax.official", "mambaeye_jax.torch_io",

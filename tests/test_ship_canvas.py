@@ -65,7 +65,7 @@ def test_canvas_batches_with_empty_rows():
   cfg = pipeline.DataConfig(**{**SMALL, "min_glimpses": 5, "num_glimpses": 12})
   source = pipeline.make_source(cfg)
   examples = {}
-  for ship in pipeline.SHIP_MODES:
+  for ship in ("patches", "canvas"):
     transform = pipeline.TrainTransform(pipeline.DataConfig.from_any(cfg, ship=ship))
     examples[ship] = [transform.random_map(source[i], np.random.default_rng([7, i]))
                       for i in range(3)]
@@ -95,7 +95,7 @@ def test_folder_source_with_cached_images_matches(tmp_path):
 
 
 def test_ship_errors_are_clear():
-  with pytest.raises(ValueError, match=r"ship='canvases' must be one of \('patches', 'canvas'\)"):
+  with pytest.raises(ValueError, match=r"ship='canvases' must be one of \('patches', 'canvas', 'source'\)"):
     pipeline.DataConfig(ship="canvases")
   with pytest.raises(ValueError, match="ship='canvas'.*cannot pack"):
     pipeline.DataConfig(ship="canvas", packing=True)

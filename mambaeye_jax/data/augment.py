@@ -553,10 +553,17 @@ def _crop_axis(rng: np.random.Generator, side: int,
   return offset, extent
 
 
-def _random_erase(pixels: np.ndarray, rng: np.random.Generator,
-                  cfg: AugmentConfig) -> None:
-  """torchvision RandomErasing (value 0) in place, on (h, w, 3) uint8."""
-  height, width = pixels.shape[:2]
+def erase_box(rng: np.random.Generator, height: int, width: int,
+              cfg: AugmentConfig) -> tuple[int, int, int, int] | None:
+  """torchvision RandomErasing's box (value 0) on an (height, width) image.
+
+  The one drawing of the box, shared by `apply` (which zeroes it) and the
+  device path (`pipeline.TrainTransform` with ship "source", which ships it in
+  the plan), so that one generator state gives both the same box.
+
+  Returns:
+    (top, left, eh, ew), or None when no attempt of torchvision's ten fits.
+  """
   area = height * width
   log_ratio = np.log(cfg.erase_ratio)
   for _ in range(10):  # torchvision's attempts.
@@ -568,8 +575,17 @@ def _random_erase(pixels: np.ndarray, rng: np.random.Generator,
       continue
     top = int(rng.integers(0, height - eh, endpoint=True))
     left = int(rng.integers(0, width - ew, endpoint=True))
+    return top, left, eh, ew
+  return None
+
+
+def _random_erase(pixels: np.ndarray, rng: np.random.Generator,
+                  cfg: AugmentConfig) -> None:
+  """torchvision RandomErasing (value 0) in place, on (h, w, 3) uint8."""
+  box = erase_box(rng, *pixels.shape[:2], cfg)
+  if box is not None:
+    top, left, eh, ew = box
     pixels[top:top + eh, left:left + ew] = 0
-    return
 
 
 # ---------------------------------------------------------------- resampling

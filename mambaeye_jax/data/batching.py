@@ -14,7 +14,10 @@ Output batch (b rows of L steps):
 With canvas_size S > 0 (examples of `glimpses.make_canvas_example`),
 "patches" is replaced by "canvas" (b, S, S, 3) uint8, one image per row
 (zeros on empty rows); the steps' patches are gathered from it on the
-device (`train_step.batch_patches`), zero on padding steps as here.
+device (`train_step.batch_patches`), zero on padding steps as here. In
+general `row_arrays` names the per-row arrays that replace "patches" (their
+shapes and dtypes; canvas_size S is {"canvas": ((S, S, 3), uint8)}; ship
+"source" has "source" and "plan"): one example per row, zeros on empty rows.
 
 Padded mode puts one example per row. Packed mode fills rows greedily in
 stream order: an example that does not fit the rest of the row starts the
@@ -30,7 +33,7 @@ drop_remainder drops are not counted (its records are not seen either).
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import grain
 import numpy as np
@@ -42,20 +45,32 @@ SKIP_KEY = "skipped"
 NUM_SKIPPED_KEY = "num_skipped"
 
 Example = dict[str, Any]
+# Per-row arrays that replace "patches": name -> (shape of one row, dtype).
+RowArrays = Mapping[str, tuple[tuple[int, ...], Any]]
 
 
-def empty_batch(batch_size: int, seq_len: int,
-                canvas_size: int = 0) -> dict[str, np.ndarray]:
+def _row_arrays(canvas_size: int, row_arrays: RowArrays | None) -> dict:
+  """The per-row arrays of a batch: `row_arrays`, or canvas_size's canvas."""
+  if canvas_size and row_arrays:
+    raise ValueError("give canvas_size or row_arrays, not both")
+  if canvas_size:
+    return {"canvas": ((canvas_size, canvas_size, 3), np.uint8)}
+  return dict(row_arrays or {})
+
+
+def empty_batch(batch_size: int, seq_len: int, canvas_size: int = 0,
+                row_arrays: RowArrays | None = None) -> dict[str, np.ndarray]:
   """An all-padding batch of the output contract: (b, L) rows of zeros.
 
   canvas_size: S > 0 gives "canvas" (b, S, S, 3) instead of "patches"
-  (b, L, 768).
+  (b, L, 768); row_arrays: those arrays (b, *shape) instead of "patches".
   """
   b, L = batch_size, seq_len
-  pixels = (np.zeros((b, canvas_size, canvas_size, 3), np.uint8) if canvas_size
-            else np.zeros((b, L, geometry.PATCH_DIM), np.uint8))
+  rows = _row_arrays(canvas_size, row_arrays)
+  pixels = ({name: np.zeros((b, *shape), dtype) for name, (shape, dtype) in rows.items()}
+            if rows else {"patches": np.zeros((b, L, geometry.PATCH_DIM), np.uint8)})
   return {
-      "canvas" if canvas_size else "patches": pixels,
+      **pixels,
       "positions": np.zeros((b, L, 2), np.int32),
       "ratio": np.zeros((b, L), np.float32),
       "labels": np.zeros((b, L), np.int32),
@@ -65,7 +80,8 @@ def empty_batch(batch_size: int, seq_len: int,
 
 
 def rows_to_batch(rows: Sequence[Sequence[Example]], batch_size: int,
-                  seq_len: int, canvas_size: int = 0) -> dict[str, np.ndarray]:
+                  seq_len: int, canvas_size: int = 0,
+                  row_arrays: RowArrays | None = None) -> dict[str, np.ndarray]:
   """Lays out rows of examples into one batch.
 
   Args:
@@ -75,6 +91,8 @@ def rows_to_batch(rows: Sequence[Sequence[Example]], batch_size: int,
     seq_len: L.
     canvas_size: 0 for examples with "patches"; S for examples with
       "canvas" (S, S, 3) (one example per row).
+    row_arrays: instead of canvas_size, the examples' arrays that replace
+      "patches" (name -> (shape, dtype)), one example per row.
 
   Returns:
     The batch dict of the module docstring (without NUM_SKIPPED_KEY).
@@ -85,23 +103,25 @@ def rows_to_batch(rows: Sequence[Sequence[Example]], batch_size: int,
   """
   if len(rows) > batch_size:
     raise ValueError(f"{len(rows)} rows for {batch_size=}")
-  batch = empty_batch(batch_size, seq_len, canvas_size)
+  per_row = _row_arrays(canvas_size, row_arrays)
+  batch = empty_batch(batch_size, seq_len, row_arrays=per_row)
   for i, row in enumerate(rows):
-    if canvas_size:
+    if per_row:
       if len(row) > 1:
-        raise ValueError(f"row {i} packs {len(row)} examples, but a canvas batch holds "
-                         "one image per row")
-      if row and row[0]["canvas"].shape != (canvas_size, canvas_size, 3):
-        raise ValueError(f"row {i}: canvas {row[0]['canvas'].shape} is not "
-                         f"{(canvas_size, canvas_size, 3)}")
+        raise ValueError(f"row {i} packs {len(row)} examples, but a {'/'.join(per_row)} "
+                         "batch holds one image per row")
+      for name, (shape, _) in per_row.items():
+        if row and row[0][name].shape != tuple(shape):
+          raise ValueError(f"row {i}: {name} {row[0][name].shape} is not {tuple(shape)}")
     offset = 0
     for segment, ex in enumerate(row, start=1):
       n = int(ex["length"])
       if offset + n > seq_len:
         raise ValueError(f"row {i} needs {offset + n} steps > {seq_len=}")
       steps = slice(offset, offset + n)
-      if canvas_size:
-        batch["canvas"][i] = ex["canvas"]
+      if per_row:
+        for name in per_row:
+          batch[name][i] = ex[name]
       else:
         batch["patches"][i, steps] = ex["patches"][:n]
       batch["positions"][i, steps] = ex["positions"][:n]
@@ -118,7 +138,8 @@ class BatchIterDataset(grain.IterDataset):
 
   def __init__(self, parent: grain.IterDataset, *, batch_size: int,
                seq_len: int, packing: bool = False,
-               drop_remainder: bool = True, canvas_size: int = 0):
+               drop_remainder: bool = True, canvas_size: int = 0,
+               row_arrays: RowArrays | None = None):
     """Configures the batcher.
 
     Args:
@@ -130,9 +151,13 @@ class BatchIterDataset(grain.IterDataset):
         batch (True) or pad it with empty rows (False).
       canvas_size: 0 batches "patches"; S > 0 batches the examples'
         "canvas" (S, S, 3) instead, one per row (no packing).
+      row_arrays: instead of canvas_size, the examples' arrays batched
+        instead of "patches" (name -> (shape, dtype)), one per row.
     """
-    if canvas_size and packing:
-      raise ValueError("canvas batches hold one image per row: packing is not supported")
+    rows = _row_arrays(canvas_size, row_arrays)
+    if rows and packing:
+      raise ValueError(f"{'/'.join(rows)} batches hold one image per row: packing is not "
+                       "supported")
     super().__init__(parent)
     if batch_size < 1 or seq_len < 1:
       raise ValueError(f"need batch_size, seq_len >= 1, got {batch_size=}, "
@@ -141,17 +166,17 @@ class BatchIterDataset(grain.IterDataset):
     self._seq_len = seq_len
     self._packing = packing
     self._drop_remainder = drop_remainder
-    self._canvas_size = canvas_size
+    self._rows = rows
 
   def __iter__(self) -> "_BatchIterator":
     return _BatchIterator(self._parent.__iter__(), self._batch_size,
                           self._seq_len, self._packing, self._drop_remainder,
-                          self._canvas_size)
+                          self._rows)
 
   def __str__(self) -> str:
     return (f"BatchIterDataset(batch_size={self._batch_size}, "
             f"seq_len={self._seq_len}, packing={self._packing}, "
-            f"canvas_size={self._canvas_size})")
+            f"row_arrays={sorted(self._rows)})")
 
 
 class _BatchIterator(grain.DatasetIterator):
@@ -159,13 +184,13 @@ class _BatchIterator(grain.DatasetIterator):
 
   def __init__(self, parent: grain.DatasetIterator, batch_size: int,
                seq_len: int, packing: bool, drop_remainder: bool,
-               canvas_size: int = 0):
+               rows: RowArrays | None = None):
     super().__init__(parent)
     self._batch_size = batch_size
     self._seq_len = seq_len
     self._packing = packing
     self._drop_remainder = drop_remainder
-    self._canvas_size = canvas_size
+    self._rows = rows
     self._carry: Example | None = None
     self._carry_state: dict[str, Any] | None = None
     self._exhausted = False
@@ -237,7 +262,7 @@ class _BatchIterator(grain.DatasetIterator):
         self._carry, self._carry_state = ex, state
     if not rows or (self._drop_remainder and len(rows) < self._batch_size):
       raise StopIteration
-    batch = rows_to_batch(rows, self._batch_size, self._seq_len, self._canvas_size)
+    batch = rows_to_batch(rows, self._batch_size, self._seq_len, row_arrays=self._rows)
     batch[NUM_SKIPPED_KEY] = np.int32(num_skipped)
     return batch
 
@@ -255,12 +280,13 @@ class _BatchIterator(grain.DatasetIterator):
 
 def batch_examples(examples: Iterable[Example], batch_size: int,
                    seq_len: int, packing: bool = False,
-                   drop_remainder: bool = False, canvas_size: int = 0
+                   drop_remainder: bool = False, canvas_size: int = 0,
+                   row_arrays: RowArrays | None = None
                    ) -> list[dict[str, np.ndarray]]:
   """Convenience for tests and tools: batches a list of examples eagerly."""
   ds = BatchIterDataset(grain.MapDataset.source(list(examples))
                         .to_iter_dataset(),
                         batch_size=batch_size, seq_len=seq_len,
                         packing=packing, drop_remainder=drop_remainder,
-                        canvas_size=canvas_size)
+                        canvas_size=canvas_size, row_arrays=row_arrays)
   return list(ds)

@@ -21,7 +21,9 @@ Example contract (numpy, per sequence of T glimpses):
 With `make_canvas_example` (DataConfig.ship "canvas"), "patches" is
 replaced by "canvas" (S_max, S_max, 3) uint8: the zero canvas with the
 image at its box, padded with zeros to a fixed side, from which the
-training step gathers the same patches on the device.
+training step gathers the same patches on the device. With
+`make_source_example` (ship "source"), "source" (s, s, 3) uint8 and "plan"
+(P,) float32 replace it: the step renders the canvas, then gathers.
 """
 
 from __future__ import annotations
@@ -104,6 +106,43 @@ def make_canvas_example(pixels: np.ndarray, canvas_hw: tuple[int, int],
     raise ValueError(f"pixels {pixels.shape} do not match box {box}")
   return {
       "canvas": padded_canvas(pixels, box, padded_side),
+      "positions": positions,
+      "ratio": geometry.information_ratio(positions, box),
+      "label": np.int32(label),
+      "length": np.int32(len(positions)),
+  }
+
+
+def make_source_example(pixels: np.ndarray, plan: np.ndarray, canvas_hw: tuple[int, int],
+                        box: geometry.ImageBox, positions: np.ndarray, label: int,
+                        source_side: int) -> dict[str, np.ndarray]:
+  """`make_example` shipping the decoded image and its plan, not pixels.
+
+  The training step renders the canvas from them on the device
+  (`mambaeye_jax.device_augment`), then gathers as for `make_canvas_example`.
+
+  Args:
+    pixels: (h, w, 3) uint8, the decoded image, h, w <= source_side.
+    plan: (P,) float32 from `source_plan.encode_plan`.
+    canvas_hw, box, positions, label: as `make_example` (box: where the
+      rendered image will lie).
+    source_side: the padded image side s.
+
+  Returns:
+    {"source" (s, s, 3) uint8 (the image at the top-left, zeros around),
+    "plan" (P,) float32, "positions" (T, 2) int32, "ratio" (T,) float32,
+    "label" () int32, "length" () int32}.
+  """
+  height, width = pixels.shape[:2]
+  if height > source_side or width > source_side:
+    raise ValueError(f"image {width}x{height} does not fit source_side={source_side}")
+  positions = np.asarray(positions, np.int32)
+  geometry.check_glimpses(canvas_hw, box, positions)
+  source = np.zeros((source_side, source_side, 3), np.uint8)
+  source[:height, :width] = pixels
+  return {
+      "source": source,
+      "plan": np.asarray(plan, np.float32),
       "positions": positions,
       "ratio": geometry.information_ratio(positions, box),
       "label": np.int32(label),

@@ -16,7 +16,11 @@ Batch contract (b = batch_size rows, L = seq_len steps): "patches" (b, L,
 (b, L) int32; "mask" (b, L) bool; "segment_ids" (b, L) int32 (see
 batching.py). With ship="canvas" (training only), "canvas" (b, S, S, 3)
 uint8, S = canvas_max, replaces "patches": the trainer gathers the patches
-on the device (`train_step.batch_patches`), identical to the host's.
+on the device (`train_step.batch_patches`), identical to the host's. With
+ship="source" (training only), "source" (b, s, s, 3) uint8, s = source_side
+(the decoded images at the top-left, zeros around), and "plan" (b, P)
+float32 (`source_plan`, P = PLAN_SIZE) replace it: the trainer renders the
+canvases on the device (`mambaeye_jax.device_augment`), then gathers.
 Per-example contract: see glimpses.py.
 
 Determinism: every random choice comes from Grain's per-record generator,
@@ -62,12 +66,13 @@ from mambaeye_jax.data import eval_transforms
 from mambaeye_jax.data import geometry
 from mambaeye_jax.data import glimpses
 from mambaeye_jax.data import scan_patterns
+from mambaeye_jax.data import source_plan
 from mambaeye_jax.data import sources
 from mambaeye_jax.data import synthetic
 
 SOURCES = ("folder", "tfds", "arrayrecord", "synthetic")
 # What a training batch carries of the pixels (DataConfig.ship).
-SHIP_MODES = ("patches", "canvas")
+SHIP_MODES = ("patches", "canvas", "source")
 
 
 def check_ship(ship: str) -> None:
@@ -138,7 +143,15 @@ class DataConfig:
       smaller when canvas_max^2 * 3 < L * 768 (CIFAR: 12 KB against 98 KB
       per row) and saves the workers the gather and most of the batching and
       transfer. One image per row: not with packing. Evaluation iterators
-      always carry patches.
+      always carry patches. "source": the decoded image (zero-padded to
+      source_side) and the plan vector (`source_plan`) of each row; the
+      workers draw every random choice as in the other modes (the same
+      stream, the same positions) but render no pixels: the training step
+      renders the canvas on the device (`mambaeye_jax.device_augment`),
+      about half the host work per CIFAR sample (docs/data.md). Images must be
+      at most source_side a side; one image per row, not with packing.
+    source_side: ship "source"'s padded image side s (CIFAR: 32); a larger
+      decoded image stops the pipeline with an error naming it.
   """
   source: str = "folder"
   path: str = ""
@@ -169,6 +182,7 @@ class DataConfig:
   max_image_pixels: int = sources.DEFAULT_MAX_IMAGE_PIXELS
   cache_decoded: bool = False
   ship: str = "patches"
+  source_side: int = 32
 
   def __post_init__(self):
     if self.source not in SOURCES:
@@ -191,9 +205,12 @@ class DataConfig:
       if getattr(self, name) < low:
         raise ValueError(f"{name}={getattr(self, name)} must be >= {low}")
     check_ship(self.ship)
-    if self.ship == "canvas" and self.packing:
-      raise ValueError("ship='canvas' carries one canvas per batch row, so it cannot pack "
-                       "several images per row: set packing=False or ship='patches'")
+    if self.ship in ("canvas", "source") and self.packing:
+      raise ValueError(f"ship={self.ship!r} carries one {self.ship} per batch row, so it "
+                       "cannot pack several images per row: set packing=False or "
+                       "ship='patches'")
+    if self.source_side < 1:
+      raise ValueError(f"source_side={self.source_side} must be >= 1")
     if not 0.0 <= self.max_bad_fraction <= 1.0:
       raise ValueError(f"max_bad_fraction={self.max_bad_fraction} must be in [0, 1]")
     try:
@@ -327,6 +344,14 @@ class TrainTransform(grain.transforms.RandomMap):
       return params["fit"]
 
     self._seen += 1
+    image = record.get("image")
+    if (self._cfg.ship == "source" and isinstance(image, np.ndarray) and image.ndim == 3
+        and image.shape[2] == 3 and image.dtype == np.uint8):
+      # Decoded RGB (the decoded-image cache): the renderer needs these very
+      # pixels, so no PIL round trip (~0.03 ms a CIFAR sample).
+      height, width = image.shape[:2]
+      return self._source_example(image, augment.plan(rng, width, height, self._aug), rng,
+                                  record, key)
     try:
       image = eval_transforms.record_image(
           record, key, max_pixels=self._cfg.max_image_pixels, draft_size=draft)
@@ -336,6 +361,8 @@ class TrainTransform(grain.transforms.RandomMap):
       return self._skip(e)
     if not params:  # Already-decoded records.
       params = augment.plan(rng, *image.size, self._aug)
+    if self._cfg.ship == "source":
+      return self._source_example(image, params, rng, record, key)
     pixels = augment.apply(image, params, rng, self._aug, self._cfg.transform_backend)
     canvas = params["canvas"]
     box = augment.centred_box(canvas, pixels.shape[:2])
@@ -347,6 +374,27 @@ class TrainTransform(grain.transforms.RandomMap):
                                           int(record["label"]), self._cfg.canvas_max)
     return glimpses.make_example(pixels, (canvas, canvas), box, positions,
                                  int(record["label"]))
+
+  def _source_example(self, image, params: dict[str, Any], rng: np.random.Generator,
+                      record: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """ship="source": the plan, the erase box and the corners, drawn in the
+    order `augment.apply` and `random_map` draw them; no pixels rendered."""
+    pixels = np.asarray(image)
+    height, width = pixels.shape[:2]
+    side = self._cfg.source_side
+    if height > side or width > side:
+      raise ValueError(f"record {key}: decoded image {width}x{height} is larger than "
+                       f"source_side={side} (ship='source' ships each image padded to "
+                       "source_side a side): raise data.source_side or use ship='canvas'")
+    rw, rh = params["out_size"]
+    erase = augment.erase_box(rng, rh, rw, self._aug) if params["erase"] else None
+    canvas = params["canvas"]
+    box = augment.centred_box(canvas, (rh, rw))
+    positions = scan_patterns.generate(self._pattern_name, rng, (canvas, canvas), box,
+                                       _num_glimpses(rng, self._cfg))
+    return glimpses.make_source_example(
+        pixels, source_plan.encode_plan(params, erase, (height, width)), (canvas, canvas),
+        box, positions, int(record["label"]), side)
 
 
 class EvalTransform(grain.transforms.Map):
@@ -467,15 +515,26 @@ def mark_absl_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
+def row_arrays(cfg: DataConfig) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """The per-row arrays a training batch carries instead of "patches" (see
+  `batching.BatchIterDataset`): none for ship "patches"."""
+  if cfg.ship == "canvas":
+    return {"canvas": ((cfg.canvas_max, cfg.canvas_max, 3), np.uint8)}
+  if cfg.ship == "source":
+    return {"source": ((cfg.source_side, cfg.source_side, 3), np.uint8),
+            "plan": ((source_plan.PLAN_SIZE,), np.float32)}
+  return {}
+
+
 def _finish(ds: grain.MapDataset, cfg: DataConfig, drop_remainder: bool,
-            canvas_size: int = 0) -> grain.IterDataset:
-  """Threads, batches (canvas_size: see `batching.BatchIterDataset`), workers."""
+            rows: dict[str, tuple[tuple[int, ...], Any]] | None = None
+            ) -> grain.IterDataset:
+  """Threads, batches (rows: see `batching.BatchIterDataset`), workers."""
   ds = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_buffer_size))
   ds = batching.BatchIterDataset(ds, batch_size=cfg.batch_size,
                                  seq_len=cfg.row_length, packing=cfg.packing,
-                                 drop_remainder=drop_remainder,
-                                 canvas_size=canvas_size)
+                                 drop_remainder=drop_remainder, row_arrays=rows)
   if cfg.worker_count > 0:
     mark_absl_flags_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
@@ -503,8 +562,7 @@ def make_train_dataset(config: Any = None, *, data_source=None,
     ds = ds.shuffle(seed=shuffle_seed)
   ds = ds.repeat(cfg.num_epochs or None)
   ds = ds.random_map(TrainTransform(cfg), seed=map_seed)
-  return _finish(ds, cfg, drop_remainder=True,
-                 canvas_size=cfg.canvas_max if cfg.ship == "canvas" else 0)
+  return _finish(ds, cfg, drop_remainder=True, rows=row_arrays(cfg))
 
 
 def make_train_iterator(config: Any = None, *, data_source=None,
@@ -522,8 +580,9 @@ def make_train_iterator(config: Any = None, *, data_source=None,
     **overrides: DataConfig fields.
 
   Returns:
-    A GlimpseIterator of batch dicts (module docstring; "canvas" instead
-    of "patches" with ship="canvas"); infinite unless num_epochs > 0, when
+    A GlimpseIterator of batch dicts (module docstring; "canvas", or
+    "source" and "plan", instead of "patches" with ship "canvas" or
+    "source"); infinite unless num_epochs > 0, when
     the last partial batch is dropped.
   """
   return GlimpseIterator(iter(make_train_dataset(

@@ -6,7 +6,7 @@
 #   bash benchmarks/results_cifar.sh grid       # the recipe's model: 7 canvases x 4 scans x T to 1024
 #   bash benchmarks/results_cifar.sh ablation   # the loss ablation at the 10-epoch budget, seed 0
 #   bash benchmarks/results_cifar.sh mambaout   # configs/cifar10_mambaout.py: train, then every canvas
-#   bash benchmarks/results_cifar.sh datawait   # configs/cifar10.py's data wait, ship=patches vs canvas
+#   bash benchmarks/results_cifar.sh datawait   # configs/cifar10.py's data wait, ship=patches, canvas, source
 #
 # Environment as benchmarks/fidelity_cifar.sh: OFFICIAL (where the CIFAR
 # archives are, default .official), DATA (default /tmp/data), RUNS (default
@@ -54,13 +54,14 @@ case "$stage" in
   datawait)
     # 1,500 steps each (about 2 minutes with the decoded-image cache); the
     # table averages the log windows after step 500.
-    for ship in patches canvas; do
+    for ship in patches canvas source; do
       "$PYTHON" -u train.py --config "configs/cifar10.py:$DATA" --workdir "$RUNS/datawait_$ship" \
         --config.num_train_steps=1500 --config.data.ship=$ship 2>&1 | quiet | grep -E "^step" \
         | tail -3 | tee "$LOGS/datawait_$ship.log"
     done
     "$PYTHON" benchmarks/data_wait.py "patches=$RUNS/datawait_patches" \
-      "canvas=$RUNS/datawait_canvas" --from_step 500 | tee "$LOGS/datawait.md"
+      "canvas=$RUNS/datawait_canvas" "source=$RUNS/datawait_source" --from_step 500 \
+      | tee "$LOGS/datawait.md"
     ;;
   *)
     echo "unknown stage $stage" >&2

@@ -15,13 +15,17 @@ epochs) with a 1,400-step warm-up, then cosine to 0. That is what this
 project trains in the official harness's 10-epoch wall time (docs/fidelity.md
 section 3a).
 
-Hardware and time (2026-12-05, one H200, 16 CPU cores, 16 data workers):
-489 s of wall time, start-up and the decoded-image cache included. Steps
-take about 28 ms, 40-50% of it waiting for the workers' augmentation; the
-GPU is not the limit here (since then the batches carry canvases, not
-patches: `data.ship`, docs/training.md "Data wait"; the wait with it is to
-be measured). The last log line was "step 14000/14000 (100.0%)
-| loss 1.6985 | acc@last 44.3% | 11212 img/s".
+Hardware and time (2026-12-06, one H100, 16 CPU cores, 16 data workers):
+345 s of wall time, start-up and the decoded-image cache included. Steps
+take 17.7 ms (median of the log windows after step 500), 13.4% of it
+waiting for data, at 14,467 img/s (`python benchmarks/data_wait.py
+source=WORKDIR --from_step 500`). The last log line was "step 14000/14000
+(100.0%) | loss 1.6896 | acc@last 45.0% | 13982 img/s | 18.3 ms/step | data
+wait 16%". The workers draw every random choice and ship the decoded image
+with its plan; the step renders the official transform on the device
+(`data.ship = "source"`, docs/data.md "Rendering on the device"). Before
+that, with the workers rendering (`--config.data.ship=patches`, 2026-12-05,
+one H200): 489 s, 28 ms steps, 40-50% waiting, the same accuracy.
 
 Result: on the 10,000 test images (`python eval.py --workdir WORKDIR --data
 DATA/cifar10/test --canvas-sizes 32,48,64,96 --glimpses 16,64,128`), top-1 %:
@@ -60,13 +64,11 @@ def get_config(arg: str = ""):
   c.data.canvas_max = 64
   c.data.worker_count = 16
   c.data.cache_decoded = True
-  # Batches carry each image's 64x64 canvas (12 KB), not its 128 patches
-  # (98 KB); the train step gathers the patches on the device (issue 12).
-  c.data.ship = "canvas"
-  # --config.data.ship=source: the workers ship the decoded 32x32 image and
-  # the transform's plan, the step renders the canvas on the device
-  # (device_augment; ~0.37 against 0.72 ms of a host core per sample,
-  # docs/data.md "Rendering on the device"); its GPU cost is to be measured.
+  # The workers ship each decoded 32x32 image (3 KB) and its transform plan;
+  # the train step renders the canvas and gathers the patches on the device
+  # (device_augment): 0.37 instead of 0.72 ms of a host core per sample, and
+  # the data wait of the step fell from 40-50% to 13% (issue 12, docstring).
+  c.data.ship = "source"
   c.train_examples = CIFAR10_TRAIN_IMAGES
   c.global_batch_size = 256
   # A step budget, not epochs: the measured recipe above (72 epochs).

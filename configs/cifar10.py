@@ -28,17 +28,20 @@ that, with the workers rendering (`--config.data.ship=patches`, 2026-12-05,
 one H200): 489 s, 28 ms steps, 40-50% waiting, the same accuracy.
 
 Result: on the 10,000 test images (`python eval.py --workdir WORKDIR --data
-DATA/cifar10/test --canvas-sizes 32,48,64,96 --glimpses 16,64,128`), top-1 %:
+DATA/cifar10/test --canvas-sizes 32,48,64,96 --glimpses 16,64,128`, scored
+on a CPU), top-1 %:
 
     glimpses   canvas 32   48      64      96
-    16         52.43       54.54   53.48   48.94
-    64         58.10       62.73   62.34   59.27
-    128        59.02       64.05   64.14   62.02
+    16         52.19       54.53   53.89   49.96
+    64         58.34       63.32   62.51   60.20
+    128        59.21       64.53   65.48   62.82
+
+(With the workers rendering: 59.02, 64.05, 64.14 and 62.02 at 128 glimpses.)
 
 The official code reaches 40.4% at canvas 64 in its 466.5 s (10 epochs). At
 the official 10-epoch budget (`--config.num_train_steps=1953
---config.optim.warmup_steps=195`, 138-154 s) this config gives 42.0% there,
-two seeds (docs/fidelity.md section 3).
+--config.optim.warmup_steps=195`, 138-154 s) this config gave 42.0% there
+with the workers rendering, two seeds (docs/fidelity.md section 3).
 
 Data: `data.cache_decoded` decodes the 50,000 JPEGs once at start (~40 s on
 that machine, 154 MB in /dev/shm, shared by the workers); the batches are

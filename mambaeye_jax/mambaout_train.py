@@ -30,8 +30,10 @@ cache (data/sources.py), and the data-parallel mesh (sharding.py: one
 
 The workdir receives: params.msgpack and model_config.json (the final
 parameters, `load_params`), metrics.jsonl (the progress lines' numbers),
-results.json and results.md (top-1 % per canvas). There is no
-checkpointing: a run is minutes long, and a rerun starts over. One process
+results.json and results.md (top-1 % per canvas, rewritten after each
+canvas, so an evaluation cut off keeps what it scored; `--eval_only` scores
+the saved parameters again). There is no training checkpoint: a run is
+minutes long, and a rerun starts over. One process
 only (every GPU of one host); an unreadable image stops the run naming its
 file.
 """
@@ -688,10 +690,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   num_params = sum(int(np.size(x)) for x in jax.tree.leaves(params))
   if not config.eval_canvases:
     return {}
-  results = evaluate(model_config, params, test_source, tuple(config.eval_canvases),
-                     batch_size=config.eval_batch_size, resample=config.data.resample,
-                     read_threads=config.data.read_threads, mesh=mesh)
-  write_results(workdir, config, model_config, num_params, summary, results)
+  results = {}
+  for canvas in config.eval_canvases:
+    results.update(evaluate(model_config, params, test_source, (canvas,),
+                            batch_size=config.eval_batch_size, resample=config.data.resample,
+                            read_threads=config.data.read_threads, mesh=mesh))
+    # After every canvas, so that an evaluation cut off (a time limit, a
+    # lost machine) keeps the canvases it scored; each canvas compiles its
+    # own step anyway, so one call per canvas costs nothing more.
+    write_results(workdir, config, model_config, num_params, summary, results)
   print(f"results in {os.path.join(workdir, RESULTS_FILE)}:\n"
         f"{results_table(results, config.data.image_size)}", end="", flush=True)
   return results

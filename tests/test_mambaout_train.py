@@ -182,6 +182,25 @@ def test_train_save_and_evaluate(data_root, tmp_path):
       {c: r["correct"] for c, r in results.items()}
 
 
+def test_a_cut_off_evaluation_keeps_the_canvases_it_scored(data_root, tmp_path, monkeypatch):
+  workdir = str(tmp_path / "work")
+  config = tiny_config(data_root)
+  scored = mambaout_train.evaluate
+
+  def evaluate_then_stop(model_config, params, source, canvases, **kwargs):
+    if canvases == (48,):
+      raise KeyboardInterrupt  # A time limit, during the second canvas.
+    return scored(model_config, params, source, canvases, **kwargs)
+
+  monkeypatch.setattr(mambaout_train, "evaluate", evaluate_then_stop)
+  with pytest.raises(KeyboardInterrupt):
+    mambaout_train.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, mambaout_train.RESULTS_FILE)) as f:
+    doc = json.load(f)
+  assert sorted(doc["eval"]) == ["32"] and doc["eval"]["32"]["count"] == 12
+  assert os.path.exists(os.path.join(workdir, mambaout_train.PARAMS_FILE))
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("global_batch_size", 0, "global_batch_size=0 must be >= 1"),
     ("label_smoothing", 1.0, r"label_smoothing=1.0 must be in \[0, 1\)"),

@@ -539,6 +539,24 @@ def _perspective_plan(rng: np.random.Generator, width: int, height: int,
   return out_size, coeffs
 
 
+def warp_to_fitted(params: dict[str, Any]) -> np.ndarray:
+  """(3, 3) float64: the plan's warped pixel -> fitted pixel map.
+
+  PIL's continuous coordinates (pixel i spans [i, i + 1)), as PIL's
+  PERSPECTIVE coefficients (output -> input); the horizontal flip, which the
+  official applies before the warp, composed in (fitted x -> w1 - x).
+  Without perspective: the flip alone, or the identity.
+  """
+  if params["perspective"] is None:
+    warp = np.eye(3)
+  else:
+    warp = np.append(params["perspective"][1], 1.0).reshape(3, 3)
+  if params["flip"]:
+    w1 = params["fit"][0]
+    warp = np.array([[-1, 0, w1], [0, 1, 0], [0, 0, 1]], np.float64) @ warp
+  return warp
+
+
 def _crop_axis(rng: np.random.Generator, side: int,
                min_side: int) -> tuple[int, int]:
   """Official crop extent and offset along one axis: (offset, extent).
@@ -948,9 +966,7 @@ def _apply_perspective(image: Image.Image, params: dict[str, Any],
   x, y, cw, ch = params["crop"]
   jitter, gray, blur = params["jitter"], params["gray"], params["blur_sigma"]
   colour = jitter is not None or gray
-  warp = np.append(params["perspective"][1], 1.0).reshape(3, 3)
-  if params["flip"]:  # Flip before the warp: fitted x -> w1 - x.
-    warp = np.array([[-1, 0, w1], [0, 1, 0], [0, 0, 1]], np.float64) @ warp
+  warp = warp_to_fitted(params)  # The flip (before the warp) composed in.
   # Window of the fitted image that the crop sees, padded by the reach of
   # the bicubic warp and the LANCZOS shrink (scaled by it) and of the blur.
   corners = warp @ np.array([[x, x + cw, x + cw, x], [y, y, y + ch, y + ch],

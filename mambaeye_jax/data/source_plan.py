@@ -24,9 +24,10 @@ integer is exact in float32: all are below 2^24):
                   crop reads: the fitted size without perspective.
   WARP            9 slots, row-major 3x3: warped pixel -> fitted pixel
                   (PIL's continuous coordinates, pixel i spans [i, i + 1)),
-                  the horizontal flip composed in as `augment.
-                  _apply_perspective` does (x -> w1 - x, before the warp);
-                  without perspective, the flip alone or the identity.
+                  the horizontal flip composed in
+                  (`augment.warp_to_fitted`, as the host's perspective path
+                  uses it); without perspective, the flip alone or the
+                  identity.
   CROP            4 slots: (x, y, w, h) of the crop window in the warped
                   image.
   OUT_W, OUT_H    the output size (rw, rh), pasted centred on the canvas.
@@ -66,11 +67,6 @@ JITTER_CODES = {"brightness": 0, "contrast": 1, "saturation": 2, "hue": 3}
 NO_OP = -1
 
 
-def flip_matrix(width: int) -> np.ndarray:
-  """(3, 3) float64: x -> width - x on continuous coordinates."""
-  return np.array([[-1, 0, width], [0, 1, 0], [0, 0, 1]], np.float64)
-
-
 def encode_plan(params: dict[str, Any], erase: tuple[int, int, int, int] | None,
                 source_hw: tuple[int, int]) -> np.ndarray:
   """One sample's plan as the device renderer reads it.
@@ -97,15 +93,9 @@ def encode_plan(params: dict[str, Any], erase: tuple[int, int, int, int] | None,
   v[JITTER_OPS], v[JITTER_FACTORS] = ops, factors
   v[GRAY] = float(params["gray"])
   v[BLUR_SIGMA] = params["blur_sigma"] or 0.0
-  if params["perspective"] is None:
-    (wp, hp), warp = (w1, h1), np.eye(3)
-  else:
-    (wp, hp), coeffs = params["perspective"]
-    warp = np.append(coeffs, 1.0).reshape(3, 3)
-  if params["flip"]:
-    warp = flip_matrix(w1) @ warp
+  wp, hp = (w1, h1) if params["perspective"] is None else params["perspective"][0]
   v[WARP_W], v[WARP_H] = wp, hp
-  v[WARP] = warp.reshape(-1)
+  v[WARP] = augment.warp_to_fitted(params).reshape(-1)
   v[CROP] = params["crop"]
   v[OUT_W], v[OUT_H] = params["out_size"]
   if erase is not None:

@@ -162,8 +162,8 @@ def bench_stages(files, cfg: pipeline.DataConfig, samples: int, seed: int,
       t8 = _clock()
       rw, rh = params["out_size"]
       erase = augment.erase_box(erase_rng, rh, rw, aug) if params["erase"] else None
-      source = np.zeros((cfg.source_side, cfg.source_side, 3), np.uint8)
-      source[:image.size[1], :image.size[0]] = np.asarray(image)
+      glimpses.padded_canvas(np.asarray(image), geometry.ImageBox(0, 0, *image.size[::-1]),
+                             cfg.source_side)
       source_plan.encode_plan(params, erase, image.size[::-1])
       source_s = _clock() - t8
     plan_s = marks["plan1"] - marks["plan0"]

@@ -56,8 +56,24 @@ def make_example(pixels: np.ndarray, canvas_hw: tuple[int, int],
     float32, "label" () int32, "length" () int32}.
   """
   positions = np.asarray(positions, np.int32)
+  return {"patches": geometry.gather_patches(pixels, canvas_hw, box, positions),
+          **_sequence_fields(positions, box, label)}
+
+
+def _sequence_fields(positions: np.ndarray, box: geometry.ImageBox,
+                     label: int) -> dict[str, np.ndarray]:
+  """What every ship mode's example carries beside its pixels.
+
+  Args:
+    positions: (T, 2) int32 canvas corners.
+    box: where the image lies on the canvas.
+    label: class index.
+
+  Returns:
+    {"positions" (T, 2) int32, "ratio" (T,) float32, "label" () int32,
+    "length" () int32}.
+  """
   return {
-      "patches": geometry.gather_patches(pixels, canvas_hw, box, positions),
       "positions": positions,
       "ratio": geometry.information_ratio(positions, box),
       "label": np.int32(label),
@@ -104,13 +120,8 @@ def make_canvas_example(pixels: np.ndarray, canvas_hw: tuple[int, int],
   geometry.check_glimpses(canvas_hw, box, positions)
   if pixels.shape[:2] != (box.height, box.width):
     raise ValueError(f"pixels {pixels.shape} do not match box {box}")
-  return {
-      "canvas": padded_canvas(pixels, box, padded_side),
-      "positions": positions,
-      "ratio": geometry.information_ratio(positions, box),
-      "label": np.int32(label),
-      "length": np.int32(len(positions)),
-  }
+  return {"canvas": padded_canvas(pixels, box, padded_side),
+          **_sequence_fields(positions, box, label)}
 
 
 def make_source_example(pixels: np.ndarray, plan: np.ndarray, canvas_hw: tuple[int, int],
@@ -138,16 +149,9 @@ def make_source_example(pixels: np.ndarray, plan: np.ndarray, canvas_hw: tuple[i
     raise ValueError(f"image {width}x{height} does not fit source_side={source_side}")
   positions = np.asarray(positions, np.int32)
   geometry.check_glimpses(canvas_hw, box, positions)
-  source = np.zeros((source_side, source_side, 3), np.uint8)
-  source[:height, :width] = pixels
-  return {
-      "source": source,
-      "plan": np.asarray(plan, np.float32),
-      "positions": positions,
-      "ratio": geometry.information_ratio(positions, box),
-      "label": np.int32(label),
-      "length": np.int32(len(positions)),
-  }
+  return {"source": padded_canvas(pixels, geometry.ImageBox(0, 0, height, width), source_side),
+          "plan": np.asarray(plan, np.float32),
+          **_sequence_fields(positions, box, label)}
 
 
 class Glimpses(NamedTuple):

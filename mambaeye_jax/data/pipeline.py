@@ -365,15 +365,24 @@ class TrainTransform(grain.transforms.RandomMap):
       return self._source_example(image, params, rng, record, key)
     pixels = augment.apply(image, params, rng, self._aug, self._cfg.transform_backend)
     canvas = params["canvas"]
-    box = augment.centred_box(canvas, pixels.shape[:2])
-    positions = scan_patterns.generate(self._pattern_name, rng,
-                                       (canvas, canvas), box,
-                                       _num_glimpses(rng, self._cfg))
+    box, positions = self._corners(rng, canvas, pixels.shape[:2])
     if self._cfg.ship == "canvas":
       return glimpses.make_canvas_example(pixels, (canvas, canvas), box, positions,
                                           int(record["label"]), self._cfg.canvas_max)
     return glimpses.make_example(pixels, (canvas, canvas), box, positions,
                                  int(record["label"]))
+
+  def _corners(self, rng: np.random.Generator, canvas: int, pixels_hw: tuple[int, int]
+               ) -> tuple[geometry.ImageBox, np.ndarray]:
+    """The transformed image's centred box on the canvas, and the glimpse
+    corners drawn over it (the last draws of a sample, in every ship mode).
+
+    Returns:
+      (box, positions (T, 2) int).
+    """
+    box = augment.centred_box(canvas, pixels_hw)
+    return box, scan_patterns.generate(self._pattern_name, rng, (canvas, canvas), box,
+                                       _num_glimpses(rng, self._cfg))
 
   def _source_example(self, image, params: dict[str, Any], rng: np.random.Generator,
                       record: Mapping[str, Any], key: str) -> dict[str, Any]:
@@ -389,9 +398,7 @@ class TrainTransform(grain.transforms.RandomMap):
     rw, rh = params["out_size"]
     erase = augment.erase_box(rng, rh, rw, self._aug) if params["erase"] else None
     canvas = params["canvas"]
-    box = augment.centred_box(canvas, (rh, rw))
-    positions = scan_patterns.generate(self._pattern_name, rng, (canvas, canvas), box,
-                                       _num_glimpses(rng, self._cfg))
+    box, positions = self._corners(rng, canvas, (rh, rw))
     return glimpses.make_source_example(
         pixels, source_plan.encode_plan(params, erase, (height, width)), (canvas, canvas),
         box, positions, int(record["label"]), side)

@@ -71,7 +71,8 @@ def test_canvas_batches_with_empty_rows():
                       for i in range(3)]
   (a,) = batching.batch_examples(examples["patches"], batch_size=5, seq_len=16)
   (b,) = batching.batch_examples(examples["canvas"], batch_size=5, seq_len=16,
-                                 canvas_size=cfg.canvas_max)
+                                 row_arrays=pipeline.row_arrays(
+                                     pipeline.DataConfig.from_any(cfg, ship="canvas")))
   assert not b["canvas"][3:].any() and not a["mask"][3:].any()
   assert not a["mask"][:3].all()  # Some padding steps in the real rows too.
   _assert_same_patches(a, b, cfg.canvas_max)
@@ -100,7 +101,8 @@ def test_ship_errors_are_clear():
   with pytest.raises(ValueError, match="ship='canvas'.*cannot pack"):
     pipeline.DataConfig(ship="canvas", packing=True)
   with pytest.raises(ValueError, match="packing is not supported"):
-    batching.BatchIterDataset(None, batch_size=2, seq_len=4, packing=True, canvas_size=32)
+    batching.BatchIterDataset(None, batch_size=2, seq_len=4, packing=True,
+                              row_arrays={"canvas": ((32, 32, 3), np.uint8)})
   c = conftest.fake_train_config(2)
   c.data.ship = "canvases"
   with pytest.raises(ValueError, match="ship='canvases' must be one of"):
@@ -117,7 +119,8 @@ def test_canvas_must_fit_the_padded_side():
   transform = pipeline.TrainTransform(pipeline.DataConfig.from_any(cfg, ship="canvas"))
   examples = [transform.random_map(pipeline.make_source(cfg)[0], np.random.default_rng(0))]
   with pytest.raises(ValueError, match="canvas .* is not"):
-    batching.batch_examples(examples, batch_size=1, seq_len=32, canvas_size=32)
+    batching.batch_examples(examples, batch_size=1, seq_len=32,
+                            row_arrays={"canvas": ((32, 32, 3), np.uint8)})
 
 
 def _losses(workdir) -> dict[int, float]:

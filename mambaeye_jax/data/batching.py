@@ -11,13 +11,12 @@ Output batch (b rows of L steps):
   (1, 2, 3... per sequence in its row, 0 on padding; always 1 when padded);
   plus NUM_SKIPPED_KEY () int32, the skip markers consumed for this batch,
   which `pipeline.GlimpseIterator` removes and adds to its counter.
-With canvas_size S > 0 (examples of `glimpses.make_canvas_example`),
-"patches" is replaced by "canvas" (b, S, S, 3) uint8, one image per row
-(zeros on empty rows); the steps' patches are gathered from it on the
-device (`train_step.batch_patches`), zero on padding steps as here. In
-general `row_arrays` names the per-row arrays that replace "patches" (their
-shapes and dtypes; canvas_size S is {"canvas": ((S, S, 3), uint8)}; ship
-"source" has "source" and "plan"): one example per row, zeros on empty rows.
+With `row_arrays` (name -> (shape of one row, dtype); `pipeline.row_arrays`
+gives a ship mode's), those per-row arrays replace "patches": one example
+per row, zeros on empty rows. Ship "canvas" has "canvas" (b, S, S, 3) uint8
+(examples of `glimpses.make_canvas_example`), ship "source" has "source" and
+"plan"; the steps' patches are gathered on the device
+(`train_step.batch_patches`), zero on padding steps as here.
 
 Padded mode puts one example per row. Packed mode fills rows greedily in
 stream order: an example that does not fit the rest of the row starts the
@@ -49,24 +48,14 @@ Example = dict[str, Any]
 RowArrays = Mapping[str, tuple[tuple[int, ...], Any]]
 
 
-def _row_arrays(canvas_size: int, row_arrays: RowArrays | None) -> dict:
-  """The per-row arrays of a batch: `row_arrays`, or canvas_size's canvas."""
-  if canvas_size and row_arrays:
-    raise ValueError("give canvas_size or row_arrays, not both")
-  if canvas_size:
-    return {"canvas": ((canvas_size, canvas_size, 3), np.uint8)}
-  return dict(row_arrays or {})
-
-
-def empty_batch(batch_size: int, seq_len: int, canvas_size: int = 0,
+def empty_batch(batch_size: int, seq_len: int,
                 row_arrays: RowArrays | None = None) -> dict[str, np.ndarray]:
   """An all-padding batch of the output contract: (b, L) rows of zeros.
 
-  canvas_size: S > 0 gives "canvas" (b, S, S, 3) instead of "patches"
-  (b, L, 768); row_arrays: those arrays (b, *shape) instead of "patches".
+  row_arrays: those arrays (b, *shape) instead of "patches" (b, L, 768).
   """
   b, L = batch_size, seq_len
-  rows = _row_arrays(canvas_size, row_arrays)
+  rows = dict(row_arrays or {})
   pixels = ({name: np.zeros((b, *shape), dtype) for name, (shape, dtype) in rows.items()}
             if rows else {"patches": np.zeros((b, L, geometry.PATCH_DIM), np.uint8)})
   return {
@@ -80,8 +69,8 @@ def empty_batch(batch_size: int, seq_len: int, canvas_size: int = 0,
 
 
 def rows_to_batch(rows: Sequence[Sequence[Example]], batch_size: int,
-                  seq_len: int, canvas_size: int = 0,
-                  row_arrays: RowArrays | None = None) -> dict[str, np.ndarray]:
+                  seq_len: int, row_arrays: RowArrays | None = None
+                  ) -> dict[str, np.ndarray]:
   """Lays out rows of examples into one batch.
 
   Args:
@@ -89,10 +78,8 @@ def rows_to_batch(rows: Sequence[Sequence[Example]], batch_size: int,
       sum to at most `seq_len`; missing rows are all padding.
     batch_size: b.
     seq_len: L.
-    canvas_size: 0 for examples with "patches"; S for examples with
-      "canvas" (S, S, 3) (one example per row).
-    row_arrays: instead of canvas_size, the examples' arrays that replace
-      "patches" (name -> (shape, dtype)), one example per row.
+    row_arrays: the examples' arrays that replace "patches" (name ->
+      (shape, dtype)), one example per row; None: examples with "patches".
 
   Returns:
     The batch dict of the module docstring (without NUM_SKIPPED_KEY).
@@ -103,7 +90,7 @@ def rows_to_batch(rows: Sequence[Sequence[Example]], batch_size: int,
   """
   if len(rows) > batch_size:
     raise ValueError(f"{len(rows)} rows for {batch_size=}")
-  per_row = _row_arrays(canvas_size, row_arrays)
+  per_row = dict(row_arrays or {})
   batch = empty_batch(batch_size, seq_len, row_arrays=per_row)
   for i, row in enumerate(rows):
     if per_row:
@@ -138,8 +125,7 @@ class BatchIterDataset(grain.IterDataset):
 
   def __init__(self, parent: grain.IterDataset, *, batch_size: int,
                seq_len: int, packing: bool = False,
-               drop_remainder: bool = True, canvas_size: int = 0,
-               row_arrays: RowArrays | None = None):
+               drop_remainder: bool = True, row_arrays: RowArrays | None = None):
     """Configures the batcher.
 
     Args:
@@ -149,12 +135,10 @@ class BatchIterDataset(grain.IterDataset):
       packing: several sequences per row (segment ids 1, 2, ...).
       drop_remainder: at the end of a finite input, drop the last partial
         batch (True) or pad it with empty rows (False).
-      canvas_size: 0 batches "patches"; S > 0 batches the examples'
-        "canvas" (S, S, 3) instead, one per row (no packing).
-      row_arrays: instead of canvas_size, the examples' arrays batched
-        instead of "patches" (name -> (shape, dtype)), one per row.
+      row_arrays: the examples' arrays batched instead of "patches" (name
+        -> (shape, dtype)), one per row (no packing); None: "patches".
     """
-    rows = _row_arrays(canvas_size, row_arrays)
+    rows = dict(row_arrays or {})
     if rows and packing:
       raise ValueError(f"{'/'.join(rows)} batches hold one image per row: packing is not "
                        "supported")
@@ -280,13 +264,12 @@ class _BatchIterator(grain.DatasetIterator):
 
 def batch_examples(examples: Iterable[Example], batch_size: int,
                    seq_len: int, packing: bool = False,
-                   drop_remainder: bool = False, canvas_size: int = 0,
-                   row_arrays: RowArrays | None = None
+                   drop_remainder: bool = False, row_arrays: RowArrays | None = None
                    ) -> list[dict[str, np.ndarray]]:
   """Convenience for tests and tools: batches a list of examples eagerly."""
   ds = BatchIterDataset(grain.MapDataset.source(list(examples))
                         .to_iter_dataset(),
                         batch_size=batch_size, seq_len=seq_len,
                         packing=packing, drop_remainder=drop_remainder,
-                        canvas_size=canvas_size, row_arrays=row_arrays)
+                        row_arrays=row_arrays)
   return list(ds)

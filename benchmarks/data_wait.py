@@ -6,8 +6,10 @@ Each `NAME=WORKDIR` is a train.py work directory (or its metrics.jsonl). Over
 the log windows after --from_step (the first windows hold compilation and
 the decoded-image cache), prints one row per run: the mean share of wall
 time spent waiting for batches (`perf/data_wait_fraction`), the mean step
-time and images/s, and the number of windows. Issue 12 asks for a data wait
-of at most 10% of the step.
+time and images/s, the prefetching thread's milliseconds per batch in Grain's
+iterator ("read ms") and in placing the batch on the devices ("put ms"),
+where the log has them, and the number of windows. Issue 12 asks for a data
+wait of at most 10% of the step.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from absl import flags
 from mambaeye_jax import cli
 
 KEYS = ("perf/data_wait_fraction", "perf/step_time_ms", "perf/images_per_sec")
+# Logged since the prefetcher timed its thread; "-" for older runs.
+THREAD_KEYS = ("perf/batch_read_ms", "perf/batch_put_ms")
 
 
 def load_windows(spec: str, from_step: int) -> tuple[str, list[dict]]:
@@ -37,10 +41,14 @@ def load_windows(spec: str, from_step: int) -> tuple[str, list[dict]]:
 
 def table(runs: dict[str, list[dict]]) -> str:
   """Markdown: a row per run, means over its windows."""
-  lines = ["| run | data wait | step ms | images/s | windows |", "|---|---|---|---|---|"]
+  lines = ["| run | data wait | step ms | images/s | read ms | put ms | windows |",
+           "|---|---|---|---|---|---|---|"]
   for name, rows in runs.items():
     wait, step_ms, rate = (statistics.fmean(r[k] for r in rows) for k in KEYS)
-    lines.append(f"| {name} | {100 * wait:.1f}% | {step_ms:.1f} | {rate:.0f} | {len(rows)} |")
+    thread = [f"{statistics.fmean(r[k] for r in rows):.1f}"
+              if all(k in r for r in rows) else "-" for k in THREAD_KEYS]
+    lines.append(f"| {name} | {100 * wait:.1f}% | {step_ms:.1f} | {rate:.0f} | "
+                 f"{' | '.join(thread)} | {len(rows)} |")
   return "\n".join(lines)
 
 

@@ -64,7 +64,8 @@ def test_smoke_config_trains_end_to_end(tmp_path):
   last = records[-1]
   for name in ("train/loss", "train/accuracy_at_4", "train/accuracy_last",
                "perf/images_per_sec", "perf/tokens_per_sec", "perf/step_time_ms",
-               "perf/data_wait_ms", "data/num_skipped"):
+               "perf/data_wait_ms", "perf/batch_read_ms", "perf/batch_put_ms",
+               "data/num_skipped"):
     assert name in last, name
   assert np.isfinite(last["train/loss"])
   assert os.listdir(workdir / "tb")  # TensorBoard events.
@@ -242,6 +243,11 @@ def test_prefetcher_keeps_order_and_checkpoints_the_consumed_position():
     # The thread has read further; the state is the loop's position.
     assert json.loads(ahead.get_state()) == {"index": 3}
     assert ahead.get_state() == plain.get_state()
+    # Timings of the batches read so far, then nothing until the next read.
+    timings = plain.take_timings()
+    assert sorted(timings) == ["perf/batch_put_ms", "perf/batch_read_ms"]
+    assert all(v >= 0 for v in timings.values())
+    assert plain.take_timings() == {}
   finally:
     plain.close()
     ahead.close()

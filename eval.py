@@ -242,12 +242,23 @@ def _main(args) -> int:
         f"{source.description}: {len(config.settings())} settings, "
         f"T={config.num_glimpses}, batch {config.batch_size}", file=sys.stderr)
   start = time.time()
-  results = eval_lib.evaluate(model, source, config)
   meta = {"checkpoint": args.checkpoint or args.workdir, "data": args.data,
           "examples": source.description,
           "dtype": model.config.dtype, "depth": model.config.depth,
-          "num_glimpses": config.num_glimpses, "seed": config.seed,
-          "wall_seconds_incl_compile": round(time.time() - start, 1)}
+          "num_glimpses": config.num_glimpses, "seed": config.seed}
+  num_settings = len(config.settings())
+
+  def write_partial(results_so_far):
+    # After each setting: a stopped grid keeps what it scored. The last
+    # write, below, replaces it (and draws the plots).
+    if jax.process_index() == 0:
+      eval_reports.write_reports(
+          results_so_far, config,
+          dict(meta, settings_done=f"{len(results_so_far)} of {num_settings}"),
+          output, plots=False)
+
+  results = eval_lib.evaluate(model, source, config, on_setting_done=write_partial)
+  meta["wall_seconds_incl_compile"] = round(time.time() - start, 1)
   if jax.process_index() != 0:
     return 0  # Multi-host: every process has the results; one writes them.
   paths = eval_reports.write_reports(results, config, meta, output,

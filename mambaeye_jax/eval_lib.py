@@ -38,7 +38,7 @@ import functools
 import logging
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -583,7 +583,9 @@ def select_examples(source, config: EvalConfig):
 
 
 def evaluate(model: nnx.Module, source, config: EvalConfig,
-             progress_stream=None) -> list[SettingResult]:
+             progress_stream=None,
+             on_setting_done: Callable[[list[SettingResult]], None] | None = None
+             ) -> list[SettingResult]:
   """Evaluates every setting of `config` on `source`.
 
   Args:
@@ -594,6 +596,9 @@ def evaluate(model: nnx.Module, source, config: EvalConfig,
       results' `predictions` / `labels` follow its order.
     progress_stream: where the progress line goes (stderr by default;
       False for none).
+    on_setting_done: called with the results so far after each setting but
+      the last (eval.py writes them, so a long grid that is stopped keeps
+      what it scored).
 
   Returns:
     One `SettingResult` per `config.settings()`, in that order.
@@ -618,6 +623,8 @@ def evaluate(model: nnx.Module, source, config: EvalConfig,
     for setting in settings:
       results.append(evaluate_setting(runner, pool, source, setting, config,
                                       progress))
+      if on_setting_done is not None and len(results) < len(settings):
+        on_setting_done(list(results))
   if progress is not None:
     progress.finish()
   return results

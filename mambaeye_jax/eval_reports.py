@@ -83,6 +83,8 @@ def write_reports(results: Sequence[Any], config: Any,
                   plots: bool = True) -> dict[str, str]:
   """Writes results.json, results.md and the PNG plots into output_dir.
 
+  `meta["settings_done"]`, where present, marks a partial report.
+
   Returns:
     {"json": path, "markdown": path, "resolution_plot": path,
     "glimpses_plot": path} (plots left out when `plots` is False or
@@ -92,10 +94,13 @@ def write_reports(results: Sequence[Any], config: Any,
   report = results_to_json(results, config, meta)
   paths = {"json": os.path.join(output_dir, "results.json"),
            "markdown": os.path.join(output_dir, "results.md")}
-  with open(paths["json"], "w") as f:
-    json.dump(report, f, indent=1)
-  with open(paths["markdown"], "w") as f:
-    f.write(markdown_report(report))
+  # Through a temporary file: a run stopped mid-write (eval.py rewrites the
+  # reports after every setting) leaves the previous complete report.
+  for path, text in ((paths["json"], json.dumps(report, indent=1)),
+                     (paths["markdown"], markdown_report(report))):
+    with open(path + ".tmp", "w") as f:
+      f.write(text)
+    os.replace(path + ".tmp", path)
   if plots and not plots_lib.available():
     logging.warning("no PNG plots: matplotlib is not installed "
                     "(pip install 'mambaeye-jax[plots]')")

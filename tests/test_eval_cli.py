@@ -63,6 +63,40 @@ def test_dataset_mode_writes_json_markdown_and_plots(model_dir, tmp_path, capsys
       assert im.format == "PNG"
 
 
+def test_a_stopped_grid_keeps_the_settings_it_scored(model_dir, tmp_path, capsys,
+                                                    monkeypatch):
+  from mambaeye_jax import eval_lib  # pylint: disable=g-import-not-at-top
+  real = eval_lib.evaluate_setting
+  calls = []
+
+  def stopped_at_the_third(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+      raise KeyboardInterrupt
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(eval_lib, "evaluate_setting", stopped_at_the_third)
+  out_dir = tmp_path / "out"
+  argv = ["--checkpoint", model_dir, "--data", "synthetic:4", "--canvas-sizes", "32,48",
+          "--scan", "random,hilbert", "--glimpses", "4", "--batch-size", "4",
+          "--workers", "0", "--no-plots", "--output", out_dir]
+  rc, _, err = run(capsys, *argv)
+  assert rc == 130 and "interrupted" in err
+  report = json.loads((out_dir / "results.json").read_text())
+  assert report["meta"]["settings_done"] == "2 of 4"
+  assert [(r["canvas_size"], r["scan"]) for r in report["results"]] == [
+      (32, "random"), (32, "hilbert")]
+  assert "| random | fit | 4 |" in (out_dir / "results.md").read_text()
+  assert not list(out_dir.glob("*.tmp"))
+  # The run that finishes replaces the partial report with the whole one.
+  monkeypatch.setattr(eval_lib, "evaluate_setting", real)
+  rc, _, err = run(capsys, *argv)
+  assert rc == 0, err
+  report = json.loads((out_dir / "results.json").read_text())
+  assert "settings_done" not in report["meta"] and len(report["results"]) == 4
+  assert report["meta"]["wall_seconds_incl_compile"] > 0
+
+
 def test_reference_flag_selects_the_pil_resampler(model_dir, tmp_path, capsys):
   # Synthetic images are 24..160 px, so canvas 48 shrinks some and enlarges
   # others: the two resamplers' accuracies may differ, their reports say which.

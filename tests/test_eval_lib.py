@@ -161,10 +161,15 @@ def test_max_examples_and_settings_order():
   settings = cfg.settings()
   assert [s.canvas_size for s in settings] == [32] * 4 + [48] * 4
   assert all(s.num_glimpses == T for s in settings)
+  done = []
   results = eval_lib.evaluate(GreyLevelModel(0), GreySource(8), cfg,
-                              progress_stream=False)
+                              progress_stream=False, on_setting_done=done.append)
   assert [r.setting for r in results] == settings
   assert all(r.num_examples == 3 for r in results)
+  # The results so far after every setting but the last, which the caller
+  # gets as the return value.
+  assert [len(d) for d in done] == list(range(1, len(settings)))
+  assert [r.setting for r in done[-1]] == settings[:-1]
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -43,6 +43,20 @@ def test_local_batch_size_rejects_uneven_batches():
     sharding.local_batch_size(12, eight)
 
 
+def test_global_batch_places_every_array_as_the_per_process_path_does():
+  import jax  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh()
+  local = {"source": np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3),
+           "labels": np.array([3, 7], np.int32), "mask": np.array([[True, False]] * 2)}
+  batch = sharding.global_batch(local, mesh)
+  want = sharding.batch_sharding(mesh)
+  for k, v in local.items():
+    per_process = jax.make_array_from_process_local_data(want, v)
+    assert batch[k].sharding == per_process.sharding == want, k
+    assert batch[k].dtype == v.dtype and batch[k].shape == v.shape, k
+    np.testing.assert_array_equal(np.asarray(batch[k]), np.asarray(per_process))
+
+
 def test_make_mesh_rejects_too_many_devices():
   import jax  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match="devices are visible"):

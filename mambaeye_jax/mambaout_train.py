@@ -128,6 +128,10 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.eval_canvases = MAMBAEYE_CANVASES
   c.eval_batch_size = 512
+  # Threads resizing the test images (PIL releases the GIL); 0: one a core.
+  # The training's read_threads are per worker process; the evaluation has
+  # no workers, and two threads took 26 s a canvas on an H100's host.
+  c.eval_read_threads = 0
   c.log_every_steps = 100
   c.num_devices = -1  # -1: every local device.
   return c
@@ -169,6 +173,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
            f"global_batch_size={config.global_batch_size} must be >= 1")
   _require(config.eval_batch_size >= 1,
            f"eval_batch_size={config.eval_batch_size} must be >= 1")
+  _require(config.eval_read_threads >= 0,
+           f"eval_read_threads={config.eval_read_threads} must be >= 0 (0: one a core)")
   _require(config.num_train_steps > 0 or config.num_epochs > 0,
            f"num_epochs={config.num_epochs} must be > 0 (or num_train_steps > 0)")
   _require(0.0 <= config.label_smoothing < 1.0,
@@ -694,7 +700,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   for canvas in config.eval_canvases:
     results.update(evaluate(model_config, params, test_source, (canvas,),
                             batch_size=config.eval_batch_size, resample=config.data.resample,
-                            read_threads=config.data.read_threads, mesh=mesh))
+                            read_threads=config.eval_read_threads or os.cpu_count() or 1,
+                            mesh=mesh))
     # After every canvas, so that an evaluation cut off (a time limit, a
     # lost machine) keeps the canvases it scored; each canvas compiles its
     # own step anyway, so one call per canvas costs nothing more.

@@ -71,6 +71,7 @@ def tiny_config(data_root: str = "", **overrides):
   c.data.read_threads = 2
   c.global_batch_size = 8
   c.eval_batch_size = 8
+  c.eval_read_threads = 2
   c.num_train_steps = 3
   c.optim.warmup_steps = 1
   c.log_every_steps = 2
@@ -204,6 +205,7 @@ def test_a_cut_off_evaluation_keeps_the_canvases_it_scored(data_root, tmp_path, 
 @pytest.mark.parametrize("field, value, message", [
     ("global_batch_size", 0, "global_batch_size=0 must be >= 1"),
     ("label_smoothing", 1.0, r"label_smoothing=1.0 must be in \[0, 1\)"),
+    ("eval_read_threads", -1, r"eval_read_threads=-1 must be >= 0 \(0: one a core\)"),
     ("eval_canvases", (32, 0), "eval_canvases"),
     ("data.resample", "cubic", "data.resample='cubic' must be one of"),
     ("data.crop_padding", -1, "data.crop_padding=-1 must be >= 0"),

@@ -286,3 +286,23 @@ def test_finished_run_rerun_says_where_the_model_is(tmp_path, capsys, caplog):
   with caplog.at_level(logging.WARNING):
     work_dir.restore_model(str(tmp_path))
   assert "read only" not in caplog.text and "read_only" not in caplog.text
+
+
+@pytest.mark.parametrize("name, arg", [
+    ("cifar10", "/data"), ("cifar10_light", "/data"),
+    ("mambaeye_tiny_i1k", "tfds"), ("mambaeye_small_i1k", "tfds"),
+    ("mambaeye_base_i1k", "tfds"), ("synthetic", ""), ("smoke", "")])
+def test_shipped_configs_validate_and_build_their_pipeline_config(name, arg):
+  import importlib  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f"configs.{name}").get_config(arg)
+  train_lib.validate_config(config)
+  data = train_data.data_config_from(config, local_batch_size=8)
+  if data is not None:
+    # Every augment override reaches the transform's (validated) parameters.
+    from mambaeye_jax.data import augment  # pylint: disable=g-import-not-at-top
+    params = augment.AugmentConfig(**dict(data.augment))
+    for field, value in config.data.augment.items():
+      assert getattr(params, field) == (tuple(value) if isinstance(value, list) else value)
+  if name == "cifar10_light":
+    assert config.data.augment.erase_prob == 0.0 and config.data.augment.crop_prob == 0.5
+    assert config.data.worker_count == 10

@@ -29,15 +29,16 @@ gradient clip 1.0, linear warm-up 2 epochs then cosine to 0, global batch
 2.1e14 FLOP: seconds of H100 compute; the step rate at batch 256 and
 32x32 (kernel launches, not FLOPs) and the data workers decide the time.
 
-Hardware and time: meant for one H100 (16 CPU cores, 12 data workers)
-within 10 minutes, the same budget as MambaEye's CIFAR runs. NOT measured
-yet: no GPU was available when this was written; the first run must check
-the time and raise `data.worker_count` if the progress line's data wait is
-high. If Femto cannot reach a useful accuracy in the budget, pico
-(`--config.model.depths='(2,2,4,2)' --config.model.widths='(32,64,128,192)'`)
-is the smaller fallback.
+Hardware and time (2026-12-06, one H100, 16 CPU cores, 12 data workers):
+171.2 s of training, the 73 s first step (compilation, decoded-image cache)
+included; 14-21 ms steps, data wait 6-9%. Last log line: "step 5859/5859
+(100.0%) | loss 0.2499 | acc 90.9% | 14713 img/s | 17.4 ms/step | data
+wait 6%" (accuracy on the augmented training batches).
 
-Result: not measured.
+Result: top-1 83.48% at canvas 32 (8,348 of the 10,000 test images). The
+other canvases were not measured: the device call's time ran out during
+the evaluation (canvas 32 took 26 s, compilation included, with two
+threads resizing; the evaluation now uses one a core, `eval_read_threads`).
 """
 
 import os

@@ -7,8 +7,10 @@ the log windows after --from_step (the first windows hold compilation and
 the decoded-image cache), prints one row per run: the mean share of wall
 time spent waiting for batches (`perf/data_wait_fraction`), the mean step
 time and images/s, the prefetching thread's milliseconds per batch in Grain's
-iterator ("read ms") and in placing the batch on the devices ("put ms"),
-where the log has them, and the number of windows. Issue 12 asks for a data
+iterator ("read ms") and in placing the batch on the devices ("put ms"), the
+share of batches the loop asked for before one was ready ("not ready": the
+pipeline behind; a wait for a ready batch is the loop's thread waiting for
+its turn), where the log has them, and the number of windows. Issue 12 asks for a data
 wait of at most 10% of the step.
 """
 
@@ -23,7 +25,7 @@ from mambaeye_jax import cli
 
 KEYS = ("perf/data_wait_fraction", "perf/step_time_ms", "perf/images_per_sec")
 # Logged since the prefetcher timed its thread; "-" for older runs.
-THREAD_KEYS = ("perf/batch_read_ms", "perf/batch_put_ms")
+THREAD_KEYS = ("perf/batch_read_ms", "perf/batch_put_ms", "perf/batch_not_ready_fraction")
 
 
 def load_windows(spec: str, from_step: int) -> tuple[str, list[dict]]:
@@ -41,12 +43,17 @@ def load_windows(spec: str, from_step: int) -> tuple[str, list[dict]]:
 
 def table(runs: dict[str, list[dict]]) -> str:
   """Markdown: a row per run, means over its windows."""
-  lines = ["| run | data wait | step ms | images/s | read ms | put ms | windows |",
-           "|---|---|---|---|---|---|---|"]
+  lines = ["| run | data wait | step ms | images/s | read ms | put ms | not ready | windows |",
+           "|---|---|---|---|---|---|---|---|"]
   for name, rows in runs.items():
     wait, step_ms, rate = (statistics.fmean(r[k] for r in rows) for k in KEYS)
-    thread = [f"{statistics.fmean(r[k] for r in rows):.1f}"
-              if all(k in r for r in rows) else "-" for k in THREAD_KEYS]
+    thread = []
+    for k in THREAD_KEYS:
+      if not all(k in r for r in rows):
+        thread.append("-")
+        continue
+      mean = statistics.fmean(r[k] for r in rows)
+      thread.append(f"{100 * mean:.1f}%" if k.endswith("fraction") else f"{mean:.1f}")
     lines.append(f"| {name} | {100 * wait:.1f}% | {step_ms:.1f} | {rate:.0f} | "
                  f"{' | '.join(thread)} | {len(rows)} |")
   return "\n".join(lines)

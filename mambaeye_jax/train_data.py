@@ -215,9 +215,10 @@ class BatchPrefetcher:
     self._queue = queue.Queue(maxsize=max(depth, 1))
     self._stop = threading.Event()
     # Seconds that the batches taken since the last take_timings() spent in
-    # next(iterator) and in the host-to-device placement, and their count:
-    # which side of the prefetcher a data wait comes from.
-    self._timings = [0.0, 0.0, 0]
+    # next(iterator) and in the host-to-device placement, their count, and
+    # how many of them the loop asked for while none was ready: which side
+    # of the prefetcher a data wait comes from.
+    self._timings = [0.0, 0.0, 0, 0]
     self._thread = None
     if depth > 0:
       self._thread = threading.Thread(target=self._fill, name="batch_prefetch", daemon=True)
@@ -238,13 +239,17 @@ class BatchPrefetcher:
       perf/batch_read_ms: in next(iterator) (Grain: the workers' batches
         reaching this process), perf/batch_put_ms: placing them on the
         mesh. Wall time of the reading thread, so both include waiting for
-        the GIL. Empty when no batch was taken.
+        the GIL. perf/batch_not_ready_fraction: of the batches taken, those
+        the loop asked for while none was ready (with prefetching; a wait
+        for a batch that was ready is the loop's thread waiting for its
+        turn, not the pipeline). Empty when no batch was taken.
     """
-    read, put, n = self._timings
-    self._timings = [0.0, 0.0, 0]
+    read, put, n, not_ready = self._timings
+    self._timings = [0.0, 0.0, 0, 0]
     if not n:
       return {}
-    return {"perf/batch_read_ms": 1000.0 * read / n, "perf/batch_put_ms": 1000.0 * put / n}
+    return {"perf/batch_read_ms": 1000.0 * read / n, "perf/batch_put_ms": 1000.0 * put / n,
+            "perf/batch_not_ready_fraction": not_ready / n}
 
   def _fill(self):
     while not self._stop.is_set():
@@ -267,16 +272,19 @@ class BatchPrefetcher:
     return self
 
   def __next__(self):
+    not_ready = False
     if self._thread is None:
       item = self._read()
     else:
+      not_ready = self._queue.empty()
       item = self._queue.get()
       if item is self._DONE:
         raise StopIteration
       if isinstance(item, Exception):
         raise item
     local, batch, self._state, (read, put) = item
-    self._timings = [self._timings[0] + read, self._timings[1] + put, self._timings[2] + 1]
+    t = self._timings
+    self._timings = [t[0] + read, t[1] + put, t[2] + 1, t[3] + not_ready]
     return local, batch
 
   def get_state(self) -> bytes:

@@ -29,20 +29,21 @@ def test_means_over_the_windows_after_from_step(tmp_path):
   out = data_wait.main([f"patches={tmp_path / 'a'}", f"canvas={tmp_path / 'b' / 'metrics.jsonl'}",
                         "--from_step", "500"])
   lines = out.splitlines()
-  assert lines[2] == "| patches | 40.0% | 24.0 | 10000 | - | - | 2 |"
-  assert lines[3] == "| canvas | 5.0% | 16.0 | 16000 | - | - | 1 |"
+  assert lines[2] == "| patches | 40.0% | 24.0 | 10000 | - | - | - | 2 |"
+  assert lines[3] == "| canvas | 5.0% | 16.0 | 16000 | - | - | - | 1 |"
 
 
 def test_reading_thread_columns_when_every_window_has_them(tmp_path):
-  timed = [dict(_window(600, 0.1, 18.0, 14000.0), **{"perf/batch_read_ms": 12.0,
-                                                     "perf/batch_put_ms": 1.0}),
-           dict(_window(700, 0.1, 18.0, 14000.0), **{"perf/batch_read_ms": 16.0,
-                                                     "perf/batch_put_ms": 2.0})]
-  _write_metrics(tmp_path / "a", timed)
-  _write_metrics(tmp_path / "b", timed[:1] + [_window(700, 0.1, 18.0, 14000.0)])
+  def timed(step, read, put, not_ready):
+    return dict(_window(step, 0.1, 18.0, 14000.0), **{
+        "perf/batch_read_ms": read, "perf/batch_put_ms": put,
+        "perf/batch_not_ready_fraction": not_ready})
+
+  _write_metrics(tmp_path / "a", [timed(600, 12.0, 1.0, 0.0), timed(700, 16.0, 2.0, 0.5)])
+  _write_metrics(tmp_path / "b", [timed(600, 12.0, 1.0, 0.0), _window(700, 0.1, 18.0, 14000.0)])
   lines = data_wait.main([f"new={tmp_path / 'a'}", f"mixed={tmp_path / 'b'}"]).splitlines()
-  assert lines[2] == "| new | 10.0% | 18.0 | 14000 | 14.0 | 1.5 | 2 |"
-  assert lines[3] == "| mixed | 10.0% | 18.0 | 14000 | - | - | 2 |"
+  assert lines[2] == "| new | 10.0% | 18.0 | 14000 | 14.0 | 1.5 | 25.0% | 2 |"
+  assert lines[3] == "| mixed | 10.0% | 18.0 | 14000 | - | - | - | 2 |"
 
 
 def test_bad_runs_name_the_problem(tmp_path):

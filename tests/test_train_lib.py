@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import conftest
 import jax
@@ -245,12 +246,36 @@ def test_prefetcher_keeps_order_and_checkpoints_the_consumed_position():
     assert ahead.get_state() == plain.get_state()
     # Timings of the batches read so far, then nothing until the next read.
     timings = plain.take_timings()
-    assert sorted(timings) == ["perf/batch_put_ms", "perf/batch_read_ms"]
+    assert sorted(timings) == ["perf/batch_not_ready_fraction", "perf/batch_put_ms",
+                               "perf/batch_read_ms"]
     assert all(v >= 0 for v in timings.values())
+    assert timings["perf/batch_not_ready_fraction"] == 0.0  # Nothing prefetched.
     assert plain.take_timings() == {}
+    # Asked for after the thread has filled the queue: every batch was ready.
+    deadline = time.monotonic() + 10
+    while not ahead._queue.full() and time.monotonic() < deadline:  # pylint: disable=protected-access
+      time.sleep(0.01)
+    ahead.take_timings()
+    next(ahead)
+    assert ahead.take_timings()["perf/batch_not_ready_fraction"] == 0.0
   finally:
     plain.close()
     ahead.close()
+
+  class Slow(train_data.FakeBatches):
+    def __next__(self):
+      time.sleep(0.2)
+      return super().__next__()
+
+  # Asked for before the thread could read anything: not ready.
+  slow = train_data.BatchPrefetcher(Slow(2, 4, 3), mesh, depth=2)
+  try:
+    next(slow)
+    timings = slow.take_timings()
+    assert timings["perf/batch_not_ready_fraction"] == 1.0
+    assert timings["perf/batch_read_ms"] >= 150
+  finally:
+    slow.close()
 
   class Broken:
     def __next__(self):

@@ -6,12 +6,12 @@ Each `NAME=WORKDIR` is a train.py work directory (or its metrics.jsonl). Over
 the log windows after --from_step (the first windows hold compilation and
 the decoded-image cache), prints one row per run: the mean share of wall
 time spent waiting for batches (`perf/data_wait_fraction`), the mean step
-time and images/s, the prefetching thread's milliseconds per batch in Grain's
-iterator ("read ms") and in placing the batch on the devices ("put ms"), the
-share of batches the loop asked for before one was ready ("not ready": the
-pipeline behind; a wait for a ready batch is the loop's thread waiting for
-its turn), where the log has them, and the number of windows. Issue 12 asks for a data
-wait of at most 10% of the step.
+time and images/s, the prefetching thread's milliseconds per batch in
+Grain's iterator ("read ms") and in placing the batch on the devices ("put
+ms"), the share of batches the loop asked for before one was ready ("not
+ready": the pipeline behind; a wait for a ready batch is the loop's thread
+waiting for its turn), where the log has them, and the number of windows.
+Issue 12 asks for a data wait of at most 10% of the step.
 """
 
 from __future__ import annotations

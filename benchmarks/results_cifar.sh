@@ -2,7 +2,8 @@
 # Issue 12's CIFAR-10 results on one GPU machine, stage by stage (each stage
 # fits one 10-minute device call; docs/RESULTS.md quotes what they print).
 #
-#   bash benchmarks/results_cifar.sh recipe     # configs/cifar10.py as it is (~490 s)
+#   bash benchmarks/results_cifar.sh recipe     # configs/cifar10.py as it is (~345 s on an H100)
+#   bash benchmarks/results_cifar.sh light      # configs/cifar10_light.py (~321 s), then its 2,000-image table
 #   bash benchmarks/results_cifar.sh grid       # the recipe's model: 7 canvases x 4 scans x T to 1024
 #   bash benchmarks/results_cifar.sh ablation   # the loss ablation at the 10-epoch budget, seed 0
 #   bash benchmarks/results_cifar.sh mambaout   # configs/cifar10_mambaout.py: train, then every canvas
@@ -20,12 +21,19 @@ source "$(dirname "$0")/cifar_env.sh"
 WORKERS=${WORKERS:-$(( $(nproc) - 1 ))}
 quiet() { grep --line-buffered -v -E "absl|^[IW][0-9]{4} "; }
 
-stage=${1:?usage: results_cifar.sh recipe | grid | ablation | mambaout | datawait}
+stage=${1:?usage: results_cifar.sh recipe | light | grid | ablation | mambaout | datawait}
 start=$(date +%s)
 case "$stage" in
   recipe)
     "$PYTHON" -u train.py --config "configs/cifar10.py:$DATA" --workdir "$RUNS/cifar10" \
       2>&1 | quiet | tee "$LOGS/recipe.log"
+    ;;
+  light)
+    "$PYTHON" -u train.py --config "configs/cifar10_light.py:$DATA" --workdir "$RUNS/cifar10_light" \
+      2>&1 | quiet | tee "$LOGS/light.log"
+    "$PYTHON" -u eval.py --checkpoint "$RUNS/cifar10_light/model" --data "$DATA/cifar10/test" \
+      --canvas-sizes 32,64,128,256 --glimpses 16,64,128,256 --max-examples 2000 \
+      --workers "$WORKERS" --output "$LOGS/light_eval" --no-plots 2>&1 | quiet | tail -14
     ;;
   grid)
     if [ -n "${MODEL:-}" ]; then model=(--checkpoint "$MODEL"); else model=(--workdir "$RUNS/cifar10"); fi

@@ -31,19 +31,45 @@ def _figure(width: float = 7.0, height: float = 4.5):
   return fig
 
 
+LINE_STYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def resolution_line_styles(lines) -> dict[tuple[str, str, int], dict[str, Any]]:
+  """matplotlib plot() styles per (scan, resize, glimpses) line.
+
+  The colour says the glimpse count (viridis, fewest dark); the line style
+  and marker the scan and resize. One colour cycle over a grid's 20-odd
+  lines would give different settings the same colour.
+  """
+  from matplotlib import colormaps  # pylint: disable=g-import-not-at-top
+  counts = sorted({g for _, _, g in lines})
+  orders = sorted({(scan, resize) for scan, resize, _ in lines})
+  cmap = colormaps["viridis"]
+  styles = {}
+  for scan, resize, g in lines:
+    i = orders.index((scan, resize))
+    shade = counts.index(g) / max(len(counts) - 1, 1)
+    styles[(scan, resize, g)] = {"color": cmap(0.9 * shade),
+                                 "linestyle": LINE_STYLES[i % len(LINE_STYLES)],
+                                 "marker": MARKERS[i % len(MARKERS)]}
+  return styles
+
+
 def accuracy_vs_resolution(report: Mapping[str, Any], path: str) -> str:
   """Top-1 accuracy (%) against canvas side: one line per (scan, resize,
-  glimpse count). Returns `path`."""
+  glimpse count), coloured by glimpse count. Returns `path`."""
   lines: dict[tuple[str, str, int], dict[int, float]] = {}
   for r in report["results"]:
     for g, acc in r["top1"].items():
       lines.setdefault((r["scan"], r["resize"], int(g)), {})[r["canvas_size"]] = acc
   fig = _figure()
   ax = fig.add_subplot(1, 1, 1)
+  styles = resolution_line_styles(lines)
   for (scan, resize, g), points in sorted(lines.items()):
     sizes = sorted(points)
-    ax.plot(sizes, [100.0 * points[s] for s in sizes], marker="o",
-            label=f"{scan}, {resize}, T={g}")
+    ax.plot(sizes, [100.0 * points[s] for s in sizes], markersize=4,
+            label=f"{scan}, {resize}, T={g}", **styles[(scan, resize, g)])
   ax.set_xlabel("canvas side (pixels)")
   ax.set_ylabel("top-1 accuracy (%)")
   ax.set_title("Accuracy versus resolution")

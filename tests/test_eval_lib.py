@@ -234,6 +234,19 @@ def test_reports_and_plots(tmp_path):
       assert im.format == "PNG" and im.size[0] > 100
 
 
+def test_resolution_lines_differ_in_colour_or_style():
+  from mambaeye_jax import plots  # pylint: disable=g-import-not-at-top
+  lines = [(scan, "fit", g) for scan in ("random", "spiral", "hilbert", "horizontal_raster")
+           for g in (16, 32, 64, 128, 256, 512, 1024)]
+  styles = plots.resolution_line_styles(lines)
+  keys = {(str(v["color"]), v["linestyle"], v["marker"]) for v in styles.values()}
+  assert len(keys) == len(lines)  # No two lines look alike.
+  # One colour per glimpse count, one style per scan.
+  assert len({str(styles[("random", "fit", g)]["color"]) for g in (16, 1024)}) == 2
+  assert styles[("random", "fit", 16)]["color"] == styles[("spiral", "fit", 16)]["color"]
+  assert styles[("random", "fit", 16)]["linestyle"] != styles[("spiral", "fit", 16)]["linestyle"]
+
+
 def test_progress_line():
   stream = io.StringIO()
   progress = progress_lib.Progress(100, stream, interval=0.0)

@@ -229,6 +229,16 @@ def test_random_patterns_are_deterministic_per_rng(name):
   assert not np.array_equal(a, c)
 
 
+@pytest.mark.parametrize("name", [n for n in sp.names() if n != "train"])
+def test_the_first_glimpses_do_not_depend_on_the_glimpse_count(name):
+  # An evaluation scores every glimpse count of a run on one sequence of
+  # the longest: the score at k must not change with that longest count.
+  canvas_hw, box = (128, 96), ImageBox(10, 20, 100, 60)
+  longest = _positions(name, canvas_hw, box, 1024, seed=5)
+  for k in (1, 16, 100):
+    np.testing.assert_array_equal(_positions(name, canvas_hw, box, k, seed=5), longest[:k])
+
+
 @pytest.mark.parametrize("name", GRID_PATTERNS)
 def test_grid_patterns_ignore_the_rng(name):
   canvas_hw, box = (128, 96), ImageBox(10, 20, 100, 60)

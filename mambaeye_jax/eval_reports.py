@@ -14,6 +14,7 @@ import logging
 import os
 from typing import Any, Mapping, Sequence
 
+from mambaeye_jax import files
 from mambaeye_jax import plots as plots_lib
 
 
@@ -94,13 +95,10 @@ def write_reports(results: Sequence[Any], config: Any,
   report = results_to_json(results, config, meta)
   paths = {"json": os.path.join(output_dir, "results.json"),
            "markdown": os.path.join(output_dir, "results.md")}
-  # Through a temporary file: a run stopped mid-write (eval.py rewrites the
-  # reports after every setting) leaves the previous complete report.
-  for path, text in ((paths["json"], json.dumps(report, indent=1)),
-                     (paths["markdown"], markdown_report(report))):
-    with open(path + ".tmp", "w") as f:
-      f.write(text)
-    os.replace(path + ".tmp", path)
+  # eval.py rewrites the reports after every setting: a run stopped
+  # mid-write keeps the previous complete report.
+  files.write_atomically(paths["json"], json.dumps(report, indent=1))
+  files.write_atomically(paths["markdown"], markdown_report(report))
   if plots and not plots_lib.available():
     logging.warning("no PNG plots: matplotlib is not installed "
                     "(pip install 'mambaeye-jax[plots]')")

@@ -65,6 +65,7 @@ from ml_collections import config_flags
 from PIL import Image
 
 from mambaeye_jax import config_fields as config_fields_lib
+from mambaeye_jax import files
 from mambaeye_jax import mambaout
 from mambaeye_jax import metrics as metrics_lib
 from mambaeye_jax import optim
@@ -450,10 +451,8 @@ def save_params(workdir: str, config: mambaout.MambaOutConfig, params) -> str:
   """Writes params.msgpack (flax serialization) and model_config.json; the params path."""
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, PARAMS_FILE)
-  with open(path + ".tmp", "wb") as f:
-    f.write(serialization.msgpack_serialize(
-        serialization.to_state_dict(sharding_lib.to_host(params))))
-  os.replace(path + ".tmp", path)  # A crash mid-write leaves no half file.
+  files.write_atomically(path, serialization.msgpack_serialize(
+      serialization.to_state_dict(sharding_lib.to_host(params))))
   with open(os.path.join(workdir, MODEL_CONFIG_FILE), "w") as f:
     json.dump(dataclasses.asdict(config), f, indent=2)
   return path
@@ -655,14 +654,15 @@ def write_results(workdir: str, config: ml_collections.ConfigDict,
          "test_path": config.data.test_path, "train": dict(train_summary or {}),
          "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
          "eval": {str(c): dict(r) for c, r in sorted(results.items())}}
-  with open(os.path.join(workdir, RESULTS_FILE), "w") as f:
-    json.dump(doc, f, indent=2)
+  # Rewritten after every canvas: a run stopped mid-write keeps the last
+  # complete files.
+  files.write_atomically(os.path.join(workdir, RESULTS_FILE), json.dumps(doc, indent=2))
   title = (f"MambaOut {model_config.depths} x {model_config.widths}, trained at "
            f"{config.data.image_size}x{config.data.image_size}; top-1 % on "
            f"{config.data.test_path or 'the test set'}, each image fit ({config.data.resample}) "
            "to the canvas\n\n")
-  with open(os.path.join(workdir, RESULTS_TABLE_FILE), "w") as f:
-    f.write(title + results_table(results, config.data.image_size))
+  files.write_atomically(os.path.join(workdir, RESULTS_TABLE_FILE),
+                         title + results_table(results, config.data.image_size))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,

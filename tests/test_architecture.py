@@ -33,7 +33,7 @@ PACKAGES = ("mambaeye_jax", "kernels", "configs")
 # layer of the longest prefix that names it.
 LAYERS = (
     # Plain Python used by every layer above (no project imports).
-    ("base", ("mambaeye_jax.progress", "mambaeye_jax.cli")),
+    ("base", ("mambaeye_jax.progress", "mambaeye_jax.cli", "mambaeye_jax.files")),
     ("ops", ("kernels",)),
     ("data", ("mambaeye_jax.data",)),
     ("model", ("mambaeye_jax.glimpse", "mambaeye_jax.device_augment", "mambaeye_jax.layers",

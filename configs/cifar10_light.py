@@ -45,8 +45,9 @@ point):
 
 Against configs/cifar10.py: 8 to 9 points higher at canvases 32 to 64
 (73.59 against 65.48 at canvas 64, 128 glimpses), 7 lower at canvas 256
-(4x). The official chain's perspective and crops show the model
-more scales; without them it reads enlarged images worse.
+(4x). Most likely the official chain's perspective and crops show the
+model more scales, and without them it reads enlarged images worse (one
+run each).
 """
 
 from configs import cifar10

@@ -299,8 +299,7 @@ def test_shipped_configs_validate_and_build_their_pipeline_config(name, arg):
   data = train_data.data_config_from(config, local_batch_size=8)
   if data is not None:
     # Every augment override reaches the transform's (validated) parameters.
-    from mambaeye_jax.data import augment  # pylint: disable=g-import-not-at-top
-    params = augment.AugmentConfig(**dict(data.augment))
+    params = data.augment_config()
     for field, value in config.data.augment.items():
       assert getattr(params, field) == (tuple(value) if isinstance(value, list) else value)
   if name == "cifar10_light":

@@ -1,8 +1,9 @@
-"""PNG plots of an evaluation report (matplotlib Agg, no pyplot state).
+"""PNG plots of evaluation reports (matplotlib Agg, no pyplot state).
 
-Every function takes the report dict of `eval_reports.results_to_json`:
+The report functions take the dict of `eval_reports.results_to_json`:
 {"results": [{"canvas_size", "resize", "scan", "num_glimpses", "top1":
-{glimpses: accuracy}, "top1_curve": [T accuracies], ...}]}. matplotlib is
+{glimpses: accuracy}, "top1_curve": [T accuracies], ...}]};
+`models_vs_canvas` takes plain {canvas: accuracy} series. matplotlib is
 imported inside them, so importing this module costs nothing, and it is
 optional (the "plots" extra): `available()` says whether it is installed.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import itertools
 from typing import Any, Mapping
 
 import numpy as np
@@ -31,79 +33,109 @@ def _figure(width: float = 7.0, height: float = 4.5):
   return fig
 
 
-LINE_STYLES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D", "v", "P")
+LEGEND_WIDTH = 1.5  # inches right of the panels for the figure's one legend
 
 
-def resolution_line_styles(lines) -> dict[tuple[str, str, int], dict[str, Any]]:
-  """matplotlib plot() styles per (scan, resize, glimpses) line.
+def sequential_colours(values, cmap: str = "viridis") -> dict[Any, Any]:
+  """{value: colour} along a sequential colour map, the smallest darkest.
 
-  The colour says the glimpse count (viridis, fewest dark); the line style
-  and marker the scan and resize. One colour cycle over a grid's 20-odd
-  lines would give different settings the same colour.
+  Glimpse counts or canvas sides read as an order: a sequential map shows
+  it, where a cycle of unrelated colours would not.
   """
   from matplotlib import colormaps  # pylint: disable=g-import-not-at-top
-  counts = sorted({g for _, _, g in lines})
-  orders = sorted({(scan, resize) for scan, resize, _ in lines})
-  cmap = colormaps["viridis"]
-  styles = {}
-  for scan, resize, g in lines:
-    i = orders.index((scan, resize))
-    shade = counts.index(g) / max(len(counts) - 1, 1)
-    styles[(scan, resize, g)] = {"color": cmap(0.9 * shade),
-                                 "linestyle": LINE_STYLES[i % len(LINE_STYLES)],
-                                 "marker": MARKERS[i % len(MARKERS)]}
-  return styles
+  ordered = sorted(set(values))
+  colours = colormaps[cmap]
+  return {v: colours(0.9 * i / max(len(ordered) - 1, 1)) for i, v in enumerate(ordered)}
+
+
+def scan_settings(report: Mapping[str, Any]) -> list[tuple[str, str]]:
+  """The report's (scan, resize) pairs in the order it ran them."""
+  return list(dict.fromkeys((r["scan"], r["resize"]) for r in report["results"]))
+
+
+def _panels(count: int, panel_width: float = 3.4, panel_height: float = 3.2):
+  """(figure, axes): `count` panels, at most four a row, sharing the y axis,
+  with room on the right for one legend."""
+  cols = min(count, 4)
+  rows = -(-count // cols)
+  fig = _figure(width=panel_width * cols + LEGEND_WIDTH, height=panel_height * rows + 0.5)
+  axes = []
+  for i in range(count):
+    axes.append(fig.add_subplot(rows, cols, i + 1, sharey=axes[0] if axes else None))
+  return fig, axes
+
+
+def _finish(fig, axes, legend_title: str, title: str, path: str) -> str:
+  """One legend for all panels (the first panel's lines), the title, the PNG."""
+  handles, labels = axes[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="center right", title=legend_title, fontsize=8,
+             title_fontsize=8)
+  fig.suptitle(title)
+  width = fig.get_figwidth()
+  fig.tight_layout(rect=(0.0, 0.0, 1.0 - LEGEND_WIDTH / width, 1.0))
+  fig.savefig(path, dpi=100)
+  return path
 
 
 def accuracy_vs_resolution(report: Mapping[str, Any], path: str) -> str:
-  """Top-1 accuracy (%) against canvas side: one line per (scan, resize,
-  glimpse count), coloured by glimpse count. Returns `path`."""
-  lines: dict[tuple[str, str, int], dict[int, float]] = {}
+  """Top-1 accuracy (%) against canvas side, one panel per (scan, resize).
+
+  In each panel one line per glimpse count, coloured by it (viridis, the
+  fewest darkest); the x axis is logarithmic with a tick at every canvas.
+  Returns `path`.
+  """
+  points: dict[tuple[str, str, int], dict[int, float]] = {}
   for r in report["results"]:
     for g, acc in r["top1"].items():
-      lines.setdefault((r["scan"], r["resize"], int(g)), {})[r["canvas_size"]] = acc
-  fig = _figure()
-  ax = fig.add_subplot(1, 1, 1)
-  styles = resolution_line_styles(lines)
-  for (scan, resize, g), points in sorted(lines.items()):
-    sizes = sorted(points)
-    ax.plot(sizes, [100.0 * points[s] for s in sizes], markersize=4,
-            label=f"{scan}, {resize}, T={g}", **styles[(scan, resize, g)])
-  ax.set_xlabel("canvas side (pixels)")
-  ax.set_ylabel("top-1 accuracy (%)")
-  ax.set_title("Accuracy versus resolution")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  return path
+      points.setdefault((r["scan"], r["resize"], int(g)), {})[r["canvas_size"]] = acc
+  colours = sequential_colours(g for _, _, g in points)
+  canvases = sorted({r["canvas_size"] for r in report["results"]})
+  settings = scan_settings(report)
+  fig, axes = _panels(len(settings))
+  for ax, (scan, resize) in zip(axes, settings):
+    for g in sorted(colours):
+      line = points.get((scan, resize, g))
+      if line:
+        sizes = sorted(line)
+        ax.plot(sizes, [100.0 * line[s] for s in sizes], marker="o", markersize=3,
+                color=colours[g], label=str(g))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(canvases, [str(c) for c in canvases], fontsize=7)
+    ax.minorticks_off()
+    ax.set_xlabel("canvas side (pixels)")
+    ax.set_title(f"{scan}, {resize}", fontsize=9)
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel("top-1 accuracy (%)")
+  return _finish(fig, axes, "glimpses", "Accuracy versus resolution", path)
 
 
 def accuracy_vs_glimpses(report: Mapping[str, Any], path: str) -> str:
-  """Top-1 accuracy (%) after each glimpse (log x axis), one curve per
-  (canvas, resize, scan), dots at the reported glimpse counts. Returns
-  `path`."""
-  fig = _figure()
-  ax = fig.add_subplot(1, 1, 1)
-  for r in report["results"]:
-    curve = 100.0 * np.asarray(r["top1_curve"], np.float64)
-    # Log-spaced steps: on a log axis thousands of late steps would pile up
-    # into a solid band; the full curve is in the JSON.
-    steps = np.unique(np.geomspace(1, len(curve), num=min(len(curve), 200)).astype(int))
-    (line,) = ax.plot(steps, curve[steps - 1], linewidth=1.2,
-                      label=f"canvas {r['canvas_size']}, {r['resize']}, {r['scan']}")
-    counts = sorted(int(g) for g in r["top1"])
-    ax.scatter(counts, [curve[g - 1] for g in counts], s=12, color=line.get_color())
-  ax.set_xscale("log")
-  ax.set_xlabel("glimpses")
-  ax.set_ylabel("top-1 accuracy (%)")
-  ax.set_title("Accuracy versus glimpses")
-  ax.grid(alpha=0.3, which="both")
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  return path
+  """Top-1 accuracy (%) after each glimpse (log x axis), one panel per
+  (scan, resize), one curve per canvas coloured by its side (plasma, the
+  smallest darkest), dots at the reported glimpse counts. Returns `path`."""
+  colours = sequential_colours((r["canvas_size"] for r in report["results"]), "plasma")
+  settings = scan_settings(report)
+  fig, axes = _panels(len(settings))
+  for ax, setting in zip(axes, settings):
+    for r in sorted(report["results"], key=lambda r: r["canvas_size"]):
+      if (r["scan"], r["resize"]) != setting:
+        continue
+      curve = 100.0 * np.asarray(r["top1_curve"], np.float64)
+      # Log-spaced steps: on a log axis thousands of late steps would pile up
+      # into a solid band; the full curve is in the JSON.
+      steps = np.unique(np.geomspace(1, len(curve), num=min(len(curve), 200)).astype(int))
+      colour = colours[r["canvas_size"]]
+      ax.plot(steps, curve[steps - 1], linewidth=1.2, color=colour,
+              label=f"canvas {r['canvas_size']}")
+      counts = sorted(int(g) for g in r["top1"])
+      ax.scatter(counts, [curve[g - 1] for g in counts], s=10, color=colour)
+    ax.set_xscale("log")
+    ax.set_xlabel("glimpses")
+    ax.set_title(f"{setting[0]}, {setting[1]}", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+  axes[0].set_ylabel("top-1 accuracy (%)")
+  return _finish(fig, axes, "canvas", "Accuracy versus glimpses", path)
 
 
 def compare_runs_vs_glimpses(reports: Mapping[str, Mapping[str, Any]], path: str,
@@ -140,6 +172,38 @@ def compare_runs_vs_glimpses(reports: Mapping[str, Mapping[str, Any]], path: str
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
   fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  return path
+
+
+def models_vs_canvas(series: Mapping[str, Mapping[int, float]], path: str,
+                     title: str = "Accuracy versus canvas") -> str:
+  """Top-1 accuracy (%) against canvas side for several models on one axis.
+
+  Args:
+    series: model name -> {canvas side: top-1 accuracy in [0, 1]}.
+    path: the PNG to write.
+    title: the figure's title.
+
+  Returns:
+    `path`.
+  """
+  canvases = sorted({c for points in series.values() for c in points})
+  fig = _figure(width=6.5, height=4.2)
+  ax = fig.add_subplot(1, 1, 1)
+  for (name, points), marker in zip(series.items(), itertools.cycle(MARKERS)):
+    sizes = sorted(points)
+    ax.plot(sizes, [100.0 * points[s] for s in sizes], marker=marker, markersize=4,
+            linewidth=1.4, label=name)
+  ax.set_xscale("log", base=2)
+  ax.set_xticks(canvases, [str(c) for c in canvases])
+  ax.minorticks_off()
+  ax.set_xlabel("canvas side (pixels)")
+  ax.set_ylabel("top-1 accuracy (%)")
+  ax.set_title(title, fontsize=10)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   return path

@@ -194,7 +194,8 @@ def test_report_columns_and_plot_legend(tmp_path, monkeypatch):
   assert "| wall s (incl. compile) | images/s (excl. compile) |" in md
   figures = []
   make = plots._figure  # pylint: disable=protected-access
-  monkeypatch.setattr(plots, "_figure", lambda *a: figures.append(make(*a)) or figures[-1])
+  monkeypatch.setattr(plots, "_figure", lambda *a, **k: figures.append(make(*a, **k)) or figures[-1])
   plots.accuracy_vs_glimpses(report, str(tmp_path / "g.png"))
-  legend = figures[0].axes[0].get_legend()
-  assert [t.get_text() for t in legend.get_texts()] == ["canvas 48, fit, random"]
+  assert figures[0].axes[0].get_title() == "random, fit"
+  (legend,) = figures[0].legends
+  assert [t.get_text() for t in legend.get_texts()] == ["canvas 48"]

@@ -234,17 +234,55 @@ def test_reports_and_plots(tmp_path):
       assert im.format == "PNG" and im.size[0] > 100
 
 
-def test_resolution_lines_differ_in_colour_or_style():
+def _grid_report(scans=("random", "spiral", "hilbert", "horizontal_raster"),
+                 counts=(16, 64, 256), canvases=(32, 64, 128)):
+  """A report of every (scan, canvas): accuracy rising with the count."""
+  results = []
+  for scan in scans:
+    for canvas in canvases:
+      curve = list(np.linspace(0.1, 0.9, max(counts)))
+      results.append({"canvas_size": canvas, "resize": "fit", "scan": scan,
+                      "num_glimpses": max(counts), "top1_curve": curve,
+                      "top1": {str(g): curve[g - 1] for g in counts}})
+  return {"results": results}
+
+
+def _captured_figures(monkeypatch):
   from mambaeye_jax import plots  # pylint: disable=g-import-not-at-top
-  lines = [(scan, "fit", g) for scan in ("random", "spiral", "hilbert", "horizontal_raster")
-           for g in (16, 32, 64, 128, 256, 512, 1024)]
-  styles = plots.resolution_line_styles(lines)
-  keys = {(str(v["color"]), v["linestyle"], v["marker"]) for v in styles.values()}
-  assert len(keys) == len(lines)  # No two lines look alike.
-  # One colour per glimpse count, one style per scan.
-  assert len({str(styles[("random", "fit", g)]["color"]) for g in (16, 1024)}) == 2
-  assert styles[("random", "fit", 16)]["color"] == styles[("spiral", "fit", 16)]["color"]
-  assert styles[("random", "fit", 16)]["linestyle"] != styles[("spiral", "fit", 16)]["linestyle"]
+  figures = []
+  make = plots._figure  # pylint: disable=protected-access
+  monkeypatch.setattr(plots, "_figure", lambda *a, **k: figures.append(make(*a, **k)) or figures[-1])
+  return plots, figures
+
+
+def test_resolution_plot_has_a_panel_per_scan_and_a_colour_per_count(tmp_path, monkeypatch):
+  plots, figures = _captured_figures(monkeypatch)
+  report = _grid_report()
+  plots.accuracy_vs_resolution(report, str(tmp_path / "r.png"))
+  axes = figures[0].axes
+  assert [ax.get_title() for ax in axes] == ["random, fit", "spiral, fit", "hilbert, fit",
+                                             "horizontal_raster, fit"]
+  for ax in axes:
+    lines = ax.get_lines()
+    assert [line.get_label() for line in lines] == ["16", "64", "256"]
+    assert list(lines[0].get_xdata()) == [32, 64, 128]
+    assert len({str(line.get_color()) for line in lines}) == 3  # A colour per count ...
+  # ... the same in every panel, so the one legend reads for all.
+  assert axes[0].get_lines()[1].get_color() == axes[3].get_lines()[1].get_color()
+  (legend,) = figures[0].legends
+  assert legend.get_title().get_text() == "glimpses"
+  assert [t.get_text() for t in legend.get_texts()] == ["16", "64", "256"]
+
+
+def test_glimpses_plot_has_a_curve_per_canvas_in_each_panel(tmp_path, monkeypatch):
+  plots, figures = _captured_figures(monkeypatch)
+  plots.accuracy_vs_glimpses(_grid_report(scans=("random", "hilbert")), str(tmp_path / "g.png"))
+  axes = figures[0].axes
+  assert [ax.get_title() for ax in axes] == ["random, fit", "hilbert, fit"]
+  for ax in axes:
+    assert [line.get_label() for line in ax.get_lines()] == [
+        "canvas 32", "canvas 64", "canvas 128"]
+    assert ax.get_lines()[0].get_ydata()[-1] == pytest.approx(90.0)
 
 
 def test_progress_line():

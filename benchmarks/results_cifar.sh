@@ -4,7 +4,8 @@
 #
 #   bash benchmarks/results_cifar.sh recipe     # configs/cifar10.py as it is (~345 s on an H100)
 #   bash benchmarks/results_cifar.sh light      # configs/cifar10_light.py (~321 s), then its 2,000-image table
-#   bash benchmarks/results_cifar.sh grid       # the recipe's model: 7 canvases x 4 scans x T to 1024
+#   bash benchmarks/results_cifar.sh canvas128  # configs/cifar10_canvas128.py, the best recipe (~515 s)
+#   bash benchmarks/results_cifar.sh grid       # its model: 7 canvases x 4 scans x T to 1024 (~80 s)
 #   bash benchmarks/results_cifar.sh ablation   # the loss ablation at the 10-epoch budget, seed 0
 #   bash benchmarks/results_cifar.sh mambaout   # configs/cifar10_mambaout.py: train, then every canvas
 #   bash benchmarks/results_cifar.sh datawait   # configs/cifar10.py's data wait, ship=patches, canvas, source
@@ -12,8 +13,8 @@
 # Environment as benchmarks/fidelity_cifar.sh: OFFICIAL (where the CIFAR
 # archives are, default .official), DATA (default /tmp/data), RUNS (default
 # /tmp/results), LOGS (logs and eval outputs, default RUNS), PYTHON. For
-# "grid": MODEL, a model directory to score instead of the recipe's work
-# directory, and EVAL_FLAGS, more eval.py flags (say "--max-examples 500
+# "grid": MODEL, a model directory to score instead of the canvas128 stage's
+# work directory, and EVAL_FLAGS, more eval.py flags (say "--max-examples 500
 # --glimpses 16,64,256" for a look on a CPU).
 set -euo pipefail
 RUNS=${RUNS:-/tmp/results}
@@ -21,7 +22,7 @@ source "$(dirname "$0")/cifar_env.sh"
 WORKERS=${WORKERS:-$(( $(nproc) - 1 ))}
 quiet() { grep --line-buffered -v -E "absl|^[IW][0-9]{4} "; }
 
-stage=${1:?usage: results_cifar.sh recipe | light | grid | ablation | mambaout | datawait}
+stage=${1:?usage: results_cifar.sh recipe | light | canvas128 | grid | ablation | mambaout | datawait}
 start=$(date +%s)
 case "$stage" in
   recipe)
@@ -35,8 +36,15 @@ case "$stage" in
       --canvas-sizes 32,64,128,256 --glimpses 16,64,128,256 --max-examples 2000 \
       --workers "$WORKERS" --output "$LOGS/light_eval" --no-plots 2>&1 | quiet | tail -14
     ;;
+  canvas128)
+    "$PYTHON" -u train.py --config "configs/cifar10_canvas128.py:$DATA" \
+      --workdir "$RUNS/cifar10_canvas128" 2>&1 | quiet | tee "$LOGS/canvas128.log"
+    "$PYTHON" benchmarks/data_wait.py "canvas128=$RUNS/cifar10_canvas128" --from_step 500 \
+      | tee "$LOGS/canvas128_datawait.md"
+    ;;
   grid)
-    if [ -n "${MODEL:-}" ]; then model=(--checkpoint "$MODEL"); else model=(--workdir "$RUNS/cifar10"); fi
+    if [ -n "${MODEL:-}" ]; then model=(--checkpoint "$MODEL"); else
+      model=(--workdir "$RUNS/cifar10_canvas128"); fi
     # shellcheck disable=SC2086  # EVAL_FLAGS is a list of flags.
     "$PYTHON" -u eval.py "${model[@]}" --data "$DATA/cifar10/test" \
       --canvas-sizes 32,48,64,96,128,192,256 --scan random,horizontal_raster,spiral,hilbert \

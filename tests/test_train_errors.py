@@ -289,7 +289,7 @@ def test_finished_run_rerun_says_where_the_model_is(tmp_path, capsys, caplog):
 
 
 @pytest.mark.parametrize("name, arg", [
-    ("cifar10", "/data"), ("cifar10_light", "/data"),
+    ("cifar10", "/data"), ("cifar10_light", "/data"), ("cifar10_canvas128", "/data"),
     ("mambaeye_tiny_i1k", "tfds"), ("mambaeye_small_i1k", "tfds"),
     ("mambaeye_base_i1k", "tfds"), ("synthetic", ""), ("smoke", "")])
 def test_shipped_configs_validate_and_build_their_pipeline_config(name, arg):
@@ -305,3 +305,6 @@ def test_shipped_configs_validate_and_build_their_pipeline_config(name, arg):
   if name == "cifar10_light":
     assert config.data.augment.erase_prob == 0.0 and config.data.augment.crop_prob == 0.5
     assert config.data.worker_count == 10
+  if name == "cifar10_canvas128":  # The light recipe, a wider canvas, more steps.
+    assert (config.data.canvas_min, config.data.canvas_max) == (32, 128)
+    assert config.data.augment.perspective_prob == 0.0 and config.num_train_steps == 22_000

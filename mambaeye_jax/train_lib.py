@@ -234,8 +234,9 @@ def _window_scalars(window: train_loop.Window, accuracy_at: tuple[int, ...],
   Returns:
     train_step.summarize's scalars, then perf/step_time_ms (ms per step),
     perf/images_per_sec, perf/tokens_per_sec, perf/data_wait_ms (ms per
-    step), perf/data_wait_fraction (of the wall time), perf/batch_read_ms
-    and perf/batch_put_ms (BatchPrefetcher.take_timings), data/num_skipped, and
+    step), perf/data_wait_fraction (of the wall time), perf/batch_read_ms,
+    perf/batch_put_ms and perf/batch_not_ready_fraction
+    (BatchPrefetcher.take_timings), data/num_skipped, and
     on the first line perf/first_step_sec (s, compilation included).
   """
   host, elapsed, data_wait = window.metrics, window.seconds, window.data_wait

@@ -62,6 +62,21 @@ def cuda_lowering():
   return lower
 
 
+@pytest.fixture
+def plot_figures(monkeypatch):
+  """The matplotlib figures that `mambaeye_jax.plots` draws, in order.
+
+  Wraps the module's figure factory, so a test reads the axes, lines and
+  legends of a plot instead of its PNG's pixels.
+  """
+  from mambaeye_jax import plots  # pylint: disable=g-import-not-at-top
+  figures = []
+  make = plots._figure  # pylint: disable=protected-access
+  monkeypatch.setattr(plots, "_figure",
+                      lambda *a, **k: figures.append(make(*a, **k)) or figures[-1])
+  return figures
+
+
 @pytest.fixture(scope="module")
 def compilation_cache(tmp_path_factory):
   """A persistent JAX compilation cache for one test module (restored after).

@@ -184,7 +184,7 @@ def test_worker_error_survives_pickling(monkeypatch):
   assert str(again) == "RuntimeError: disk on fire" and not again.bad_image
 
 
-def test_report_columns_and_plot_legend(tmp_path, monkeypatch):
+def test_report_columns_and_plot_legend(tmp_path, plot_figures):
   report = {"meta": {}, "results": [{
       "canvas_size": 48, "resize": "fit", "scan": "random", "num_glimpses": 4,
       "num_examples": 2, "num_skipped": 0, "top1": {"4": 0.5}, "top5": {"4": 1.0},
@@ -192,10 +192,7 @@ def test_report_columns_and_plot_legend(tmp_path, monkeypatch):
       "images_per_second": 10.0}]}
   md = eval_reports.markdown_report(report)
   assert "| wall s (incl. compile) | images/s (excl. compile) |" in md
-  figures = []
-  make = plots._figure  # pylint: disable=protected-access
-  monkeypatch.setattr(plots, "_figure", lambda *a, **k: figures.append(make(*a, **k)) or figures[-1])
   plots.accuracy_vs_glimpses(report, str(tmp_path / "g.png"))
-  assert figures[0].axes[0].get_title() == "random, fit"
-  (legend,) = figures[0].legends
+  assert plot_figures[0].axes[0].get_title() == "random, fit"
+  (legend,) = plot_figures[0].legends
   assert [t.get_text() for t in legend.get_texts()] == ["canvas 48"]

@@ -247,19 +247,11 @@ def _grid_report(scans=("random", "spiral", "hilbert", "horizontal_raster"),
   return {"results": results}
 
 
-def _captured_figures(monkeypatch):
+def test_resolution_plot_has_a_panel_per_scan_and_a_colour_per_count(tmp_path, plot_figures):
   from mambaeye_jax import plots  # pylint: disable=g-import-not-at-top
-  figures = []
-  make = plots._figure  # pylint: disable=protected-access
-  monkeypatch.setattr(plots, "_figure", lambda *a, **k: figures.append(make(*a, **k)) or figures[-1])
-  return plots, figures
-
-
-def test_resolution_plot_has_a_panel_per_scan_and_a_colour_per_count(tmp_path, monkeypatch):
-  plots, figures = _captured_figures(monkeypatch)
   report = _grid_report()
   plots.accuracy_vs_resolution(report, str(tmp_path / "r.png"))
-  axes = figures[0].axes
+  axes = plot_figures[0].axes
   assert [ax.get_title() for ax in axes] == ["random, fit", "spiral, fit", "hilbert, fit",
                                              "horizontal_raster, fit"]
   for ax in axes:
@@ -269,15 +261,15 @@ def test_resolution_plot_has_a_panel_per_scan_and_a_colour_per_count(tmp_path, m
     assert len({str(line.get_color()) for line in lines}) == 3  # A colour per count ...
   # ... the same in every panel, so the one legend reads for all.
   assert axes[0].get_lines()[1].get_color() == axes[3].get_lines()[1].get_color()
-  (legend,) = figures[0].legends
+  (legend,) = plot_figures[0].legends
   assert legend.get_title().get_text() == "glimpses"
   assert [t.get_text() for t in legend.get_texts()] == ["16", "64", "256"]
 
 
-def test_glimpses_plot_has_a_curve_per_canvas_in_each_panel(tmp_path, monkeypatch):
-  plots, figures = _captured_figures(monkeypatch)
+def test_glimpses_plot_has_a_curve_per_canvas_in_each_panel(tmp_path, plot_figures):
+  from mambaeye_jax import plots  # pylint: disable=g-import-not-at-top
   plots.accuracy_vs_glimpses(_grid_report(scans=("random", "hilbert")), str(tmp_path / "g.png"))
-  axes = figures[0].axes
+  axes = plot_figures[0].axes
   assert [ax.get_title() for ax in axes] == ["random, fit", "hilbert, fit"]
   for ax in axes:
     assert [line.get_label() for line in ax.get_lines()] == [
